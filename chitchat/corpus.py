@@ -1,0 +1,145 @@
+"""Read dialogue corpora line by line and validate them.
+
+Two formats:
+  * ``train.txt`` (GPT2-chitchat's): one utterance per line, dialogues separated by blank
+    lines. LF, CRLF or CR endings, a UTF-8 BOM, runs of blank or whitespace-only lines and
+    trailing whitespace are all accepted.
+  * ``.jsonl``: one dialogue per line, a JSON list of utterance strings.
+
+Errors name the file and line, and say how to fix the input.
+"""
+from __future__ import annotations
+
+import codecs
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+from .utils import ChitchatError
+
+
+@dataclass
+class Dialogue:
+    utterances: list[str]
+    line: int  # 1-based line where the dialogue starts
+
+
+@dataclass
+class ReadStats:
+    """What the reader passed over, for the data report."""
+    empty_utterances: int = 0  # jsonl "" items (train.txt has no such thing: blank = separator)
+    empty_dialogues: int = 0   # jsonl [] lines
+    examples: list[str] = field(default_factory=list)
+
+    def skip(self, what: str, where: str) -> None:
+        if len(self.examples) < 10:
+            self.examples.append(f"{where}: {what}")
+
+
+def _is_jsonl(path: Path) -> bool:
+    return path.suffix.lower() in (".jsonl", ".ndjson")
+
+
+def _decode_error(path: Path, encoding: str) -> ChitchatError:
+    """Locate the first undecodable byte: line number and absolute byte offset."""
+    offset, line_no = 0, 1
+    with open(path, "rb") as f:
+        for raw in f:
+            try:
+                raw.decode(encoding)
+            except UnicodeDecodeError as e:
+                head = raw[: e.start]
+                # CR-only files have no b"\n": count lone CRs as line ends too.
+                line_no += head.count(b"\r") - head.count(b"\r\n")
+                bad = raw[e.start:e.end].hex(" ")
+                hint = ("If the file is GBK/GB18030 (common for Chinese corpora), pass "
+                        "--encoding gbk (or gb18030), or convert it first: "
+                        "iconv -f gbk -t utf-8 in.txt > out.txt"
+                        if encoding.lower().replace("-", "") in ("utf8", "utf8sig") else
+                        f"Check that the file really is {encoding}, or convert it to UTF-8 "
+                        "with iconv.")
+                return ChitchatError(
+                    f"{path}:{line_no}: byte offset {offset + e.start}: bytes {bad} are not "
+                    f"valid {encoding} ({e.reason}). {hint}")
+            offset += len(raw)
+            line_no += 1 + raw.count(b"\r") - raw.count(b"\r\n")
+    return ChitchatError(f"{path}: could not be decoded as {encoding}")
+
+
+def _lines(path: Path, encoding: str) -> Iterator[tuple[int, str]]:
+    """(line number, text) with universal newlines, BOM removed, decode errors located."""
+    enc = "utf-8-sig" if codecs.lookup(encoding).name == "utf-8" else encoding
+    try:
+        with open(path, "r", encoding=enc, newline=None, errors="strict") as f:
+            for i, line in enumerate(f, 1):
+                yield i, line
+    except UnicodeDecodeError:
+        raise _decode_error(path, encoding) from None
+
+
+def read_dialogues(path: str | os.PathLike, encoding: str = "utf-8",
+                   stats: ReadStats | None = None) -> Iterator[Dialogue]:
+    """Yield the dialogues of `path` one at a time, in file order (memory is O(1 dialogue))."""
+    path = Path(path)
+    if not path.exists():
+        raise ChitchatError(f"corpus not found: {path}. Pass your dialogue file with "
+                            "--train_path (see data/README.md for the format).")
+    if path.is_dir():
+        raise ChitchatError(f"{path} is a directory; --train_path takes a train.txt or .jsonl "
+                            "file")
+    try:
+        codecs.lookup(encoding)
+    except LookupError:
+        raise ChitchatError(f"unknown --encoding {encoding!r}; try utf-8, gbk or gb18030")
+    stats = stats if stats is not None else ReadStats()
+    if _is_jsonl(path):
+        yield from _read_jsonl(path, encoding, stats)
+    else:
+        yield from _read_txt(path, encoding)
+
+
+def _read_txt(path: Path, encoding: str) -> Iterator[Dialogue]:
+    utts: list[str] = []
+    start = 0
+    for i, line in _lines(path, encoding):
+        text = line.strip()
+        if text:
+            if not utts:
+                start = i
+            utts.append(text)
+        elif utts:
+            yield Dialogue(utts, start)
+            utts = []
+    if utts:
+        yield Dialogue(utts, start)
+
+
+def _read_jsonl(path: Path, encoding: str, stats: ReadStats) -> Iterator[Dialogue]:
+    for i, line in _lines(path, encoding):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ChitchatError(f"{path}:{i}: malformed JSON ({e.msg} at column {e.colno}). "
+                                'Each line must be a JSON list of utterances, e.g. '
+                                '["你好", "你好呀"]') from None
+        if not isinstance(obj, list) or not all(isinstance(u, str) for u in obj):
+            raise ChitchatError(f"{path}:{i}: expected a JSON list of strings, got "
+                                f"{type(obj).__name__}. Each line must look like "
+                                '["你好", "你好呀"]')
+        utts = []
+        for u in obj:
+            u = u.strip()
+            if u:
+                utts.append(u)
+            else:
+                stats.empty_utterances += 1
+                stats.skip("empty utterance", f"{path.name}:{i}")
+        if utts:
+            yield Dialogue(utts, i)
+        else:
+            stats.empty_dialogues += 1
+            stats.skip("dialogue with no utterance", f"{path.name}:{i}")

@@ -1,0 +1,118 @@
+"""Build, load and save GPT-2 LM models.
+
+A model folder is a plain transformers folder (config.json, model.safetensors,
+generation_config.json, tokenizer files), so `AutoModelForCausalLM.from_pretrained` and
+`AutoTokenizer.from_pretrained` load it offline. Old GPT2-chitchat folders (config.json +
+pytorch_model.bin, no tokenizer) load too, with the vocab from --vocab_path.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from transformers import GenerationConfig, GPT2Config, GPT2LMHeadModel
+
+from .tokenization import ChatTokenizer
+from .utils import ChitchatError
+
+# GPT2Config fields a model config json may set; anything else is a typo and fails loudly.
+_CONFIG_KEYS = set(GPT2Config().to_dict()) | {"architectures", "model_type", "output_past",
+                                              "transformers_version", "torch_dtype", "dtype"}
+
+
+def load_config(path: str | os.PathLike, tokenizer: ChatTokenizer) -> GPT2Config:
+    """A GPT2Config from a json file, with vocab size and special ids from the tokenizer."""
+    path = Path(path)
+    if not path.is_file():
+        raise ChitchatError(f"model config not found: {path}. The project ships "
+                            "config/model_config_dialogue_small.json and "
+                            "config/model_config_dialogue_tiny.json")
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ChitchatError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
+    unknown = sorted(set(raw) - _CONFIG_KEYS)
+    if unknown:
+        raise ChitchatError(f"{path}: unknown GPT-2 config key(s) {', '.join(unknown)}")
+    raw = {k: v for k, v in raw.items() if k not in ("architectures", "output_past")}
+    raw.update(vocab_size=tokenizer.vocab_size, bos_token_id=tokenizer.cls_id,
+               eos_token_id=tokenizer.sep_id, pad_token_id=tokenizer.pad_id)
+    config = GPT2Config(**raw)
+    config.architectures = ["GPT2LMHeadModel"]
+    return config
+
+
+def build_model(config: GPT2Config) -> GPT2LMHeadModel:
+    return GPT2LMHeadModel(config)
+
+
+def _has_weights(path: Path) -> bool:
+    return (path / "model.safetensors").is_file() or (path / "pytorch_model.bin").is_file()
+
+
+def load_model(path: str | os.PathLike, vocab_path: str | os.PathLike | None = None,
+               device: str | torch.device = "cpu") -> tuple[GPT2LMHeadModel, ChatTokenizer]:
+    """Load a model folder and its tokenizer.
+
+    Accepts a folder written by train.py, any local HF GPT-2 folder (safetensors, or
+    pytorch_model.bin read with ``weights_only=True``), and GPT2-chitchat's folders, which
+    have no tokenizer files: pass their vocab with `vocab_path`.
+    """
+    path = Path(path)
+    if not (path / "config.json").is_file() or not _has_weights(path):
+        raise ChitchatError(f"{path} is not a model folder: it needs config.json and "
+                            "model.safetensors (or pytorch_model.bin). Train one with "
+                            "train.py, or point --model_path at model/<run> or its best/.")
+    if vocab_path is not None:
+        tokenizer = ChatTokenizer.from_vocab_file(vocab_path)
+    elif (path / "vocab.txt").is_file():
+        tokenizer = ChatTokenizer.from_dir(path)
+    else:
+        raise ChitchatError(f"{path} has no vocab.txt (an old GPT2-chitchat folder?); pass "
+                            "the vocab it was trained with: --vocab_path vocab.txt")
+    try:
+        config = GPT2Config.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise ChitchatError(f"{path}/config.json: cannot read it as a GPT-2 config: {e}")
+    if (path / "model.safetensors").is_file():
+        model = GPT2LMHeadModel.from_pretrained(path, config=config)
+    else:
+        model = GPT2LMHeadModel(config)
+        state = torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
+        # Old transformers saved attention-mask buffers (attn.bias, attn.masked_bias);
+        # they are not weights.
+        state = {k: v for k, v in state.items()
+                 if not k.endswith((".attn.bias", ".attn.masked_bias"))}
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        missing = [k for k in missing if k != "lm_head.weight"]  # tied to wte
+        if missing or unexpected:
+            raise ChitchatError(f"{path}/pytorch_model.bin does not match its config.json: "
+                                f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+        model.tie_weights()
+    check_vocab(model, tokenizer, path)
+    return model.to(device).eval(), tokenizer
+
+
+def check_vocab(model: GPT2LMHeadModel, tokenizer: ChatTokenizer, where) -> None:
+    n_emb = model.get_input_embeddings().weight.shape[0]
+    if n_emb != tokenizer.vocab_size:
+        raise ChitchatError(
+            f"vocab size mismatch: the model at {where} has {n_emb} token embeddings but the "
+            f"vocab has {tokenizer.vocab_size} tokens. Use the vocab the model was trained "
+            "with (--vocab_path), or preprocess the data with that vocab "
+            "(python preprocess.py --vocab_path <model>/vocab.txt).")
+
+
+def save_model(model, tokenizer: ChatTokenizer, directory: str | os.PathLike) -> None:
+    """Write a complete HF folder: weights, config, generation config, tokenizer files."""
+    directory = Path(directory)
+    model = getattr(model, "module", model)  # DDP
+    model = getattr(model, "_orig_mod", model)  # torch.compile
+    model.generation_config = GenerationConfig(
+        bos_token_id=tokenizer.cls_id, eos_token_id=tokenizer.sep_id,
+        pad_token_id=tokenizer.pad_id, do_sample=True, top_k=8, top_p=0.9, temperature=1.0,
+        max_new_tokens=25, bad_words_ids=[[i] for i in tokenizer.banned_ids])
+    model.save_pretrained(directory, safe_serialization=True)
+    tokenizer.save_pretrained(directory)

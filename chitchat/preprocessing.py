@@ -1,0 +1,206 @@
+"""preprocess.py's pipeline: corpus file -> validated token store + data report.
+
+Two streaming passes over the file (one to build the vocab if none is given, one to encode),
+so memory stays bounded by a batch of dialogues plus 8-byte-per-dialogue indexes.
+"""
+from __future__ import annotations
+
+import array
+import hashlib
+import json
+import sys
+from collections import Counter
+from itertools import islice
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+from tqdm import tqdm
+
+from .config import PreprocessConfig
+from .corpus import Dialogue, ReadStats, read_dialogues
+from .data import FORMAT_VERSION, TokenStore, split_mask, token_dtype, validation_size
+from .tokenization import ChatTokenizer
+from .utils import ChitchatError, atomic_dir, get_logger, sha256_file, write_json
+
+
+def default_save_path(train_path: str) -> Path:
+    """data/train.txt -> data/train: the store sits beside its corpus."""
+    return Path(train_path).with_suffix("")
+
+
+def _batches(it: Iterator[Dialogue], n: int) -> Iterator[list[Dialogue]]:
+    while batch := list(islice(it, n)):
+        yield batch
+
+
+def _dialogue_hash(utts: list[str]) -> int:
+    return int.from_bytes(hashlib.blake2b("\n".join(utts).encode(), digest_size=8).digest(),
+                          "little")
+
+
+def _settings(cfg: PreprocessConfig, source_hash: str, vocab_hash: str | None) -> dict:
+    """Everything the output depends on: equal settings mean the store is up to date."""
+    return {"format_version": FORMAT_VERSION, "source_sha256": source_hash,
+            "given_vocab_sha256": vocab_hash, "encoding": cfg.encoding,
+            "vocab_size": None if vocab_hash else cfg.vocab_size,
+            "min_frequency": None if vocab_hash else cfg.min_frequency,
+            "val_num": cfg.val_num, "val_fraction": cfg.val_fraction, "seed": cfg.seed,
+            "max_len": cfg.max_len}
+
+
+def preprocess(cfg: PreprocessConfig) -> Path:
+    """Build the token store for `cfg.train_path`; returns its directory."""
+    save = Path(cfg.save_path) if cfg.save_path else default_save_path(cfg.train_path)
+    log = get_logger(log_path=cfg.log_path, quiet=cfg.quiet)
+    src = Path(cfg.train_path)
+    stats = ReadStats()
+    # Fail on a missing or unreadable file before hashing or touching the output.
+    next(iter(read_dialogues(src, cfg.encoding, stats)), None)
+    source_hash = sha256_file(src)
+    vocab_hash = sha256_file(cfg.vocab_path) if cfg.vocab_path else None
+    settings = _settings(cfg, source_hash, vocab_hash)
+    if (save / "meta.json").is_file() and not cfg.force:
+        try:
+            old = json.loads((save / "meta.json").read_text(encoding="utf-8"))
+        except json.JSONDecodeError:
+            old = {}
+        if old.get("settings") == settings:
+            TokenStore(save)  # complete and readable, or this raises
+            log.info(f"{save} is up to date with {src}; nothing to do (--force rebuilds).")
+            return save
+
+    show = not cfg.quiet and sys.stderr.isatty()
+    if cfg.vocab_path:
+        tok = ChatTokenizer.from_vocab_file(cfg.vocab_path)
+        log.info(f"vocab: {cfg.vocab_path} ({tok.vocab_size} tokens)")
+    else:
+        utts = (u for d in tqdm(read_dialogues(src, cfg.encoding), desc="vocab", unit=" dlg",
+                                disable=not show) for u in d.utterances)
+        tok = ChatTokenizer.train(utts, cfg.vocab_size, cfg.min_frequency)
+        log.info(f"vocab: built from {src} ({tok.vocab_size} tokens)")
+
+    dtype = token_dtype(tok.vocab_size)
+    with atomic_dir(save) as tmp:
+        counts, report = _encode_corpus(cfg, src, tok, dtype, tmp, stats, show)
+        n_valid = validation_size(counts["dialogues"], cfg.val_num, cfg.val_fraction)
+        np.save(tmp / "split.npy", split_mask(counts["dialogues"], n_valid, cfg.seed))
+        counts["valid_dialogues"] = n_valid
+        counts["train_dialogues"] = counts["dialogues"] - n_valid
+        if n_valid == 0:
+            log.warning("warning: no validation dialogues (the corpus is too small or "
+                        "--val_num 0); training will not report a validation loss.")
+        tok.save_vocab(tmp / "vocab.txt")
+        vocab_sha = sha256_file(tmp / "vocab.txt")
+        write_json(tmp / "meta.json", {
+            "format_version": FORMAT_VERSION, "vocab_size": tok.vocab_size,
+            "vocab_sha256": vocab_sha, "token_dtype": dtype.name,
+            "special_ids": {"pad": tok.pad_id, "unk": tok.unk_id, "cls": tok.cls_id,
+                            "sep": tok.sep_id},
+            "source": {"path": src.name, "sha256": source_hash, "encoding": cfg.encoding},
+            "counts": counts, "settings": settings})
+        write_json(tmp / "report.json", report)
+    _print_report(report, log)
+    log.info(f"wrote {save}")
+    return save
+
+
+def _encode_corpus(cfg, src, tok, dtype, out: Path, stats: ReadStats, show: bool):
+    dlg_off = array.array("q", [0])
+    utt_ends = array.array("q")
+    dlg_utts = array.array("q", [0])
+    hashes = array.array("Q")
+    lines = array.array("q")
+    unk = Counter()
+    skipped_utts = 0
+    skipped_dialogues = []
+    n_tokens = 0
+    with open(out / "tokens.bin", "wb") as fbin:
+        reader = read_dialogues(src, cfg.encoding, stats)
+        bar = tqdm(desc="encode", unit=" dlg", disable=not show)
+        for batch in _batches(reader, cfg.batch_dialogues):
+            enc = tok.encode_dialogues([d.utterances for d in batch], unk)
+            lens = np.diff(enc.offsets)
+            for i, n_drop in enc.dropped.items():
+                skipped_utts += n_drop
+                if lens[i] == 0:
+                    skipped_dialogues.append(f"{src.name}:{batch[i].line}")
+            keep = lens > 0
+            ids = enc.ids
+            sep_pos = np.flatnonzero(ids == tok.sep_id) + 1 + n_tokens
+            utt_ends.extend(sep_pos.tolist())
+            # Utterances per kept dialogue, by counting [SEP] inside each span.
+            seps_before = np.concatenate(([0], np.cumsum(ids == tok.sep_id)))
+            n_utts = seps_before[enc.offsets[1:]] - seps_before[enc.offsets[:-1]]
+            dlg_utts.extend((dlg_utts[-1] + np.cumsum(n_utts[keep])).tolist())
+            dlg_off.extend((n_tokens + enc.offsets[1:][keep]).tolist())
+            for d, k in zip(batch, keep):
+                if k:
+                    hashes.append(_dialogue_hash(d.utterances))
+                    lines.append(d.line)
+            ids.astype(dtype).tofile(fbin)
+            n_tokens += ids.size
+            bar.update(len(batch))
+        bar.close()
+    n = len(dlg_off) - 1
+    if n == 0:
+        raise ChitchatError(f"{src}: the corpus holds no dialogue. train.txt needs one "
+                            "utterance per line and a blank line between dialogues.")
+    np.save(out / "dialogue_offsets.npy", np.frombuffer(dlg_off, dtype=np.int64))
+    np.save(out / "utterance_ends.npy", np.frombuffer(utt_ends, dtype=np.int64))
+    np.save(out / "dialogue_utterances.npy", np.frombuffer(dlg_utts, dtype=np.int64))
+
+    lens = np.diff(np.frombuffer(dlg_off, dtype=np.int64))
+    n_utts = len(utt_ends)
+    text_tokens = n_tokens - n - n_utts  # without [CLS]/[SEP]
+    h = np.frombuffer(hashes, dtype=np.uint64)
+    order = np.argsort(h, kind="stable")
+    dup = np.zeros(n, dtype=bool)
+    dup[order[1:]] = h[order[1:]] == h[order[:-1]]
+    line_arr = np.frombuffer(lines, dtype=np.int64)
+    counts = {"dialogues": n, "utterances": n_utts, "tokens": n_tokens}
+    total_unk = sum(unk.values())
+    report = {
+        "source": str(src.name),
+        "counts": dict(counts, text_tokens=text_tokens),
+        "dialogue_tokens": {
+            "mean": round(float(lens.mean()), 2),
+            **{f"p{q}": int(np.percentile(lens, q)) for q in (50, 90, 99)},
+            "max": int(lens.max()),
+            "max_len": cfg.max_len,
+            "share_over_max_len": round(float((lens > cfg.max_len).mean()), 6),
+        },
+        "unk": {"count": total_unk,
+                "rate": round(total_unk / max(1, text_tokens), 6),
+                "top": [[s, c] for s, c in unk.most_common(20)]},
+        "duplicates": {"count": int(dup.sum()),
+                       "examples": [f"{src.name}:{int(l)}" for l in line_arr[dup][:10]]},
+        "skipped": {
+            "empty_utterances": stats.empty_utterances,
+            "empty_dialogues": stats.empty_dialogues,
+            "utterances_without_tokens": skipped_utts,
+            "dialogues_without_tokens": len(skipped_dialogues),
+            "examples": stats.examples + [f"{w}: dialogue with no token"
+                                          for w in skipped_dialogues[:10]],
+        },
+    }
+    return counts, report
+
+
+def _print_report(r: dict, log) -> None:
+    c, L, u = r["counts"], r["dialogue_tokens"], r["unk"]
+    s = r["skipped"]
+    log.info(f"dialogues {c['dialogues']:,}  utterances {c['utterances']:,}  "
+             f"tokens {c['tokens']:,}")
+    log.info(f"tokens per dialogue: mean {L['mean']}  p50 {L['p50']}  p90 {L['p90']}  "
+             f"p99 {L['p99']}  max {L['max']};  {100 * L['share_over_max_len']:.2f}% over "
+             f"--max_len {L['max_len']} (train.py splits those into windows)")
+    top = " ".join(f"{ch}×{n}" for ch, n in u["top"][:10])
+    log.info(f"[UNK] rate {100 * u['rate']:.3f}% ({u['count']:,})" + (f": {top}" if top else ""))
+    log.info(f"duplicate dialogues: {r['duplicates']['count']:,}")
+    skipped = {k: v for k, v in s.items() if k != "examples" and v}
+    if skipped:
+        log.info("skipped: " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in
+                                         skipped.items()))
+        for ex in s["examples"][:5]:
+            log.info(f"  {ex}")
