@@ -1,0 +1,63 @@
+"""Shared fixtures: a tiny vocab, token store and model, built once per test session."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+SAMPLE = ROOT / "data" / "sample" / "train.txt"
+sys.path.insert(0, str(ROOT))
+
+# Nothing in the tests may reach a model hub.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+TINY_CONFIG = {"model_type": "gpt2", "n_positions": 64, "n_embd": 64, "n_head": 2,
+               "n_layer": 2, "attn_pdrop": 0.0, "embd_pdrop": 0.0, "resid_pdrop": 0.0}
+
+
+def shared_path(*parts) -> Path:
+    """A file under ../shared, or skip the test cleanly when it is not there."""
+    p = SHARED.joinpath(*parts)
+    if not p.exists():
+        pytest.skip(f"../shared not available ({'/'.join(parts)})")
+    return p
+
+
+@pytest.fixture(scope="session")
+def sample_store(tmp_path_factory) -> Path:
+    """The sample corpus preprocessed with a vocab built from it."""
+    from chitchat.config import PreprocessConfig
+    from chitchat.preprocessing import preprocess
+
+    out = tmp_path_factory.mktemp("store") / "sample"
+    preprocess(PreprocessConfig(train_path=str(SAMPLE), save_path=str(out), val_num=20,
+                                quiet=True))
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_config_path(tmp_path_factory) -> Path:
+    p = tmp_path_factory.mktemp("config") / "tiny.json"
+    p.write_text(json.dumps(TINY_CONFIG))
+    return p
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, sample_store, tiny_config_path) -> Path:
+    """An untrained 2-layer, 64-wide model folder on the sample vocab (seeded)."""
+    import torch
+    from chitchat.data import TokenStore
+    from chitchat.modeling import build_model, load_config, save_model
+
+    torch.manual_seed(0)
+    tok = TokenStore(sample_store).tokenizer()
+    model = build_model(load_config(tiny_config_path, tok))
+    out = tmp_path_factory.mktemp("model") / "tiny"
+    save_model(model, tok, out)
+    return out
