@@ -1,0 +1,245 @@
+"""preprocess.py: input handling, tokenizer parity, the token store, the report."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from chitchat.config import PreprocessConfig
+from chitchat.corpus import read_dialogues
+from chitchat.data import TokenStore, split_mask, validation_size
+from chitchat.preprocessing import preprocess
+from chitchat.tokenization import SPECIAL_TOKENS, ChatTokenizer
+from chitchat.utils import ChitchatError
+from conftest import ROOT, SAMPLE, shared_path
+
+DIALOGUES = [["你好", "你好呀，吃饭了吗？"], ["今天下雨了", "记得带伞", "好的，ok thanks"],
+             ["晚安"]]
+
+
+def run(tmp_path, src, **kw) -> TokenStore:
+    out = tmp_path / "store"
+    preprocess(PreprocessConfig(train_path=str(src), save_path=str(out), quiet=True, **kw))
+    return TokenStore(out)
+
+
+def texts(store: TokenStore) -> list[list[str]]:
+    tok = store.tokenizer()
+    return [[tok.decode(store.dialogue(i)[s:e]) for s, e in store.utterance_spans(i)]
+            for i in range(len(store))]
+
+
+@pytest.mark.parametrize("variant", ["lf", "crlf", "cr", "bom_crlf", "messy", "no_final_nl"])
+def test_line_endings_and_whitespace_give_the_same_dialogues(tmp_path, variant):
+    body = "\n\n".join("\n".join(d) for d in DIALOGUES)
+    if variant == "messy":  # blank runs, whitespace-only "blank" lines, trailing spaces
+        body = "\n \t\n\n".join("\n".join(u + "  \t" for u in d) for d in DIALOGUES)
+        body = "\n\n\n" + body + "\n\n   \n"
+    raw = body + ("" if variant == "no_final_nl" else "\n")
+    if "crlf" in variant:
+        raw = raw.replace("\n", "\r\n")
+    if variant == "cr":
+        raw = raw.replace("\n", "\r")
+    data = raw.encode("utf-8")
+    if variant.startswith("bom"):
+        data = b"\xef\xbb\xbf" + data
+    src = tmp_path / "train.txt"
+    src.write_bytes(data)
+    store = run(tmp_path, src)
+    assert texts(store) == [[u.lower() for u in d] for d in DIALOGUES]
+    tok = store.tokenizer()
+    for i in range(len(store)):
+        ids = store.dialogue(i).tolist()
+        assert ids[0] == tok.cls_id and ids[-1] == tok.sep_id
+        assert ids.count(tok.sep_id) == len(DIALOGUES[i])
+        # No empty utterance: no [SEP] right after [CLS] or another [SEP].
+        assert all(not (a in (tok.cls_id, tok.sep_id) and b == tok.sep_id)
+                   for a, b in zip(ids, ids[1:]))
+
+
+def test_jsonl_input(tmp_path):
+    src = tmp_path / "train.jsonl"
+    src.write_text("\n".join(json.dumps(d, ensure_ascii=False) for d in DIALOGUES)
+                   + '\n\n["  ", "有空"]\n[]\n', encoding="utf-8")
+    store = run(tmp_path, src)
+    assert texts(store) == [[u.lower() for u in d] for d in DIALOGUES] + [["有空"]]
+    report = json.loads((store.path / "report.json").read_text())
+    assert report["skipped"]["empty_utterances"] == 1
+    assert report["skipped"]["empty_dialogues"] == 1
+
+
+@pytest.mark.parametrize("line,fragment", [('["a", "b"', "malformed JSON"),
+                                           ('{"a": 1}', "JSON list of strings"),
+                                           ('["a", 3]', "JSON list of strings")])
+def test_malformed_jsonl_names_the_line_and_writes_nothing(tmp_path, line, fragment):
+    src = tmp_path / "train.jsonl"
+    src.write_text('["你好", "嗨"]\n["在吗"]\n' + line + "\n", encoding="utf-8")
+    with pytest.raises(ChitchatError, match=rf"train.jsonl:3: .*{fragment}"):
+        run(tmp_path, src)
+    assert not (tmp_path / "store").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".store")]
+
+
+def test_missing_and_empty_corpus(tmp_path):
+    with pytest.raises(ChitchatError, match="corpus not found"):
+        run(tmp_path, tmp_path / "nope.txt")
+    src = tmp_path / "train.txt"
+    src.write_text("\n  \n\t\n\n", encoding="utf-8")
+    with pytest.raises(ChitchatError, match="no dialogue"):
+        run(tmp_path, src)
+    assert not (tmp_path / "store").exists()
+
+
+def test_non_utf8_names_line_and_byte_offset_and_suggests_gbk(tmp_path):
+    src = tmp_path / "train.txt"
+    good = "你好\n在吗\n\n".encode("utf-8")
+    src.write_bytes(good + "今天很冷\n".encode("gbk"))
+    with pytest.raises(ChitchatError) as e:
+        run(tmp_path, src)
+    msg = str(e.value)
+    assert f"train.txt:4: byte offset {len(good)}" in msg
+    assert "--encoding gbk" in msg and "iconv" in msg
+    assert not (tmp_path / "store").exists()
+
+
+def test_gbk_file_with_encoding_flag(tmp_path):
+    src = tmp_path / "train.txt"
+    src.write_bytes("\r\n".join(["你好", "今天很冷", "", "多穿点"]).encode("gbk"))
+    store = run(tmp_path, src, encoding="gbk")
+    assert texts(store) == [["你好", "今天很冷"], ["多穿点"]]
+
+
+def test_cli_exits_nonzero_with_a_clear_message(tmp_path):
+    r = subprocess.run([sys.executable, str(ROOT / "preprocess.py"), "--train_path",
+                        str(tmp_path / "missing.txt"), "--save_path", str(tmp_path / "o")],
+                       capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 2
+    assert "corpus not found" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_two_dialogue_file_and_validation_that_does_not_fit(tmp_path):
+    src = tmp_path / "train.txt"
+    src.write_text("你好\n你好呀\n\n再见\n拜拜", encoding="utf-8")
+    store = run(tmp_path, src)  # default 1% still holds out one dialogue
+    assert len(store) == 2 and len(store.valid_indices()) == 1
+    with pytest.raises(ChitchatError, match=r"--val_num 8000 does not fit .* 2 dialogue.*"
+                                            r"Try --val_num 1"):
+        run(tmp_path, src, val_num=8000, force=True)
+    assert len(TokenStore(tmp_path / "store")) == 2  # the earlier store is untouched
+
+
+def test_split_is_seeded_and_sized():
+    assert validation_size(1000, None, 0.01) == 10
+    assert validation_size(1000, 0, 0.5) == 0
+    assert validation_size(1, None, 0.1) == 0
+    a, b = split_mask(100, 7, seed=3), split_mask(100, 7, seed=3)
+    assert a.sum() == 7 and (a == b).all() and not (a == split_mask(100, 7, seed=4)).all()
+
+
+def test_store_layout_and_memmap(sample_store):
+    store = TokenStore(sample_store)
+    assert isinstance(store.tokens, np.memmap) and store.tokens.dtype == np.uint16
+    assert store.meta["counts"]["dialogues"] == len(store) == 339
+    tok = store.tokenizer()
+    assert tok.tokens[: len(SPECIAL_TOKENS)] == list(SPECIAL_TOKENS) and tok.pad_id == 0
+    first = [l.strip() for l in SAMPLE.read_text(encoding="utf-8").split("\n\n")[0].split("\n")]
+    ids = store.dialogue(0).tolist()
+    assert ids == tok.encode_context(first)
+    spans = store.utterance_spans(0)
+    assert [tok.decode(ids[s:e]) for s, e in spans] == [tok.decode(tok.encode(u)) for u in first]
+    assert all(ids[e - 1] == tok.sep_id for _, e in spans)
+    assert len(store.train_indices()) + len(store.valid_indices()) == len(store)
+    for name in ("meta.json", "report.json", "vocab.txt"):
+        assert (sample_store / name).is_file()
+    assert not list(sample_store.glob("*.pkl"))
+
+
+def test_uint32_tokens_for_a_large_vocab(tmp_path):
+    vocab = tmp_path / "vocab.txt"
+    extra = [f"w{i}" for i in range(70_000 - 5)]
+    vocab.write_text("\n".join(list(SPECIAL_TOKENS) + extra), encoding="utf-8")
+    src = tmp_path / "train.txt"
+    src.write_text("w69990 w3\nw7\n\nw65600", encoding="utf-8")
+    store = run(tmp_path, src, vocab_path=str(vocab))
+    assert store.tokens.dtype == np.uint32
+    assert store.dialogue(1).tolist()[1] == 65605
+    assert texts(store) == [["w69990 w3", "w7"], ["w65600"]]
+
+
+def test_rerun_skips_unless_forced(tmp_path, capsys):
+    src = tmp_path / "train.txt"
+    src.write_text("你好\n嗨\n\n在吗\n在", encoding="utf-8")
+    store = run(tmp_path, src)
+    stamp = (store.path / "tokens.bin").stat().st_mtime_ns
+    run(tmp_path, src)
+    assert (store.path / "tokens.bin").stat().st_mtime_ns == stamp
+    run(tmp_path, src, force=True)
+    assert (store.path / "tokens.bin").stat().st_mtime_ns != stamp
+    src.write_text("你好\n嗨\n\n在吗\n不在", encoding="utf-8")  # changed input: rebuilt
+    assert texts(run(tmp_path, src))[1] == ["在吗", "不在"]
+
+
+def test_report_counts_unknowns_duplicates_and_skips(tmp_path):
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("\n".join(list(SPECIAL_TOKENS) + list("你好在吗，")), encoding="utf-8")
+    src = tmp_path / "train.txt"
+    src.write_text("你好\n在吗\n\n你好\n在吗\n\n你好😀\n\x01\x02\n\n\x03\n\n好嘞嘞", encoding="utf-8")
+    store = run(tmp_path, src, vocab_path=str(vocab), max_len=5)
+    r = json.loads((store.path / "report.json").read_text())
+    assert r["counts"]["dialogues"] == 4  # the control-character-only dialogue is skipped
+    assert r["duplicates"]["count"] == 1 and r["duplicates"]["examples"] == ["train.txt:4"]
+    assert r["unk"]["top"][0] == ["嘞", 2] and ["😀", 1] in r["unk"]["top"]
+    assert r["unk"]["count"] == 3
+    assert r["skipped"]["utterances_without_tokens"] == 2
+    assert r["skipped"]["dialogues_without_tokens"] == 1
+    assert r["dialogue_tokens"]["max"] == 7 and r["dialogue_tokens"]["share_over_max_len"] > 0
+    assert texts(store)[2] == ["你好"]  # the empty utterance was dropped, no stray [SEP]
+
+
+def test_special_token_literals_are_plain_text(tmp_path):
+    src = tmp_path / "train.txt"
+    src.write_text("你好[SEP]呀\n[CLS]\n\n好", encoding="utf-8")
+    store = run(tmp_path, src)
+    tok = store.tokenizer()
+    ids = store.dialogue(0).tolist()
+    assert ids.count(tok.sep_id) == 2 and ids.count(tok.cls_id) == 1
+
+
+@pytest.mark.parametrize("vocab", ["gpt2-chitchat-vocab.txt", "cdial-gpt-vocab.txt"])
+def test_ids_match_bert_tokenizer_fast(vocab):
+    from transformers import BertTokenizerFast
+
+    path = shared_path("vocab", vocab)
+    tok = ChatTokenizer.from_vocab_file(path)
+    n_lines = len(path.read_text(encoding="utf-8").rstrip("\n").split("\n"))
+    assert tok.vocab_size == n_lines == (13317 if "chitchat" in vocab else 13088)
+    hf = BertTokenizerFast(vocab=str(path))
+    assert hf.vocab_size == tok.vocab_size  # len(hf) may add a missing [MASK]
+    dialogues = []
+    for corpus in ("chitchat50w_slice", "lccc_toy", "onelinefun_en"):
+        dialogues += list(d.utterances for d in read_dialogues(
+            shared_path("corpora", corpus, "train.txt")))[:3000]
+    dialogues.append(["Hello, WORLD! naïve café 3.14", "unaffable 你好 e-mail", "\u3000全角 ｈｉ"])
+    enc = tok.encode_dialogues(dialogues)
+    for i, d in enumerate(dialogues):
+        expected = [hf.cls_token_id]
+        for u in d:
+            expected += hf.encode(u, add_special_tokens=False) + [hf.sep_token_id]
+        assert enc.ids[enc.offsets[i]:enc.offsets[i + 1]].tolist() == expected, d
+
+
+def test_built_vocab_covers_the_corpus(sample_store):
+    r = json.loads((sample_store / "report.json").read_text())
+    assert r["unk"]["count"] == 0
+    assert r["counts"]["utterances"] == 1520
+
+
+def test_decode_is_readable():
+    tok = ChatTokenizer(list(SPECIAL_TOKENS) + ["你", "好", "hello", "world", "un", "##aff",
+                                                "##able", "3", ".", "14", "，", "ok"])
+    ids = tok.encode("你好，Hello World unaffable 3.14 ok")
+    assert tok.decode(ids) == "你好，hello world unaffable 3.14 ok"
