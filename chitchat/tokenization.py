@@ -6,14 +6,14 @@ boundaries.
 
 The tokenizer is built exactly as transformers' ``BertTokenizerFast(vocab=...)`` builds it
 (BertNormalizer with lowercasing, BertPreTokenizer, WordPiece with ``##`` pieces), so ids are
-identical; the tests check this on real vocab files.
+identical; the tests check this on real vocab files. Batch encoding adds a vectorised fast
+path for the common all-CJK utterance, with the same ids (tested over every shared corpus).
 """
 from __future__ import annotations
 
-import itertools
 import json
 import os
-import re
+import unicodedata
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +21,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from tokenizers import AddedToken, Tokenizer, decoders, normalizers, pre_tokenizers
+from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers
 from tokenizers.models import WordPiece
 from tokenizers.trainers import WordPieceTrainer
 
@@ -34,7 +34,6 @@ SPECIAL_TOKENS = (PAD, UNK, CLS, SEP, MASK)
 SPEAKER_TOKENS = ("[speaker1]", "[speaker2]")
 # Tokens that must never be generated as reply text.
 NEVER_GENERATE = (PAD, UNK, CLS, MASK)
-_SPECIAL_RE = re.compile("|".join(re.escape(t) for t in SPECIAL_TOKENS))
 
 
 def read_vocab(path: str | os.PathLike) -> list[str]:
@@ -60,6 +59,9 @@ def read_vocab(path: str | os.PathLike) -> list[str]:
         raise ChitchatError(f"{path}: vocab lacks the special token(s) {' '.join(missing)}; "
                             "a BERT-style vocab.txt needs [PAD] [UNK] [CLS] [SEP].")
     return tokens
+
+
+_CJK_BMP = ((0x4E00, 0x9FFF), (0x3400, 0x4DBF), (0xF900, 0xFAFF))
 
 
 def _is_cjk(ch: str) -> bool:
@@ -99,18 +101,17 @@ class ChatTokenizer:
         # Ids never to generate as reply text.
         self.banned_ids = sorted({self.vocab[t] for t in NEVER_GENERATE if t in self.vocab}
                                  | {self.vocab[t] for t in SPEAKER_TOKENS if t in self.vocab})
-        self._plain = self._build(with_specials=False)
-        self._dialogue = self._build(with_specials=True)
+        self._plain = self._build()
+        self._table: np.ndarray | None = None
 
-    def _build(self, with_specials: bool) -> Tokenizer:
+    def _build(self) -> Tokenizer:
+        # Exactly what BertTokenizerFast(vocab=...) builds, minus its [CLS]/[SEP] template:
+        # dialogue layout is ours. No added tokens, so "[SEP]" typed by a user is plain text.
         tok = Tokenizer(WordPiece(self.vocab, unk_token=UNK))
         tok.normalizer = normalizers.BertNormalizer(
             clean_text=True, handle_chinese_chars=True, strip_accents=None, lowercase=True)
         tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
         tok.decoder = decoders.WordPiece(prefix="##")
-        if with_specials:
-            tok.add_special_tokens([AddedToken(t, normalized=False, special=True)
-                                    for t in SPECIAL_TOKENS if t in self.vocab])
         return tok
 
     # ---- construction -------------------------------------------------------------------
@@ -160,81 +161,117 @@ class ChatTokenizer:
         """Ids of one utterance, without [CLS]/[SEP]. Literal "[SEP]" text is plain text."""
         return self._plain.encode(text, add_special_tokens=False).ids
 
+    def _char_table(self) -> np.ndarray:
+        """Code point -> token id for characters that BERT always tokenizes alone.
+
+        CJK ideographs (the normalizer puts spaces around them) and punctuation (the
+        pre-tokenizer splits each one off) become a token of their own whatever their
+        neighbours are, so a lookup gives exactly the Rust tokenizer's id. Whitespace maps
+        to -2 (it only separates). Everything else is -1: such an utterance goes to the Rust
+        tokenizer. The tests check parity over every shared corpus.
+        """
+        if self._table is not None:
+            return self._table
+        table = np.full(0x110000, -1, dtype=np.int32)
+        cjk = [chr(c) for lo, hi in _CJK_BMP for c in range(lo, hi + 1)]
+        punct = []
+        for cp in range(0x10000):
+            ch = chr(cp)
+            cat = unicodedata.category(ch)
+            if (33 <= cp <= 47 or 58 <= cp <= 64 or 91 <= cp <= 96 or 123 <= cp <= 126
+                    or cat[0] == "P") and not _is_cjk(ch):
+                punct.append(ch)
+            elif ch in " \t\n\r" or cat == "Zs":
+                table[cp] = -2
+        norm = self._plain.normalizer
+
+        def alone(ch: str) -> bool:
+            # A punctuation mark stays alone only if normalizing keeps it one punctuation
+            # mark; a CJK character is isolated by the normalizer before anything else.
+            n = norm.normalize_str(ch).strip()
+            return len(n) == 1 and (n.isascii() and not n.isalnum()
+                                    or unicodedata.category(n)[0] == "P")
+
+        punct = [ch for ch in punct if alone(ch)]
+        cands = cjk + punct
+        for ch, enc in zip(cands, self._plain.encode_batch(cands, add_special_tokens=False)):
+            if len(enc.ids) == 1:
+                table[ord(ch)] = enc.ids[0]
+        self._table = table
+        return table
+
     def encode_dialogues(self, dialogues: Sequence[Sequence[str]],
                          unk_counter: Counter | None = None) -> EncodedBatch:
         """Encode a batch of dialogues to ``[CLS] u1 [SEP] ... un [SEP]``.
 
-        One ``encode_batch`` call over whole dialogues with inline [SEP] (the Rust side uses
-        every core), then numpy to add [CLS]/[SEP] and to find the rare dialogue that needs
-        the per-utterance path: one whose text holds a special-token literal, or one with an
-        utterance that normalizes to no token at all (say, only control characters), which
-        is dropped. `unk_counter`, if given, counts the source text of every [UNK].
+        Utterances made only of CJK characters, punctuation and spaces (most chit-chat) are
+        encoded by a vectorised code-point lookup; the rest go to one ``encode_batch`` call
+        of the Rust tokenizer (which uses every core). An utterance that yields no token
+        (say, only control characters) is dropped, and counted in ``dropped``.
+        `unk_counter`, if given, counts the source text of every [UNK].
         """
-        texts = [f" {SEP} ".join(d) for d in dialogues]
-        encs = self._dialogue.encode_batch(texts, add_special_tokens=False)
-        n = len(encs)
-        raw_lens = np.fromiter((len(e.ids) for e in encs), dtype=np.int64, count=n)
-        raw = np.fromiter(itertools.chain.from_iterable(e.ids for e in encs), dtype=np.int64,
-                          count=int(raw_lens.sum()))
-        raw_off = np.zeros(n + 1, dtype=np.int64)
-        np.cumsum(raw_lens, out=raw_off[1:])
-        is_sep = raw == self.sep_id
-        n_seps = np.add.reduceat(is_sep, raw_off[:-1]) if raw.size else np.zeros(n, np.int64)
-        n_seps[raw_lens == 0] = 0
-        expected = np.fromiter((len(d) - 1 for d in dialogues), dtype=np.int64, count=n)
-        literals = np.fromiter((len(_SPECIAL_RE.findall(t)) for t in texts), dtype=np.int64,
-                               count=n)
-        bad = (n_seps != expected) | (literals != expected) | (raw_lens == 0)
-        nonempty = raw_lens > 0
-        bad[nonempty] |= is_sep[raw_off[:-1][nonempty]] | is_sep[raw_off[1:][nonempty] - 1]
-        adjacent = np.flatnonzero(is_sep[1:] & is_sep[:-1])  # sep at p and p+1
-        if adjacent.size:
-            bad[np.searchsorted(raw_off, adjacent, side="right") - 1] = True
-        if unk_counter is not None:
-            for i in np.unique(np.searchsorted(raw_off, np.flatnonzero(raw == self.unk_id),
-                                               side="right") - 1):
-                enc, text = encs[i], texts[i]
-                unk_counter.update(text[s:e] for t, (s, e) in zip(enc.ids, enc.offsets)
-                                   if t == self.unk_id)
-        # Fast rows: [CLS] raw [SEP]; the inline seps already close all but the last utterance.
-        lens = raw_lens + 2
-        lens[bad] = 0
-        slow = {int(i): np.asarray(self._encode_slow(dialogues[i]), dtype=np.int64)
-                for i in np.flatnonzero(bad)}
-        for i, ids in slow.items():
-            lens[i] = len(ids) if len(ids) > 1 else 0
-        off = np.zeros(n + 1, dtype=np.int64)
-        np.cumsum(lens, out=off[1:])
-        out = np.empty(int(off[-1]), dtype=np.int64)
-        good = np.flatnonzero(~bad)
-        out[off[good]] = self.cls_id
-        out[off[good + 1] - 1] = self.sep_id
-        body = np.ones(out.size, dtype=bool)
-        body[off[good]] = False
-        body[off[good + 1] - 1] = False
-        for i, ids in slow.items():
-            body[off[i]:off[i + 1]] = False
-            if lens[i]:
-                out[off[i]:off[i + 1]] = ids
-        keep_raw = np.repeat(~bad, raw_lens)
-        out[body] = raw[keep_raw]
-        dropped = {i: len(dialogues[i]) - int((ids == self.sep_id).sum())
-                   for i, ids in slow.items()}
-        return EncodedBatch(out, off, {i: d for i, d in dropped.items() if d})
+        table = self._char_table()
+        n = len(dialogues)
+        flat = [u for d in dialogues for u in d]
+        n_utt = len(flat)
+        per_dlg = np.fromiter(map(len, dialogues), dtype=np.int64, count=n)
+        ulen = np.fromiter(map(len, flat), dtype=np.int64, count=n_utt)
+        cps = np.frombuffer("".join(flat).encode("utf-32-le"), dtype=np.uint32)
+        tbl = table[cps]
+        utt_of = np.repeat(np.arange(n_utt), ulen)  # utterance of each code point
+        slow = np.zeros(n_utt, dtype=bool)
+        slow[utt_of[tbl == -1]] = True
+        keep = (tbl >= 0) & ~slow[utt_of]
+        cnt = np.bincount(utt_of[keep], minlength=n_utt)
+        slow_idx = np.flatnonzero(slow)
+        encs = self._plain.encode_batch([flat[i] for i in slow_idx], add_special_tokens=False)
+        cnt[slow_idx] = [len(e.ids) for e in encs]
 
-    def _encode_slow(self, dialogue: Sequence[str]) -> list[int]:
-        """Per-utterance path for dialogues whose text holds special-token literals."""
+        # Layout: each kept utterance takes cnt+1 slots (its [SEP]); a dialogue with any
+        # kept utterance takes one more for [CLS].
+        dlg_of = np.repeat(np.arange(n), per_dlg)
+        slots = np.where(cnt > 0, cnt + 1, 0)
+        dlg_len = np.bincount(dlg_of, weights=slots, minlength=n).astype(np.int64)
+        dlg_len[dlg_len > 0] += 1
+        off = np.zeros(n + 1, dtype=np.int64)
+        np.cumsum(dlg_len, out=off[1:])
+        slots_before = np.concatenate(([0], np.cumsum(slots)))
+        first_utt = np.concatenate(([0], np.cumsum(per_dlg)))[:-1]
+        start = off[dlg_of] + 1 + slots_before[:-1] - slots_before[first_utt][dlg_of]
+
+        out = np.empty(int(off[-1]), dtype=np.int64)
+        kept_dlg = np.flatnonzero(dlg_len)
+        out[off[kept_dlg]] = self.cls_id
+        kept_utt = np.flatnonzero(cnt)
+        out[start[kept_utt] + cnt[kept_utt]] = self.sep_id
+        fast_before = np.concatenate(([0], np.cumsum(np.where(slow, 0, cnt))))
+        rank = np.cumsum(keep)[keep] - 1 - fast_before[utt_of[keep]]
+        out[start[utt_of[keep]] + rank] = tbl[keep]
+        for i, enc in zip(slow_idx, encs):
+            out[start[i]:start[i] + cnt[i]] = enc.ids
+
+        if unk_counter is not None:
+            u_cps, u_n = np.unique(cps[keep & (tbl == self.unk_id)], return_counts=True)
+            unk_counter.update({chr(c): int(k) for c, k in zip(u_cps, u_n)})
+            for i, enc in zip(slow_idx, encs):
+                if self.unk_id in enc.ids:
+                    unk_counter.update(flat[i][a:b] for t, (a, b) in
+                                       zip(enc.ids, enc.offsets) if t == self.unk_id)
+        empty = np.bincount(dlg_of, weights=cnt == 0, minlength=n)
+        return EncodedBatch(out, off, {int(i): int(empty[i]) for i in np.flatnonzero(empty)})
+
+    def encode_context(self, utterances: Sequence[str]) -> list[int]:
+        """``[CLS] u1 [SEP] ... [SEP]`` for a chat history (reply generation starts after).
+
+        Utterances with no token are left out, as in preprocessing.
+        """
         ids = [self.cls_id]
-        for u in dialogue:
+        for u in utterances:
             u_ids = self.encode(u)
             if u_ids:
                 ids.extend(u_ids)
                 ids.append(self.sep_id)
         return ids
-
-    def encode_context(self, utterances: Sequence[str]) -> list[int]:
-        """``[CLS] u1 [SEP] ... [SEP]`` for a chat history (reply generation starts after)."""
-        return self._encode_slow(utterances)
 
     # ---- decoding -----------------------------------------------------------------------
     def id_to_token(self, i: int) -> str:

@@ -209,8 +209,27 @@ def test_special_token_literals_are_plain_text(tmp_path):
     assert ids.count(tok.sep_id) == 2 and ids.count(tok.cls_id) == 1
 
 
+TRICKY = [["Hello, WORLD! naïve café 3.14", "unaffable 你好 e-mail", "\u3000全角 ｈｉ"],
+          ["好～～", "哈哈😀哈", "豈更車（兼容）", "ｑｑ群", "……！？", "a\u0301b ÀÉ", "\x00你\x7f"],
+          ["《三体》第2部", "【广告】", "𠀀𠀁", "ﾊﾝｶｸ", "Ⅻ ① ²", "\u2028行"]]
+
+
+def _corpus_dialogues():
+    corpora = SHARED_CORPORA_FILES
+    out = []
+    for rel in corpora:
+        out += [d.utterances for d in read_dialogues(shared_path("corpora", *rel))]
+    return out
+
+
+SHARED_CORPORA_FILES = [("chitchat50w_slice", "train.txt"), ("lccc_toy", "train.txt"),
+                        ("lccc_toy", "valid.txt"), ("cdial_toy_pairs", "train.txt"),
+                        ("cdial_toy_pairs", "valid.txt"), ("onelinefun_en", "train.txt")]
+
+
 @pytest.mark.parametrize("vocab", ["gpt2-chitchat-vocab.txt", "cdial-gpt-vocab.txt"])
-def test_ids_match_bert_tokenizer_fast(vocab):
+def test_ids_match_bert_tokenizer_fast_on_every_shared_corpus(vocab):
+    """The vectorised CJK path plus the Rust path give BertTokenizerFast's ids exactly."""
     from transformers import BertTokenizerFast
 
     path = shared_path("vocab", vocab)
@@ -219,17 +238,30 @@ def test_ids_match_bert_tokenizer_fast(vocab):
     assert tok.vocab_size == n_lines == (13317 if "chitchat" in vocab else 13088)
     hf = BertTokenizerFast(vocab=str(path))
     assert hf.vocab_size == tok.vocab_size  # len(hf) may add a missing [MASK]
-    dialogues = []
-    for corpus in ("chitchat50w_slice", "lccc_toy", "onelinefun_en"):
-        dialogues += list(d.utterances for d in read_dialogues(
-            shared_path("corpora", corpus, "train.txt")))[:3000]
-    dialogues.append(["Hello, WORLD! naïve café 3.14", "unaffable 你好 e-mail", "\u3000全角 ｈｉ"])
-    enc = tok.encode_dialogues(dialogues)
-    for i, d in enumerate(dialogues):
-        expected = [hf.cls_token_id]
-        for u in d:
-            expected += hf.encode(u, add_special_tokens=False) + [hf.sep_token_id]
-        assert enc.ids[enc.offsets[i]:enc.offsets[i + 1]].tolist() == expected, d
+    dialogues = _corpus_dialogues() + TRICKY
+    flat = [u for d in dialogues for u in d]
+    expected = [e.ids for e in hf.backend_tokenizer.encode_batch(flat, add_special_tokens=False)]
+    for u in flat[-20:]:  # the backend is what hf.encode uses
+        assert hf.encode(u, add_special_tokens=False) == expected[flat.index(u)]
+    got = []
+    for i in range(0, len(dialogues), 2000):
+        enc = tok.encode_dialogues(dialogues[i:i + 2000])
+        for j in range(len(enc.offsets) - 1):
+            ids = enc.ids[enc.offsets[j]:enc.offsets[j + 1]].tolist()
+            assert ids[0] == hf.cls_token_id and ids[-1] == hf.sep_token_id
+            cut = [k for k, t in enumerate(ids) if t == hf.sep_token_id]
+            got += [ids[a + 1:b] for a, b in zip([0] + cut[:-1], cut)]
+    want = [e for e in expected if e]  # utterances with no token are dropped
+    assert len(got) == len(want)
+    mismatch = [(k, g, w) for k, (g, w) in enumerate(zip(got, want)) if g != w]
+    assert not mismatch, mismatch[:3]
+
+
+def test_fast_path_equals_rust_path_on_tricky_text():
+    tok = ChatTokenizer.from_vocab_file(shared_path("vocab", "gpt2-chitchat-vocab.txt"))
+    for d in TRICKY:
+        enc = tok.encode_dialogues([d])
+        assert enc.ids.tolist() == tok.encode_context(d)
 
 
 def test_built_vocab_covers_the_corpus(sample_store):
