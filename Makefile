@@ -19,5 +19,19 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 test: setup
 	$(BIN)/python -m pytest -q
 
+# The main job on the bundled sample corpus. On a terminal it opens the chat; otherwise (CI,
+# scripts) it runs a short scripted conversation and exits.
+demo: setup
+	$(BIN)/python preprocess.py --train_path data/sample/train.txt --save_path data/sample/train
+	$(BIN)/python train.py --train_path data/sample/train \
+	    --model_config config/model_config_dialogue_tiny.json \
+	    --run_name demo $(DEMO_TRAIN_ARGS)
+	@if [ -t 0 ]; then \
+	    $(BIN)/python interact.py --model_path $(RUN) --max_history_len 3; \
+	else \
+	    printf '你好\n你在干嘛\n今天天气怎么样\n/history\n' | \
+	        $(BIN)/python interact.py --model_path $(RUN) --max_history_len 3 --seed 1; \
+	fi
+
 clean:
 	rm -rf data/sample/train model/demo

@@ -92,8 +92,7 @@ class PreprocessConfig:
                               "is not given")
     seed: int = opt(42, "seed of the train/validation split")
     batch_dialogues: int = opt(2000, "dialogues encoded per encode_batch call")
-    log_path: str | None = opt(None, "also write the log to this file "
-                               "(default: <save_path>/preprocess.log)")
+    log_path: str | None = opt(None, "also write the log to this file")
     force: bool = opt(False, "rebuild even when the output is up to date")
     quiet: bool = opt(False, "no progress bar, only warnings and errors")
 
@@ -104,3 +103,216 @@ class PreprocessConfig:
         check(self.val_num is None or self.val_num >= 0, "--val_num must be >= 0")
         check(0.0 <= self.val_fraction < 1.0, "--val_fraction must be in [0, 1)")
         check(self.batch_dialogues >= 1, "--batch_dialogues must be at least 1")
+
+
+@dataclass
+class TrainConfig:
+    # ---- run ----------------------------------------------------------------------------
+    device: str | None = opt(None, "cpu, cuda, cuda:N (or just N, as in GPT2-chitchat); "
+                             "unset: cuda when available, else cpu. Under torchrun each "
+                             "rank uses cuda:LOCAL_RANK")
+    no_cuda: bool = opt(False, "train on the CPU even when a GPU is available")
+    model_config: str = opt("config/model_config_dialogue_small.json",
+                            "GPT-2 config json for a new model (vocab size and special ids "
+                            "come from the data's vocab)")
+    pretrained_model: str | None = opt(None, "fine-tune this local model folder instead of "
+                                       "training from scratch (its vocab must match the data)")
+    train_path: str = opt("data/sample/train", "token store written by preprocess.py")
+    save_model_path: str = opt("model", "parent folder of runs: each run writes "
+                               "<save_model_path>/<run_name>/")
+    run_name: str | None = opt(None, "run folder name (unset: the start time, "
+                               "YYYYmmdd-HHMMSS; with --resume auto, the newest run)")
+    log_path: str | None = opt(None, "log file (unset: <run>/train.log)")
+    # ---- data ---------------------------------------------------------------------------
+    max_len: int = opt(150, "longest training window in tokens; longer dialogues are split "
+                       "into windows of whole utterances (nothing is dropped)")
+    pack_len: int | None = opt(None, "tokens per packed row (unset: --max_len); larger "
+                               "rows mean larger matrix products, up to n_positions")
+    batching: str = opt("pack", "pack: whole windows packed into rows of --pack_len with "
+                        "block-diagonal attention; pad: one window per row padded to the "
+                        "longest (GPT2-chitchat's batches, slower)", choices=["pack", "pad"])
+    val_num: int | None = opt(None, "validation dialogues (unset: the split made by "
+                              "preprocess.py); re-splits the store deterministically")
+    val_fraction: float | None = opt(None, "share of dialogues for validation, like "
+                                     "--val_num (unset: the store's split)")
+    num_workers: int = opt(0, "DataLoader worker processes building batches")
+    loss_on: str = opt("all", "all: learn every utterance; response: learn only the "
+                       "replies (every utterance after a dialogue's first)",
+                       choices=["all", "response"])
+    speaker_ids: bool = opt(False, "add speaker token_type_ids ([speaker1]/[speaker2] "
+                            "embeddings, as in DialoGPT and CDial-GPT)")
+    # ---- schedule -----------------------------------------------------------------------
+    epochs: int = opt(40, "passes over the training windows")
+    max_steps: int | None = opt(None, "stop after this many optimizer steps (overrides "
+                                "--epochs)")
+    batch_size: int = opt(8, "rows per micro-batch and rank (with --batching pack a row "
+                          "holds several dialogues)")
+    gradient_accumulation_steps: int = opt(1, "micro-batches per optimizer step")
+    lr: float = opt(2e-4, "peak learning rate")
+    eps: float = opt(1e-8, "AdamW epsilon")
+    weight_decay: float = opt(0.01, "AdamW weight decay (never on biases, LayerNorm or "
+                              "embeddings)")
+    warmup_steps: int | None = opt(None, "linear warmup in optimizer steps (unset: 5%% of "
+                                   "all steps)")
+    lr_schedule: str = opt("linear", "decay after warmup, to 0 at the last step",
+                           choices=["linear", "cosine"])
+    max_grad_norm: float = opt(2.0, "clip the global gradient norm once per optimizer step "
+                               "(0: no clipping)")
+    seed: int = opt(42, "seed for initialisation, data order and dropout")
+    # ---- precision and speed ------------------------------------------------------------
+    dtype: str = opt("auto", "auto: bf16 on GPUs and CPUs that support it, fp16 on older "
+                     "GPUs, else fp32", choices=["auto", "fp32", "bf16", "fp16"])
+    compile: bool = opt(False, "torch.compile the model (slow first steps, faster after)")
+    # ---- checkpoints, evaluation, logging -----------------------------------------------
+    eval_interval: int = opt(1000, "validate every N optimizer steps, at epoch ends "
+                          "and at the last step (0: not by step count)")
+    save_interval: int = opt(1000, "checkpoint every N optimizer steps (and at the end)")
+    keep_checkpoints: int = opt(3, "newest checkpoints to keep (best/ is kept besides)")
+    resume: str | None = opt(None, "auto: continue the newest checkpoint of the run "
+                             "(--run_name, or the newest run in --save_model_path); or a "
+                             "checkpoint / run folder")
+    log_step: int = opt(10, "log one line every N optimizer steps")
+    patience: int = opt(0, "stop after N validations without improvement (0: never)")
+    quiet: bool = opt(False, "no progress bar")
+
+    def __post_init__(self):
+        check(self.max_len >= 4, f"--max_len must be at least 4, got {self.max_len}")
+        check(self.pack_len is None or self.pack_len >= self.max_len,
+              f"--pack_len {self.pack_len} must be at least --max_len {self.max_len}: a "
+              "row has to hold the longest window")
+        check(not (self.no_cuda and self.device and self.device not in ("cpu",)),
+              f"--no_cuda contradicts --device {self.device}; give one of them")
+        check(self.epochs >= 1, f"--epochs must be at least 1, got {self.epochs}")
+        check(self.max_steps is None or self.max_steps >= 1, "--max_steps must be at least 1")
+        check(self.batch_size >= 1, f"--batch_size must be at least 1, got {self.batch_size}")
+        check(self.gradient_accumulation_steps >= 1,
+              "--gradient_accumulation_steps must be at least 1")
+        check(self.lr > 0, f"--lr must be positive, got {self.lr}")
+        check(self.eps > 0, "--eps must be positive")
+        check(self.weight_decay >= 0, "--weight_decay must be >= 0")
+        check(self.warmup_steps is None or self.warmup_steps >= 0, "--warmup_steps must be >= 0")
+        check(self.max_grad_norm >= 0, "--max_grad_norm must be >= 0 (0 turns clipping off)")
+        check(self.val_num is None or self.val_fraction is None,
+              "give --val_num or --val_fraction, not both")
+        check(self.val_num is None or self.val_num >= 0, "--val_num must be >= 0")
+        check(self.val_fraction is None or 0.0 <= self.val_fraction < 1.0,
+              "--val_fraction must be in [0, 1)")
+        check(self.num_workers >= 0, "--num_workers must be >= 0")
+        check(self.eval_interval >= 0, "--eval_interval must be >= 0")
+        check(self.save_interval >= 1, "--save_interval must be at least 1")
+        check(self.keep_checkpoints >= 1, "--keep_checkpoints must be at least 1")
+        check(self.log_step >= 1, "--log_step must be at least 1")
+        check(self.patience >= 0, "--patience must be >= 0 (0 turns early stopping off)")
+        check(not (self.dtype == "fp16" and (self.no_cuda or self.device == "cpu")),
+              "--dtype fp16 needs a CUDA GPU (it uses a GradScaler); on a CPU use bf16 or fp32")
+        check(self.run_name is None or ("/" not in self.run_name and self.run_name.strip(".")),
+              f"--run_name must be a plain folder name, got {self.run_name!r}")
+
+
+def markdown_flags(cls) -> str:
+    """The flags of a tool as a Markdown table, for the README (kept in sync by a test)."""
+    hints = typing.get_type_hints(cls)
+    rows = ["| flag | default | meaning |", "|---|---|---|"]
+    for f in dataclasses.fields(cls):
+        if "help" not in f.metadata:
+            continue
+        tp = _base_type(hints[f.name])
+        names = " ".join(f"`{n}`" for n in [f"--{f.name}", *f.metadata.get("aliases", [])])
+        if tp is bool and f.metadata.get("bool") == "optional":
+            names = f"`--{f.name}` / `--no-{f.name}`"
+        default = "" if (tp is bool and not f.default) or f.default is None else f"`{f.default}`"
+        choices = f.metadata.get("choices")
+        extra = f" ({' / '.join(map(str, choices))})" if choices else ""
+        rows.append(f"| {names} | {default} | {f.metadata['help'].replace('%%', '%')}{extra} |")
+    return "\n".join(rows)
+
+
+# ---- interact.py (and every other front end of chitchat.Chatbot) ---------------------------
+@dataclass
+class ModelOptions:
+    """How to load a model for chatting; shared by interact.py and other front ends."""
+    model_path: str | None = opt(None, "model folder: a run from train.py (model/<run> or its "
+                                 "best/), any local HF GPT-2 folder, or an old GPT2-chitchat "
+                                 "folder (then also --vocab_path)")
+    vocab_path: str | None = opt(None, "vocab.txt, for model folders without one (GPT2-chitchat "
+                                 "folders); default: the model folder's vocab.txt")
+    device: str | None = opt(None, "cpu, cuda, cuda:N (or just N, as in GPT2-chitchat); "
+                             "unset: cuda when available, else cpu")
+    no_cuda: bool = opt(False, "run on the CPU even when a GPU is available")
+    dtype: str = opt("float32", "weight and activation precision; float32 is fastest on most "
+                     "CPUs at batch 1", choices=["float32", "bfloat16", "float16"])
+    quantize: str | None = opt(None, "int8: dynamic int8 Linear layers (CPU only; about 2-4x "
+                               "faster, slightly less accurate: see docs/benchmarks.md)",
+                               choices=["int8"])
+    backend: str = opt("fast", "fast: lean forward pass with a static KV cache; hf: the "
+                       "transformers model with its own cache (reference, slower)",
+                       choices=["fast", "hf"])
+    threads: int | None = opt(None, "CPU threads for torch (default: torch's choice); 1 can "
+                              "be faster on a busy machine")
+
+    def __post_init__(self):
+        check(not (self.no_cuda and self.device and self.device != "cpu"),
+              f"--no_cuda contradicts --device {self.device}; give one of them")
+        check(self.threads is None or self.threads >= 1, "--threads must be at least 1")
+        check(not (self.quantize and self.dtype != "float32"),
+              f"--quantize int8 computes in float32 between int8 layers; drop --dtype "
+              f"{self.dtype}")
+
+
+@dataclass
+class DecodingOptions:
+    """How a reply is decoded. Every field can also be changed in the REPL with /set."""
+    max_len: int = opt(25, "longest reply in tokens")
+    min_len: int = opt(1, "shortest reply in tokens ([SEP] is suppressed before that)")
+    max_history_len: int = opt(3, "utterances of the history given to the model, the new one "
+                               "included (fewer if they do not fit n_positions)")
+    temperature: float = opt(1.0, "sampling temperature (0: greedy)")
+    topk: int = opt(8, "sample among the k most likely tokens (0: no limit)")
+    topp: float = opt(0.0, "nucleus sampling: the smallest set of tokens whose probability "
+                      "reaches p (0: off)")
+    repetition_penalty: float = opt(1.0, "above 1 makes tokens already in the reply less likely "
+                                    "(transformers' rule: positive logits divided, negative "
+                                    "ones multiplied)")
+    no_repeat_ngram_size: int = opt(0, "never repeat an n-gram of this size within a reply "
+                                    "(0: off)")
+    greedy: bool = opt(False, "always take the most likely token (no sampling)")
+    num_beams: int = opt(1, "beam search with this many beams (deterministic; ignores the "
+                         "sampling options; the reply appears at once, not streamed)")
+    seed: int | None = opt(None, "random seed: the same seed and input give the same replies")
+
+    def __post_init__(self):
+        check(self.max_len >= 1, f"--max_len must be at least 1, got {self.max_len}")
+        check(0 <= self.min_len <= self.max_len,
+              f"--min_len must be between 0 and --max_len ({self.max_len}), got {self.min_len}")
+        check(self.max_history_len >= 1,
+              f"--max_history_len must be at least 1 (the new message), got "
+              f"{self.max_history_len}")
+        check(self.temperature >= 0, f"--temperature must be >= 0, got {self.temperature}")
+        check(self.topk >= 0, f"--topk must be >= 0 (0: off), got {self.topk}")
+        check(0.0 <= self.topp <= 1.0, f"--topp must be in [0, 1] (0: off), got {self.topp}")
+        check(self.repetition_penalty > 0,
+              f"--repetition_penalty must be positive (1: off), got {self.repetition_penalty}")
+        check(self.no_repeat_ngram_size >= 0, "--no_repeat_ngram_size must be >= 0 (0: off)")
+        check(self.num_beams >= 1, f"--num_beams must be at least 1, got {self.num_beams}")
+
+    def decoding(self) -> "DecodingOptions":
+        """Just the decoding options, from a config that extends this class."""
+        return DecodingOptions(**{f.name: getattr(self, f.name)
+                                  for f in dataclasses.fields(DecodingOptions)})
+
+
+@dataclass
+class InteractConfig(DecodingOptions, ModelOptions):
+    bad_words: str | None = opt(None, "file of words or phrases never to generate, one per line")
+    stream: bool = opt(True, "print replies token by token as they are generated",
+                       bool="optional")
+    save_samples_path: str = opt("sample", "folder for transcripts: samples.txt (GPT2-chitchat's "
+                                 "user:/chatbot: lines) and samples.jsonl, appended and flushed "
+                                 "every turn; '' turns them off")
+
+    def __post_init__(self):
+        ModelOptions.__post_init__(self)
+        DecodingOptions.__post_init__(self)
+        check(self.model_path is not None,
+              "--model_path is required: a model folder from train.py (e.g. model/<run>/best), "
+              "or an old GPT2-chitchat folder together with --vocab_path")

@@ -116,3 +116,23 @@ def save_model(model, tokenizer: ChatTokenizer, directory: str | os.PathLike) ->
         max_new_tokens=25, bad_words_ids=[[i] for i in tokenizer.banned_ids])
     model.save_pretrained(directory, safe_serialization=True)
     tokenizer.save_pretrained(directory)
+
+
+# ---- speaker token types (train.py --speaker_ids; read by interact) ----------------------
+# config.json records the two token ids whose embeddings mark the speakers, so that any
+# consumer knows to pass token_type_ids (see chitchat.data.speaker_token_types).
+SPEAKER_KEY = "speaker_token_ids"
+_CONFIG_KEYS.add(SPEAKER_KEY)
+
+
+def set_speaker_token_ids(config: GPT2Config, ids: tuple[int, int] | None) -> None:
+    setattr(config, SPEAKER_KEY, list(ids) if ids else None)
+
+
+def speaker_token_ids(config: GPT2Config) -> tuple[int, int] | None:
+    """The model's speaker token ids, or None when it was trained without them."""
+    ids = getattr(config, SPEAKER_KEY, None)
+    return (int(ids[0]), int(ids[1])) if ids else None
+# GPT2-chitchat's configs (and config/model_config_dialogue_small.json) carry the legacy
+# n_ctx (= n_positions), which transformers 5 no longer defines; accept it as inert.
+_CONFIG_KEYS.add("n_ctx")

@@ -71,8 +71,9 @@ def _is_cjk(ch: str) -> bool:
 
 
 def _is_wordish(ch: str) -> bool:
-    """Characters that belong to space-separated words (Latin letters, digits...)."""
-    return ch.isalnum() and not _is_cjk(ch)
+    """Characters of space-separated words: letters and digits of alphabetic scripts (Latin,
+    Greek, Cyrillic...) and Hangul; not CJK ideographs, kana or full-width forms."""
+    return ch.isalnum() and (ord(ch) < 0x3000 or 0xAC00 <= ord(ch) <= 0xD7AF)
 
 
 @dataclass
@@ -307,21 +308,34 @@ class ChatTokenizer:
 class Detokenizer:
     """Turns WordPiece tokens into text incrementally, for streaming output.
 
-    ``push(token)`` returns the text to append: a ``##`` piece glues to the word before, a
-    space goes only between two word-like (Latin/digit) characters, and CJK characters and
-    punctuation join without spaces.
+    ``push(token)`` returns the text to append. The tokenizer split text at spaces,
+    punctuation and every CJK character, so the spaces to restore are few:
+
+    * a ``##`` piece glues to the word before it ("chit" "##chat" -> "chitchat", "12" "##34");
+    * a space goes between two word-like tokens ("hello world", "5 km");
+    * a space goes after , . ! ? ; : that follow a word and precede a Latin letter
+      ("ok, you"), but not before a digit ("3.14", "10:30");
+    * CJK characters and all other punctuation join without spaces ("你好,世界", "don't").
     """
 
+    _SPACE_AFTER = frozenset(",.!?;:")
+
     def __init__(self):
-        self._last = ""
+        self._last = ""   # last character written
+        self._prev = ""   # the one before it
 
     def push(self, token: str) -> str:
+        if not token:
+            return ""
         if token.startswith("##") and len(token) > 2:
             piece = token[2:]
-        elif self._last and _is_wordish(self._last) and token and _is_wordish(token[0]):
+        elif self._last and _is_wordish(self._last) and _is_wordish(token[0]):
+            piece = " " + token
+        elif (self._last in self._SPACE_AFTER and self._prev and _is_wordish(self._prev)
+              and token[0].isalpha() and ord(token[0]) < 0x250):
             piece = " " + token
         else:
             piece = token
-        if piece:
-            self._last = piece[-1]
+        tail = (self._last + piece)[-2:]
+        self._prev, self._last = (tail[0], tail[1]) if len(tail) == 2 else ("", tail)
         return piece

@@ -1,0 +1,507 @@
+"""The Chatbot: a model, its tokenizer, decoding options and a conversation history.
+
+    from chitchat import Chatbot
+    bot = Chatbot.from_pretrained("model/<run>/best", topk=8, temperature=0.8, seed=1)
+    print(bot.reply("你好"))                  # keeps the history
+    for piece in bot.stream("你在干嘛"):      # the same, streamed piece by piece
+        print(piece, end="", flush=True)
+    bot.reset()
+    r = bot.generate(["你好", "你好呀", "吃了吗"], temperature=0.7)   # stateless
+    r.text, r.token_ids, r.prompt_tokens, r.finish_reason
+
+Every front end (the REPL, tests, an HTTP server) goes through this class. `generate` and
+`start` are stateless: the history is an argument, so a server can pass a request's messages.
+
+The context budget: the model sees ``[CLS]`` plus the last `max_history_len` utterances,
+each closed by ``[SEP]``, trimmed oldest-first so that the context plus `max_len` reply tokens
+fit `n_positions`. A newest utterance too long even alone is cut from the front (its end is
+what the reply answers), and `Reply.notice` says so.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import os
+import re
+import time
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+
+from .config import DecodingOptions, _base_type
+from .generation import Constraints, decode, decode_one
+from .inference import DTYPES, conv1d_to_linear, make_backend, quantize_int8
+from .tokenization import ChatTokenizer, Detokenizer
+from .utils import ChitchatError
+
+log = logging.getLogger("chitchat")
+
+# Other spellings accepted by `set` and the decoding keyword arguments (OpenAI/transformers
+# names, so an HTTP front end can pass them through).
+OPTION_ALIASES = {"top_k": "topk", "top_p": "topp", "max_new_tokens": "max_len",
+                  "max_tokens": "max_len", "min_new_tokens": "min_len"}
+_UNUSED = re.compile(r"^\[unused\d+\]$")
+
+
+@dataclass
+class Reply:
+    """One generated reply and what it took."""
+    text: str
+    token_ids: list[int]
+    prompt_tokens: int              # tokens of context the model saw
+    finish_reason: str              # "stop" ([SEP]), "length" (max_len), "interrupted"
+    notice: str | None = None       # e.g. the newest utterance was cut to fit
+    first_token_s: float | None = None
+    total_s: float = 0.0
+    utterances_used: int = 0        # history utterances in the context
+    token_logprobs: list[float] | None = None  # log P(token | before), with scores=True
+
+
+@dataclass
+class Context:
+    ids: list[int]
+    token_types: list[int] | None
+    reply_type: int | None
+    utterances_used: int
+    notice: str | None
+
+
+def build_context(tokenizer: ChatTokenizer, history: Sequence[str], max_history_len: int,
+                  budget: int, speaker_ids: tuple[int, int] | None = None) -> Context:
+    """``[CLS] u [SEP] ...`` for the newest utterances of `history` within `budget` tokens.
+
+    Utterances that encode to nothing are skipped. Pure: the same history and budget give
+    the same ids. `speaker_ids` (models trained with --speaker_ids): utterance k of the
+    history belongs to speaker k % 2, as in training (chitchat.data.speaker_token_types).
+    """
+    if budget < 3:
+        raise ChitchatError(f"a context budget of {budget} tokens cannot hold [CLS], one token "
+                            "and [SEP]; lower --max_len")
+    if not history:
+        raise ChitchatError("the history is empty: there is nothing to reply to")
+    picked: list[list[int]] = []
+    used = 1  # [CLS]
+    notice = None
+    first = len(history)
+    for k in range(len(history) - 1, max(len(history) - max_history_len, 0) - 1, -1):
+        ids = tokenizer.encode(history[k])
+        if not ids:
+            if k == len(history) - 1:
+                raise ChitchatError(f"the message {history[k]!r} has no tokens; say something")
+            continue
+        if used + len(ids) + 1 > budget:
+            if picked:
+                break  # older utterances do not fit: dropped, oldest first
+            keep = budget - 2
+            notice = (f"the message is {len(ids)} tokens long; only its last {keep} fit "
+                      f"the context budget of {budget} tokens (n_positions minus --max_len), "
+                      "so its beginning was cut")
+            ids = ids[-keep:]
+        picked.append(ids)
+        used += len(ids) + 1
+        first = k
+    picked.reverse()
+    out = [tokenizer.cls_id]
+    for ids in picked:
+        out.extend(ids)
+        out.append(tokenizer.sep_id)
+    types = reply_type = None
+    if speaker_ids is not None:
+        from .data import speaker_token_types
+
+        lens = [len(ids) + 1 for ids in picked]
+        types = speaker_token_types(lens, first, speaker_ids).tolist()
+        reply_type = speaker_ids[len(history) % 2]
+    return Context(out, types, reply_type, len(picked), notice)
+
+
+def resolve_device(device: str | None, no_cuda: bool = False) -> torch.device:
+    """cpu, cuda, cuda:N or GPT2-chitchat's bare GPU number; default cuda if available."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() and not no_cuda else "cpu")
+    if device.isdigit():
+        device = f"cuda:{device}"
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ChitchatError(f"--device {device!r} is not a device; use cpu, cuda or cuda:N") \
+            from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ChitchatError(f"--device {device} asks for CUDA, but torch sees no GPU; use "
+                            "--device cpu")
+    return dev
+
+
+def read_bad_words(path: str | os.PathLike) -> list[str]:
+    """Words or phrases, one per line; blank lines are skipped."""
+    path = Path(path)
+    if not path.is_file():
+        raise ChitchatError(f"--bad_words file not found: {path}")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise ChitchatError(f"{path}: not UTF-8 ({e.reason} at byte {e.start})") from None
+    return [ln.strip() for ln in lines if ln.strip()]
+
+
+def coerce_option(name: str, value: str):
+    """Parse the text of a /set value into the type of DecodingOptions field `name`."""
+    name = OPTION_ALIASES.get(name, name)
+    fields = {f.name: f for f in dataclasses.fields(DecodingOptions)}
+    if name not in fields:
+        raise ChitchatError(f"unknown option {name!r}; options: {', '.join(fields)}")
+    hint = typing.get_type_hints(DecodingOptions)[name]
+    tp = _base_type(hint)
+    v = value.strip()
+    if v.lower() in ("none", "null", "") and tp is not hint:
+        return name, None
+    try:
+        if tp is bool:
+            low = v.lower()
+            if low not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
+                raise ValueError(v)
+            return name, low in ("1", "true", "yes", "on")
+        return name, tp(v)
+    except ValueError:
+        raise ChitchatError(f"{name} needs a {tp.__name__}, got {value!r}") from None
+
+
+class Chatbot:
+    """A chat session over a loaded model. Not thread-safe for the history-keeping methods;
+    `generate`/`start` only read shared state, and each call has its own KV cache."""
+
+    def __init__(self, model, tokenizer: ChatTokenizer, *, backend: str = "fast",
+                 bad_words: Sequence[str] = (), **options):
+        from .modeling import check_vocab, speaker_token_ids
+
+        check_vocab(model, tokenizer, getattr(model.config, "_name_or_path", "") or "(in memory)")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.n_positions = int(model.config.n_positions)
+        self.speaker_ids = speaker_token_ids(model.config)
+        self.backend = make_backend(model, backend, pad_id=tokenizer.pad_id)
+        self.options = DecodingOptions()
+        self.history: list[str] = []
+        self.last_reply: Reply | None = None
+        self._rng: torch.Generator | None = None
+        self.bad_words = list(bad_words)
+        self.constraints = self._constraints(self.bad_words)
+        self.set(**options)
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, vocab_path: str | os.PathLike | None = None,
+                        *, device: str | None = None, no_cuda: bool = False,
+                        dtype: str = "float32", quantize: str | None = None,
+                        backend: str = "fast", bad_words: Sequence[str] = (),
+                        **options) -> "Chatbot":
+        """Load a model folder (train.py run, HF GPT-2 folder, GPT2-chitchat folder + vocab).
+
+        dtype: float32 | bfloat16 | float16. quantize: None | "int8" (CPU, float32).
+        `options` are DecodingOptions fields (temperature=, topk=, max_len=, seed=, ...).
+        """
+        from .modeling import load_model
+
+        dev = resolve_device(device, no_cuda)
+        if dtype not in DTYPES:
+            raise ChitchatError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        if quantize not in (None, "int8"):
+            raise ChitchatError(f"quantize must be None or 'int8', got {quantize!r}")
+        if quantize and (dev.type != "cpu" or dtype != "float32"):
+            raise ChitchatError("--quantize int8 needs --device cpu and --dtype float32")
+        model, tok = load_model(path, vocab_path=vocab_path, device=dev)
+        if DTYPES[dtype] != torch.float32:
+            model = model.to(DTYPES[dtype])
+        if quantize == "int8":
+            model = quantize_int8(model)
+        elif backend == "fast":
+            # The lean path wants (out, in) weights; converting the model we own (instead of
+            # FastGPT2 keeping transposed copies) saves a second copy of every matrix. The
+            # model computes the same; only its state_dict layout differs, so save from the
+            # folder, not from bot.model.
+            conv1d_to_linear(model)
+        return cls(model, tok, backend=backend, bad_words=bad_words, **options)
+
+    # ---- options ----------------------------------------------------------------------------
+    def set(self, **changes) -> DecodingOptions:
+        """Change decoding options (validated; on error nothing changes). Returns them."""
+        new = self._options(changes)
+        if "seed" in changes:
+            self._rng = self._generator(new.seed)
+        self.options = new
+        return new
+
+    def resolve(self, **overrides) -> DecodingOptions:
+        """The session's options with `overrides` applied and checked (nothing changes)."""
+        return self._options(overrides)
+
+    def _options(self, overrides: dict) -> DecodingOptions:
+        overrides = {OPTION_ALIASES.get(k, k): v for k, v in overrides.items()}
+        names = {f.name for f in dataclasses.fields(DecodingOptions)}
+        unknown = sorted(set(overrides) - names)
+        if unknown:
+            raise ChitchatError(f"unknown decoding option(s) {', '.join(unknown)}; "
+                                f"options: {', '.join(sorted(names))}")
+        opts = dataclasses.replace(self.options, **overrides)
+        if self.n_positions - opts.max_len < 3:
+            raise ChitchatError(f"--max_len {opts.max_len} leaves no room for a context: the "
+                                f"model has n_positions {self.n_positions}; use --max_len "
+                                f"{self.n_positions - 3} or less")
+        return opts
+
+    def _generator(self, seed: int | None) -> torch.Generator | None:
+        if seed is None:
+            return None
+        g = torch.Generator(device=self.backend.device)
+        g.manual_seed(seed)
+        return g
+
+    def _constraints(self, bad_words: Sequence[str]) -> Constraints:
+        tok = self.tokenizer
+        banned = list(tok.banned_ids) + [i for i, t in enumerate(tok.tokens) if _UNUSED.match(t)]
+        phrases = []
+        for w in bad_words:
+            ids = tok.encode(w)
+            if not ids or tok.unk_id in ids:
+                log.warning("--bad_words: %r has no usable tokens in this vocab (unknown "
+                            "characters); it cannot be generated anyway", w)
+                continue
+            phrases.append(ids)
+        return Constraints.build(tok.vocab_size, tok.sep_id, banned, phrases)
+
+    # ---- stateless core ---------------------------------------------------------------------
+    def context(self, history: Sequence[str], opts: DecodingOptions | None = None) -> Context:
+        opts = opts or self.options
+        return build_context(self.tokenizer, history, opts.max_history_len,
+                             self.n_positions - opts.max_len, self.speaker_ids)
+
+    def start(self, history: Sequence[str], **overrides) -> "ReplyStream":
+        """Begin a reply to `history` (oldest first, alternating speakers, newest last).
+
+        Returns a `ReplyStream`: iterate it for text pieces; `.reply` is complete once it is
+        exhausted or closed. `overrides` change decoding options for this call only; a
+        `seed` here seeds this call alone, otherwise the session's generator is used.
+        """
+        opts = self._options(overrides)
+        rng = self._generator(opts.seed) if "seed" in overrides else self._rng
+        ctx = self.context(history, opts)
+        if ctx.notice:
+            log.warning("note: %s", ctx.notice)
+        tokens = decode_one(self.backend, ctx.ids, opts, self.constraints, rng,
+                            token_types=[ctx.token_types] if ctx.token_types else None,
+                            reply_types=[ctx.reply_type] if ctx.reply_type is not None else None)
+        return ReplyStream(tokens, self.tokenizer, ctx, opts)
+
+    def generate(self, history: Sequence[str], **overrides) -> Reply:
+        """A complete reply to `history`, without touching the session's history."""
+        rs = self.start(history, **overrides)
+        for _ in rs:
+            pass
+        return rs.reply
+
+    def start_batch(self, histories: Sequence[Sequence[str]], *, copies: int = 1,
+                    scores: bool = False, **overrides) -> list["ReplyStream"]:
+        """Replies to several histories decoded together: one padded batch, one model call
+        per token for all rows, each row stopping at its own [SEP].
+
+        Returns one `ReplyStream` per row (``copies`` rows for a single history: independent
+        samples sharing one context pass, as MMI reranking wants). The streams may be read
+        in any order; reading one advances the batch and buffers the others' tokens. With
+        `scores`, each `Reply.token_logprobs` holds the model's log-probabilities of its
+        tokens. Beam search is not batched: num_beams must be 1. A seed makes the whole
+        batch reproducible, not each row on its own.
+        """
+        opts = self._options(overrides)
+        if opts.num_beams > 1:
+            raise ChitchatError("start_batch samples or decodes greedily; num_beams must be 1")
+        if copies > 1 and len(histories) != 1:
+            raise ChitchatError("copies > 1 takes exactly one history")
+        rng = self._generator(opts.seed) if "seed" in overrides else self._rng
+        ctxs = [self.context(h, opts) for h in histories]
+        for c in ctxs:
+            if c.notice:
+                log.warning("note: %s", c.notice)
+        speakers = ctxs[0].token_types is not None
+        steps = decode(self.backend, [c.ids for c in ctxs], opts, self.constraints, rng,
+                       copies=copies, scores=scores,
+                       token_types=[c.token_types for c in ctxs] if speakers else None,
+                       reply_types=[c.reply_type for c in ctxs] if speakers else None)
+        driver = _BatchDriver(steps, len(ctxs) * copies, self.tokenizer.sep_id)
+        return [ReplyStream(_RowTokens(driver, b), self.tokenizer, ctxs[b // copies], opts)
+                for b in range(len(ctxs) * copies)]
+
+    def generate_batch(self, histories: Sequence[Sequence[str]], **kw) -> list[Reply]:
+        """Complete replies for `start_batch` (same arguments)."""
+        streams = self.start_batch(histories, **kw)
+        for rs in streams:
+            for _ in rs:
+                pass
+        return [rs.reply for rs in streams]
+
+    # ---- the session ------------------------------------------------------------------------
+    def stream(self, text: str) -> Iterator[str]:
+        """Reply to `text` piece by piece, keeping the history.
+
+        Stopping early (closing the generator, or Ctrl-C while it runs) still records the
+        exchange with the part of the reply that was produced; an exchange with no reply
+        token at all is not recorded.
+        """
+        text = self._user_text(text)
+        rs = self.start([*self.history, text])
+        try:
+            yield from rs
+        finally:
+            rs.close()
+            self._commit(text, rs.reply)
+
+    def reply(self, text: str) -> str:
+        """The whole reply to `text`, keeping the history."""
+        for _ in self.stream(text):
+            pass
+        return self.last_reply.text
+
+    def reset(self) -> None:
+        self.history.clear()
+        self.last_reply = None
+
+    def _user_text(self, text: str) -> str:
+        if not isinstance(text, str) or not text.strip():
+            raise ChitchatError("the message is empty")
+        return " ".join(text.split())
+
+    def _commit(self, text: str, reply: Reply) -> None:
+        self.last_reply = reply
+        if reply.token_ids:
+            self.history.extend([text, reply.text])
+
+
+
+class ReplyStream:
+    """Text pieces of one reply as its tokens are generated; `.reply` holds the result.
+
+    The reply is final once the stream is exhausted or closed; closing it early (or an
+    exception such as KeyboardInterrupt while a token is computed) marks it "interrupted".
+    """
+
+    def __init__(self, tokens: Iterator[int], tokenizer: ChatTokenizer, ctx: Context,
+                 opts: DecodingOptions):
+        self.context = ctx
+        self.options = opts
+        self._tokens = tokens
+        self._tok = tokenizer
+        self._detok = Detokenizer()
+        self._t0 = time.perf_counter()
+        self.reply = Reply(text="", token_ids=[], prompt_tokens=len(ctx.ids),
+                           finish_reason="interrupted", notice=ctx.notice,
+                           utterances_used=ctx.utterances_used)
+        self._open = True
+        self._pieces: list[str] = []
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> str:
+        if not self._open:
+            raise StopIteration
+        try:
+            t = next(self._tokens)
+        except StopIteration:
+            r = self.reply
+            r.finish_reason = "length" if len(r.token_ids) >= self.options.max_len else "stop"
+            self._finish()
+            raise
+        except BaseException:
+            self._finish()  # KeyboardInterrupt or an error: keep what was produced, re-raise
+            raise
+        r = self.reply
+        if r.first_token_s is None:
+            r.first_token_s = time.perf_counter() - self._t0
+        r.token_ids.append(t)
+        piece = self._detok.push(self._tok.tokens[t])
+        self._pieces.append(piece)
+        return piece
+
+    def close(self) -> None:
+        if self._open:
+            if hasattr(self._tokens, "close"):
+                self._tokens.close()
+            self._finish()
+
+    def _finish(self) -> None:
+        self._open = False
+        self.reply.text = "".join(self._pieces)
+        self.reply.total_s = time.perf_counter() - self._t0
+        lps = getattr(self._tokens, "logprobs", None)
+        if lps is not None:
+            self.reply.token_logprobs = lps[:len(self.reply.token_ids)]
+
+
+class _BatchDriver:
+    """Shares one batched `decode` among per-row token iterators (see Chatbot.start_batch).
+
+    A row that needs a token it does not have advances the whole batch by one step and
+    buffers the tokens of the other rows.
+    """
+
+    def __init__(self, steps: Iterator, n: int, sep_id: int):
+        self._steps = steps
+        self._sep = sep_id
+        self.queues = [collections.deque() for _ in range(n)]
+        self.logprobs: list[list[float]] = [[] for _ in range(n)]
+        self.ended = [False] * n
+        self.open = [True] * n
+        self._exhausted = False
+
+    def pull(self, b: int) -> int | None:
+        """Row b's next token, or None when its reply has ended."""
+        while not self.queues[b]:
+            if self.ended[b] or self._exhausted:
+                return None
+            try:
+                step = next(self._steps)
+            except StopIteration:
+                self._exhausted = True
+                return None
+            for i, t in enumerate(step.tokens):
+                if t is None:
+                    continue
+                if t == self._sep:
+                    self.ended[i] = True
+                else:
+                    self.queues[i].append(t)
+                    if step.logprobs is not None:
+                        self.logprobs[i].append(step.logprobs[i])
+        return self.queues[b].popleft()
+
+    def close_row(self, b: int) -> None:
+        self.open[b] = False
+        if not any(self.open):
+            self._steps.close()
+            self._exhausted = True
+
+
+class _RowTokens:
+    """The token iterator of one row of a batch."""
+
+    def __init__(self, driver: _BatchDriver, row: int):
+        self._d, self._row = driver, row
+
+    @property
+    def logprobs(self) -> list[float] | None:
+        lps = self._d.logprobs[self._row]
+        return lps if lps else None
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> int:
+        t = self._d.pull(self._row)
+        if t is None:
+            raise StopIteration
+        return t
+
+    def close(self) -> None:
+        self._d.close_row(self._row)

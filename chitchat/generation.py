@@ -1,0 +1,340 @@
+"""Decoding: pure functions on logits, and the KV-cache loop that yields tokens as it goes.
+
+Every rule is a function of a (B, V) logits tensor and plain arguments, so each is unit-tested
+against transformers' own processors (tests/test_generation.py):
+
+    temperature, top-k, top-p   exactly the token sets of TemperatureLogitsWarper,
+                                TopKLogitsWarper, TopPLogitsWarper
+    repetition penalty          RepetitionPenaltyLogitsProcessor's sign-aware rule (GPT2-chitchat
+                                divided negative logits, which made repeats more likely)
+    no-repeat n-grams, bans     NoRepeatNGramLogitsProcessor / NoBadWordsLogitsProcessor rules
+
+Order per step (transformers' order): bans and min length, repetition penalty, n-gram and
+phrase bans, then temperature, top-k, top-p, then sample (or argmax).
+
+Repetition penalty and n-grams look at the reply being generated, not at the context, as
+GPT2-chitchat did: penalising the context would stop the bot from answering "你好" with
+"你好".
+
+`decode` runs a padded batch of contexts through a backend (chitchat.inference), one token per
+row per step, each row stopping at its own [SEP]. Batch 1 is the chat path; N rows from one
+context (`copies`) is the batched candidate generation that MMI reranking uses.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import torch
+
+from .config import DecodingOptions
+from .utils import ChitchatError
+
+NEG_INF = float("-inf")
+
+__all__ = ["DecodingOptions", "Constraints", "Step", "apply_temperature", "top_k_filter",
+           "top_p_filter", "apply_repetition_penalty", "ngram_bans", "phrase_bans",
+           "process_logits", "warp_logits", "sampling_distribution", "choose_tokens", "decode", "decode_one",
+           "beam_search"]
+
+
+# ---- pure functions on logits (B, V) --------------------------------------------------------
+def apply_temperature(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    return logits if temperature == 1.0 else logits / temperature
+
+
+def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep tokens whose logit is at least the k-th largest (ties kept); k <= 0: no-op."""
+    if k <= 0 or k >= logits.shape[-1]:
+        return logits
+    kth = torch.topk(logits, k).values[..., -1:]
+    return logits.masked_fill(logits < kth, NEG_INF)
+
+
+def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """Keep the smallest set of most likely tokens whose probability reaches p.
+
+    Same computation as transformers' TopPLogitsWarper (ascending sort, drop tokens whose
+    cumulative probability is <= 1 - p, always keep the most likely). p <= 0 or >= 1: no-op.
+    """
+    if p <= 0.0 or p >= 1.0:
+        return logits
+    sorted_logits, order = torch.sort(logits, descending=False)
+    cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+    drop_sorted = cum <= (1 - p)
+    drop_sorted[..., -1:] = False
+    drop = drop_sorted.scatter(-1, order, drop_sorted)
+    return logits.masked_fill(drop, NEG_INF)
+
+
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor,
+                             penalty: float) -> torch.Tensor:
+    """Penalise the tokens marked in `seen` (B, V) bool: divide positive logits by `penalty`,
+    multiply negative ones, so a penalty > 1 always lowers their probability."""
+    if penalty == 1.0:
+        return logits
+    penalised = torch.where(logits < 0, logits * penalty, logits / penalty)
+    return torch.where(seen, penalised, logits)
+
+
+def ngram_bans(tokens: Sequence[int], n: int) -> list[int]:
+    """Tokens that would complete an n-gram already present in `tokens`."""
+    if n <= 0 or len(tokens) < n:
+        return []
+    prefix = tuple(tokens[len(tokens) - n + 1:]) if n > 1 else ()
+    return [tokens[i + n - 1] for i in range(len(tokens) - n + 1)
+            if tuple(tokens[i:i + n - 1]) == prefix]
+
+
+def phrase_bans(tokens: Sequence[int], phrases: Sequence[Sequence[int]]) -> list[int]:
+    """Last tokens of multi-token banned phrases whose beginning `tokens` ends with."""
+    out = []
+    for ph in phrases:
+        k = len(ph) - 1
+        if k <= len(tokens) and (k == 0 or list(tokens[len(tokens) - k:]) == list(ph[:k])):
+            out.append(ph[-1])
+    return out
+
+
+@dataclass(frozen=True)
+class Constraints:
+    """What a model may never emit, fixed for a tokenizer (and a --bad_words list).
+
+    `banned`: (V,) bool mask of single tokens never to generate ([PAD], [UNK], [CLS], ...
+    and one-token bad words). `phrases`: multi-token bad words, banned as n-gram completions.
+    """
+    sep_id: int
+    banned: torch.Tensor
+    phrases: tuple[tuple[int, ...], ...] = ()
+
+    @classmethod
+    def build(cls, vocab_size: int, sep_id: int, banned_ids: Sequence[int] = (),
+              phrases: Sequence[Sequence[int]] = ()) -> "Constraints":
+        mask = torch.zeros(vocab_size, dtype=torch.bool)
+        single = [p[0] for p in phrases if len(p) == 1]
+        ids = [i for i in (*banned_ids, *single) if i != sep_id]
+        if ids:
+            mask[torch.tensor(ids, dtype=torch.long)] = True
+        multi = tuple(tuple(int(t) for t in p) for p in phrases if len(p) > 1)
+        return cls(sep_id=sep_id, banned=mask, phrases=multi)
+
+
+def process_logits(logits: torch.Tensor, generated: Sequence[Sequence[int]], step: int,
+                   opts: DecodingOptions, cons: Constraints,
+                   seen: torch.Tensor | None = None) -> torch.Tensor:
+    """The rules that shape the distribution before sampling (everything but the warpers).
+
+    logits: (B, V) float; generated: each row's reply tokens so far; step: len of those.
+    """
+    logits = logits.masked_fill(cons.banned.to(logits.device), NEG_INF)
+    if step < opts.min_len:
+        logits[:, cons.sep_id] = NEG_INF
+    if seen is not None and opts.repetition_penalty != 1.0:
+        logits = apply_repetition_penalty(logits, seen, opts.repetition_penalty)
+    if opts.no_repeat_ngram_size > 0 or cons.phrases:
+        for b, toks in enumerate(generated):
+            bans = ngram_bans(toks, opts.no_repeat_ngram_size) + phrase_bans(toks, cons.phrases)
+            if bans:
+                logits[b, bans] = NEG_INF
+    return logits
+
+
+def warp_logits(logits: torch.Tensor, opts: DecodingOptions) -> torch.Tensor:
+    """Temperature, then top-k, then top-p, as transformers' warpers compose."""
+    logits = apply_temperature(logits, opts.temperature)
+    logits = top_k_filter(logits, opts.topk)
+    return top_p_filter(logits, opts.topp)
+
+
+def is_greedy(opts: DecodingOptions) -> bool:
+    return opts.greedy or opts.temperature == 0
+
+
+def sampling_distribution(logits: torch.Tensor, opts: DecodingOptions
+                          ) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """What a sample is drawn from: (idx (B, k), probs (B, k)) over the top-k survivors,
+    or (None, probs (B, V)) over the whole vocab. probs may be unnormalised.
+
+    With top-k on, only the k survivors are kept: a multinomial over the whole vocab (or a
+    full sort for top-p) costs ~0.5-1 ms per token on CPU, as much as a quantized layer. The
+    probabilities are the same full-vocab softmax that the warpers produce, and top-p runs
+    on the survivors in ascending order, as TopPLogitsWarper's cumulative sum sees them
+    (the filtered tokens only add exact zeros). The tests check the support and the
+    probabilities against `warp_logits`.
+    """
+    logits = apply_temperature(logits, opts.temperature)
+    k, p = opts.topk, opts.topp
+    if 0 < k < logits.shape[-1]:
+        vals, idx = torch.topk(logits, k)  # (B, k), descending
+        kth = vals[..., -1:]
+        # Ties at the k-th value (or fewer than k allowed tokens) keep more than k tokens:
+        # those rare cases take the general path below.
+        if not bool(((logits >= kth).sum(dim=-1) > k).any()):
+            probs = logits.masked_fill(logits < kth, NEG_INF).softmax(dim=-1).gather(-1, idx)
+            if 0.0 < p < 1.0:
+                drop = probs.flip(-1).cumsum(dim=-1) <= (1 - p)  # ascending, like the warper
+                drop[..., -1] = False
+                probs = probs.masked_fill(drop.flip(-1), 0.0)
+            return idx, probs
+    return None, top_p_filter(top_k_filter(logits, k), p).softmax(dim=-1)
+
+
+def choose_tokens(logits: torch.Tensor, opts: DecodingOptions,
+                  generator: torch.Generator | None = None) -> torch.Tensor:
+    """(B,) next tokens from processed logits: argmax if greedy, else a sample."""
+    if is_greedy(opts):
+        return logits.argmax(dim=-1)
+    idx, probs = sampling_distribution(logits, opts)
+    pick = torch.multinomial(probs, 1, generator=generator)
+    return (pick if idx is None else idx.gather(-1, pick)).view(-1)
+
+
+# ---- the decoding loop ------------------------------------------------------------------------
+@dataclass
+class Step:
+    """One decoding step of a batch: per row the new token, or None once the row has ended.
+
+    A row's [SEP] is reported once (so a caller can tell a finished reply from a cut one),
+    then None. `logprobs` (with ``scores=True``) are the model's own log-probabilities of the
+    chosen tokens, before any rule or warper: what MMI's forward score needs.
+    """
+    tokens: list[int | None]
+    logprobs: list[float | None] | None = None
+
+
+def _check_budget(context_len: int, max_len: int, n_positions: int) -> None:
+    # The last token is never fed back, so the model sees positions up to
+    # context_len + max_len - 2.
+    if context_len + max_len - 1 > n_positions:
+        raise ChitchatError(
+            f"a context of {context_len} tokens plus --max_len {max_len} does not fit the "
+            f"model's n_positions ({n_positions}); shorten the history or lower --max_len")
+
+
+def decode(backend, contexts: Sequence[Sequence[int]], opts: DecodingOptions,
+           cons: Constraints, generator: torch.Generator | None = None, *, copies: int = 1,
+           token_types: Sequence[Sequence[int]] | None = None,
+           reply_types: Sequence[int] | None = None, scores: bool = False) -> Iterator[Step]:
+    """Generate replies for a batch of contexts, one `Step` per token.
+
+    `copies` > 1 with a single context feeds that context once and decodes `copies`
+    independent samples from it (the KV cache is copied, not recomputed). `token_types` and
+    `reply_types` are speaker ids for models trained with them (None otherwise). Stops when
+    every row has produced [SEP] or `opts.max_len` tokens. Runs under inference_mode.
+    """
+    if copies > 1 and len(contexts) != 1:
+        raise ValueError("copies > 1 needs exactly one context")
+    _check_budget(max(len(c) for c in contexts), opts.max_len, backend.n_positions)
+    # inference_mode is entered around each computation, never across a yield: the
+    # caller's code between two tokens must run in its own autograd mode.
+    with torch.inference_mode():
+        state, logits = backend.start(contexts, token_types=token_types, reply_types=reply_types,
+                                      capacity=max(len(c) for c in contexts) + opts.max_len)
+        if copies > 1:
+            backend.reorder(state, torch.zeros(copies, dtype=torch.long, device=logits.device))
+            logits = logits.expand(copies, -1)
+        B, V = logits.shape
+        seen = torch.zeros(B, V, dtype=torch.bool, device=logits.device) \
+            if opts.repetition_penalty != 1.0 else None
+        rows = torch.arange(B, device=logits.device)
+    generated: list[list[int]] = [[] for _ in range(B)]
+    done = [False] * B
+    for step in range(opts.max_len):
+        with torch.inference_mode():
+            processed = process_logits(logits, generated, step, opts, cons, seen)  # new tensor
+            toks = choose_tokens(processed, opts, generator)
+            lp = None
+            if scores:
+                lp = logits.log_softmax(dim=-1).gather(-1, toks.view(-1, 1)).view(-1).tolist()
+        out: list[int | None] = []
+        for b, t in enumerate(toks.tolist()):
+            if done[b]:
+                out.append(None)
+                continue
+            out.append(t)
+            if t == cons.sep_id:
+                done[b] = True
+            else:
+                generated[b].append(t)
+        if lp is not None:
+            lp = [None if o is None else v for o, v in zip(out, lp)]
+        yield Step(out, lp)
+        if all(done) or step == opts.max_len - 1:
+            return
+        with torch.inference_mode():
+            if seen is not None:
+                seen[rows, toks] = True
+            # Finished rows keep being fed (their [SEP]) to keep the batch rectangular;
+            # their outputs are ignored.
+            logits = backend.step(state, toks)
+
+
+def decode_one(backend, context: Sequence[int], opts: DecodingOptions, cons: Constraints,
+               generator: torch.Generator | None = None, **kw) -> Iterator[int]:
+    """Reply tokens for one context, as they are generated; the [SEP] is not yielded."""
+    if opts.num_beams > 1:
+        yield from beam_search(backend, context, opts, cons, **kw)
+        return
+    for step in decode(backend, [context], opts, cons, generator, **kw):
+        t = step.tokens[0]
+        if t is None or t == cons.sep_id:
+            return
+        yield t
+
+
+def beam_search(backend, context: Sequence[int], opts: DecodingOptions, cons: Constraints,
+                token_types=None, reply_types=None) -> list[int]:
+    """Beam search over reply tokens; the best hypothesis by mean token log-probability.
+
+    Deterministic and simple: `num_beams` live hypotheses; a hypothesis that picks [SEP]
+    (allowed from min_len on) is finished; search stops once `num_beams` hypotheses have
+    finished or max_len is reached (then live ones count as finished). The bans, min length,
+    repetition penalty and n-gram rules apply; temperature, top-k and top-p do not.
+    """
+    nb = opts.num_beams
+    _check_budget(len(context), opts.max_len, backend.n_positions)
+    with torch.inference_mode():
+        state, logits = backend.start([context], token_types=token_types,
+                                      reply_types=reply_types,
+                                      capacity=len(context) + opts.max_len)
+        V = logits.shape[-1]
+        beams: list[list[int]] = [[]]
+        beam_scores = torch.zeros(1, device=logits.device)
+        finished: list[tuple[float, list[int]]] = []
+        track = opts.repetition_penalty != 1.0
+        for step in range(opts.max_len):
+            seen = None
+            if track:
+                seen = torch.zeros(len(beams), V, dtype=torch.bool, device=logits.device)
+                for b, toks in enumerate(beams):
+                    if toks:
+                        seen[b, toks] = True
+            logp = process_logits(logits, beams, step, opts, cons, seen).log_softmax(dim=-1)
+            total = (logp + beam_scores[:, None]).view(-1)
+            k = min(2 * nb, int(torch.isfinite(total).sum()))
+            if k == 0:
+                break
+            top = torch.topk(total, k)
+            new_beams, new_scores, src = [], [], []
+            for score, flat in zip(top.values.tolist(), top.indices.tolist()):
+                b, t = divmod(flat, V)
+                if t == cons.sep_id:
+                    finished.append((score / (len(beams[b]) + 1), beams[b]))
+                    continue
+                new_beams.append(beams[b] + [t])
+                new_scores.append(score)
+                src.append(b)
+                if len(new_beams) == nb:
+                    break
+            if len(finished) >= nb or not new_beams or step == opts.max_len - 1:
+                finished.extend((s / len(bm), bm) for s, bm in zip(new_scores, new_beams)
+                                if step == opts.max_len - 1)
+                break
+            index = torch.tensor(src, dtype=torch.long, device=logits.device)
+            backend.reorder(state, index)
+            beams, beam_scores = new_beams, torch.tensor(new_scores, device=logits.device)
+            logits = backend.step(state, torch.tensor([bm[-1] for bm in beams],
+                                                      dtype=torch.long, device=logits.device))
+    if not finished:
+        return []
+    return max(finished, key=lambda f: f[0])[1]

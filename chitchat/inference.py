@@ -1,0 +1,367 @@
+"""Inference backends: run a GPT-2 model one token at a time with a KV cache.
+
+Two backends share one small interface (`start`, `step`, `reorder`), so the decoding loop in
+generation.py does not care which one runs:
+
+* `FastGPT2` (the default) is a lean forward pass over the HF weights with a preallocated,
+  static KV cache. At batch 1 a 768-wide GPT-2 is memory-bound on CPU: the floor is one pass
+  over the weights per token (~11 ms for the small config in fp32). transformers' forward adds a
+  few ms of fixed Python work per token on top (mask building, cache objects, output classes,
+  hooks) and runs Conv1D as ``addmm`` on an (in, out) weight, which is several times slower
+  than ``linear`` on an (out, in) weight for a single row. The lean path avoids both.
+  tests/test_generation.py checks its logits against HF's.
+* `HFDecoder` calls the transformers model with a `DynamicCache`. It is the reference the tests
+  compare against and the fallback for configs the lean path does not cover.
+
+Batches are left-padded: every row writes its next token at the same cache index, so one
+``step`` serves N rows (MMI candidates, or several requests at once). Each row has its own
+position ids (counting from its first real token) and a key mask that hides its padding.
+
+`quantize_int8` converts GPT-2's Conv1D layers to nn.Linear (torch.ao's dynamic quantization
+only knows nn.Linear, so on a stock GPT-2 it silently does nothing) and then applies dynamic
+int8 quantization with per-channel weight scales.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Protocol, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .utils import ChitchatError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+# ---- weight conversion ------------------------------------------------------------------------
+def conv1d_to_linear(model: nn.Module) -> nn.Module:
+    """Replace every transformers Conv1D in `model` by an equivalent nn.Linear, in place.
+
+    Conv1D computes ``x @ W + b`` with W of shape (in, out); nn.Linear stores W transposed.
+    """
+    from transformers.pytorch_utils import Conv1D
+
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, Conv1D):
+                lin = nn.Linear(child.nx, child.nf, bias=child.bias is not None,
+                                device=child.weight.device, dtype=child.weight.dtype)
+                with torch.no_grad():
+                    lin.weight.copy_(child.weight.t())
+                    if child.bias is not None:
+                        lin.bias.copy_(child.bias)
+                setattr(parent, name, lin)
+    return model
+
+
+def quantize_int8(model: nn.Module) -> nn.Module:
+    """Dynamic int8 quantization of every Linear layer (including the LM head), in place.
+
+    Weights are int8 with one scale per output channel; activations are quantized per call.
+    The embeddings stay float32, so the LM head gets its own int8 copy of the tied weight.
+    CPU only (fbgemm/x86 kernels).
+    """
+    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+
+    if next(model.parameters()).device.type != "cpu":
+        raise ChitchatError("--quantize int8 runs on CPU only; add --device cpu")
+    conv1d_to_linear(model)
+    model.float()
+    with warnings.catch_warnings():
+        # torch 2.13 announces that eager-mode quantization will move to torchao; the API
+        # still works and is what the pinned torch ships. Only that notice is silenced.
+        warnings.filterwarnings("ignore", message=r"(?s).*torch\.ao\.quantization.*")
+        warnings.filterwarnings("ignore", message=r"(?s).*migrat.*torchao.*")
+        warnings.filterwarnings("ignore", message=r"(?s).*_per_tensor.*|.*quantize_per_tensor.*")
+        quantize_dynamic(model, {nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8,
+                         inplace=True)
+    return model
+
+
+# ---- the backend interface --------------------------------------------------------------------
+class Backend(Protocol):
+    n_positions: int
+    vocab_size: int
+
+    def start(self, contexts: Sequence[Sequence[int]], token_types=None, reply_types=None,
+              capacity: int | None = None) -> tuple["DecodeState", torch.Tensor]:
+        """Feed the contexts (left-padded into one batch); return (state, logits (B, V)).
+
+        capacity: the most positions this decode will use (context + new tokens); caches
+        are sized for it (default n_positions).
+
+        token_types: per-context speaker ids (models trained with --speaker_ids), and
+        reply_types: the speaker id of each row's generated tokens; None for other models.
+        """
+
+    def step(self, state: "DecodeState", tokens: torch.Tensor) -> torch.Tensor:
+        """Feed one token per row (B,); return the next logits (B, V) as float32."""
+
+    def reorder(self, state: "DecodeState", index: torch.Tensor) -> None:
+        """Make row i continue from old row index[i] (beam search)."""
+
+
+@dataclass
+class DecodeState:
+    """One batch's progress: filled cache length, padding, and the backend's cache."""
+    length: int                   # cache slots filled (same for every row)
+    pad: torch.Tensor             # (B,) left padding of each row
+    key_mask: torch.Tensor | None  # (B, 1, 1, T) bool, True = attend; None when no padding
+    cache: object = None
+    reply_types: torch.Tensor | None = None  # (B,) speaker id of generated tokens
+
+
+def left_pad(contexts: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, L) ids left-padded with `pad_id`, and (B,) pad counts."""
+    if not contexts or any(len(c) == 0 for c in contexts):
+        raise ValueError("every context needs at least one token")
+    L = max(len(c) for c in contexts)
+    ids = torch.full((len(contexts), L), pad_id, dtype=torch.long)
+    for i, c in enumerate(contexts):
+        ids[i, L - len(c):] = torch.as_tensor(list(c), dtype=torch.long)
+    pad = torch.tensor([L - len(c) for c in contexts], dtype=torch.long)
+    return ids.to(device), pad.to(device)
+
+
+def _as_types(reply_types, device) -> torch.Tensor | None:
+    return None if reply_types is None else torch.as_tensor(list(reply_types), dtype=torch.long,
+                                                            device=device)
+
+
+def _reorder_rows(state: DecodeState, index: torch.Tensor) -> None:
+    state.pad = state.pad.index_select(0, index)
+    if state.key_mask is not None:
+        state.key_mask = state.key_mask.index_select(0, index)
+    if state.reply_types is not None:
+        state.reply_types = state.reply_types.index_select(0, index)
+
+
+def _check_fits(n: int, limit: int) -> None:
+    if n > limit:
+        # The context budget in chat.py and generation.py keeps this from happening; reaching
+        # it is a bug, and a silent wrap-around would feed the model unseen positions.
+        raise ChitchatError(f"position {n - 1} is beyond the last usable position "
+                            f"({limit - 1}); shorten the context or --max_len")
+
+
+# ---- the lean backend -------------------------------------------------------------------------
+def _activation(name: str):
+    if name in ("gelu_new", "gelu_pytorch_tanh", "gelu_fast"):
+        return lambda x: F.gelu(x, approximate="tanh")
+    if name == "gelu":
+        return F.gelu
+    from transformers.activations import ACT2FN
+    return ACT2FN[name]
+
+
+class FastGPT2:
+    """GPT-2 inference without transformers' generic machinery in the per-token path.
+
+    Built from a loaded GPT2LMHeadModel (fp32/bf16/fp16, or after `quantize_int8`). Holds
+    references to its weights; the decode state (KV cache) lives in `DecodeState`, so one
+    instance can serve several generations, one at a time or interleaved.
+    """
+
+    @staticmethod
+    def supports(model) -> str | None:
+        """None if the lean path can run `model`, else why not."""
+        cfg = model.config
+        if getattr(cfg, "add_cross_attention", False):
+            return "cross-attention"
+        if getattr(cfg, "model_type", "gpt2") != "gpt2":
+            return f"model_type {cfg.model_type!r}"
+        return None
+
+    def __init__(self, model, pad_id: int = 0):
+        why = self.supports(model)
+        if why:
+            raise ChitchatError(f"the fast backend does not support {why}; use --backend hf")
+        cfg = model.config
+        tr = model.transformer
+        self.pad_id = pad_id
+        self.n_positions = cfg.n_positions
+        self.n_head = cfg.n_head
+        self.d = cfg.n_embd
+        self.head_dim = self.d // self.n_head
+        self.eps = cfg.layer_norm_epsilon
+        self.act = _activation(cfg.activation_function)
+        self.wte = tr.wte.weight
+        self.wpe = tr.wpe.weight
+        self.dtype = self.wte.dtype
+        self.device = self.wte.device
+        self.vocab_size = self.wte.shape[0]
+        base = self.head_dim ** -0.5 if cfg.scale_attn_weights else 1.0
+        self.scales = [base / (i + 1) if cfg.scale_attn_by_inverse_layer_idx else base
+                       for i in range(cfg.n_layer)]
+        self.layers = []
+        for blk in tr.h:
+            lins = [self._linear(m) for m in (blk.attn.c_attn, blk.attn.c_proj,
+                                              blk.mlp.c_fc, blk.mlp.c_proj)]
+            self.layers.append((blk.ln_1.weight, blk.ln_1.bias, lins[0], lins[1],
+                                blk.ln_2.weight, blk.ln_2.bias, lins[2], lins[3]))
+        self.ln_f = (tr.ln_f.weight, tr.ln_f.bias)
+        head = model.lm_head
+        if isinstance(head, nn.Linear) and head.weight is self.wte:
+            self.head = (self.wte, None)  # tied: (V, D) is already the (out, in) layout
+        else:
+            self.head = self._linear(head)
+        packed = [isinstance(p, torch.ScriptObject)
+                  for l in self.layers for p in (l[2], l[3], l[6], l[7])]
+        if any(packed) != all(packed):
+            raise ChitchatError("mixed int8 and float layers; quantize the whole model")
+        self.int8 = all(packed)
+        self.int8_head = isinstance(self.head, torch.ScriptObject)
+
+    def _linear(self, m):
+        """(weight (out, in), bias) for float layers; packed params for int8 ones."""
+        from transformers.pytorch_utils import Conv1D
+
+        if isinstance(m, Conv1D):
+            # A transposed copy: F.linear on an (out, in) weight is the fast single-row
+            # product. Chatbot.from_pretrained converts its own model first (no copy).
+            return (m.weight.t().contiguous(), m.bias)
+        if type(m) is nn.Linear:
+            return (m.weight, m.bias)
+        packed = getattr(getattr(m, "_packed_params", None), "_packed_params", None)
+        if packed is not None and getattr(m, "version", 4) >= 4:
+            return packed
+        raise ChitchatError(f"unsupported layer {type(m).__name__} for the fast backend")
+
+    @staticmethod
+    def _lin_float(x, p):
+        return F.linear(x, p[0], p[1])
+
+    @staticmethod
+    def _lin_int8(x, p):
+        # Same call as torch.ao's dynamic Linear.forward (reduce_range for x86/fbgemm),
+        # without the module dispatch.
+        return torch.ops.quantized.linear_dynamic(x, p, True)
+
+    # -- the interface --
+    def start(self, contexts, token_types=None, reply_types=None, capacity=None):
+        ids, pad = left_pad(contexts, self.pad_id, self.device)
+        types = left_pad(token_types, 0, self.device)[0] if token_types is not None else None
+        B, L = ids.shape
+        _check_fits(L, self.n_positions)
+        # (L, B, H, T, hd) per cache; sized to what this decode needs, so that copying rows
+        # (beams, MMI candidates) copies no unused positions.
+        T = min(self.n_positions, max(capacity or self.n_positions, L))
+        shape = (len(self.layers), B, self.n_head, T, self.head_dim)
+        cache = (torch.empty(shape, dtype=self.dtype, device=self.device),
+                 torch.empty(shape, dtype=self.dtype, device=self.device))
+        padded = bool(pad.any())
+        key_mask = None
+        if padded:
+            cols = torch.arange(T, device=self.device)
+            key_mask = (cols[None, :] >= pad[:, None]).view(B, 1, 1, T)
+        state = DecodeState(length=0, pad=pad, key_mask=key_mask, cache=cache,
+                            reply_types=_as_types(reply_types, self.device))
+        pos = (torch.arange(L, device=self.device)[None, :] - pad[:, None]).clamp_(min=0)
+        mask = None
+        if padded:
+            causal = torch.ones(L, L, dtype=torch.bool, device=self.device).tril_()
+            mask = causal[None, None] & key_mask[..., :L]
+            # A pad row would attend to nothing (NaN); let it see itself. Nothing reads it.
+            mask |= torch.eye(L, dtype=torch.bool, device=self.device)[None, None]
+        return state, self._forward(ids, pos, state, mask, causal=not padded, types=types)
+
+    def step(self, state, tokens):
+        t = state.length
+        _check_fits(t + 1, state.cache[0].shape[3])
+        B = tokens.shape[0]
+        pos = (t - state.pad).view(B, 1) if state.key_mask is not None else \
+            torch.full((B, 1), t, dtype=torch.long, device=self.device)
+        mask = state.key_mask[..., :t + 1] if state.key_mask is not None else None
+        types = state.reply_types.view(B, 1) if state.reply_types is not None else None
+        return self._forward(tokens.view(B, 1), pos, state, mask, causal=False, types=types)
+
+    def reorder(self, state, index):
+        k, v = state.cache
+        state.cache = (k.index_select(1, index), v.index_select(1, index))
+        _reorder_rows(state, index)
+
+    def _forward(self, ids, pos, state, mask, causal: bool, types=None) -> torch.Tensor:
+        # ids, pos: (B, S); returns float32 logits (B, V) of the last position.
+        B, S = ids.shape
+        t0, t1 = state.length, state.length + S
+        D, H, hd = self.d, self.n_head, self.head_dim
+        x = F.embedding(ids, self.wte) + F.embedding(pos, self.wpe)  # (B, S, D)
+        if types is not None:
+            x = x + F.embedding(types, self.wte)  # speaker embeddings share wte, as in HF
+        kc_all, vc_all = state.cache
+        lin, eps = (self._lin_int8 if self.int8 else self._lin_float), self.eps
+        for i, (w1, b1, qkv_p, o_p, w2, b2, fc_p, pr_p) in enumerate(self.layers):
+            h = F.layer_norm(x, (D,), w1, b1, eps)
+            qkv = lin(h, qkv_p).view(B, S, 3, H, hd).permute(2, 0, 3, 1, 4)  # (3, B, H, S, hd)
+            kc, vc = kc_all[i], vc_all[i]  # (B, H, T, hd)
+            kc[:, :, t0:t1] = qkv[1]
+            vc[:, :, t0:t1] = qkv[2]
+            a = F.scaled_dot_product_attention(
+                qkv[0], kc[:, :, :t1], vc[:, :, :t1], attn_mask=mask,
+                is_causal=causal and S > 1, scale=self.scales[i])  # (B, H, S, hd)
+            x = x + lin(a.transpose(1, 2).reshape(B, S, D), o_p)
+            h = F.layer_norm(x, (D,), w2, b2, eps)
+            x = x + lin(self.act(lin(h, fc_p)), pr_p)
+        state.length = t1
+        x = F.layer_norm(x[:, -1], (D,), self.ln_f[0], self.ln_f[1], eps)
+        logits = (self._lin_int8 if self.int8_head else self._lin_float)(x, self.head)
+        return logits.float()
+
+
+# ---- the reference backend --------------------------------------------------------------------
+class HFDecoder:
+    """The transformers model with a DynamicCache: slower, but any GPT-2 variant."""
+
+    def __init__(self, model, pad_id: int = 0):
+        self.model = model
+        self.pad_id = pad_id
+        self.n_positions = model.config.n_positions
+        self.vocab_size = model.get_input_embeddings().weight.shape[0]
+        self.device = next(model.parameters()).device
+
+    def start(self, contexts, token_types=None, reply_types=None, capacity=None):
+        from transformers import DynamicCache
+
+        ids, pad = left_pad(contexts, self.pad_id, self.device)
+        types = left_pad(token_types, 0, self.device)[0] if token_types is not None else None
+        B, L = ids.shape
+        _check_fits(L, self.n_positions)
+        state = DecodeState(length=0, pad=pad, key_mask=None,
+                            cache=DynamicCache(config=self.model.config),
+                            reply_types=_as_types(reply_types, self.device))
+        if pad.any():
+            cols = torch.arange(self.n_positions, device=self.device)
+            state.key_mask = (cols[None, :] >= pad[:, None]).view(B, 1, 1, -1)
+        return state, self._forward(ids, state, types)
+
+    def step(self, state, tokens):
+        _check_fits(state.length + 1, self.n_positions)
+        types = state.reply_types.view(-1, 1) if state.reply_types is not None else None
+        return self._forward(tokens.view(-1, 1), state, types)
+
+    def _forward(self, ids, state, types=None):
+        B, S = ids.shape
+        t0, t1 = state.length, state.length + S
+        pos = (torch.arange(t0, t1, device=self.device)[None, :] - state.pad[:, None]).clamp(min=0)
+        attn = None
+        if state.key_mask is not None:
+            attn = state.key_mask.view(B, -1)[:, :t1].long()
+        out = self.model(input_ids=ids, position_ids=pos, attention_mask=attn,
+                         token_type_ids=types, past_key_values=state.cache, use_cache=True)
+        state.length = t1
+        return out.logits[:, -1].float()
+
+    def reorder(self, state, index):
+        state.cache.reorder_cache(index)
+        _reorder_rows(state, index)
+
+
+def make_backend(model, kind: str = "fast", pad_id: int = 0) -> Backend:
+    if kind == "fast":
+        return FastGPT2(model, pad_id)
+    if kind == "hf":
+        return HFDecoder(model, pad_id)
+    raise ChitchatError(f"unknown backend {kind!r}; use fast or hf")

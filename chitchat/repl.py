@@ -1,0 +1,280 @@
+"""The terminal chat of interact.py: a REPL over `Chatbot`, and its transcripts.
+
+On a terminal: prompts, colours (unless NO_COLOR is set), readline line editing, replies
+streamed token by token. Ctrl-D or Ctrl-C at the prompt exits; Ctrl-C during a reply stops
+that reply and returns to the prompt.
+
+Piped (stdin not a terminal): each input line is one user turn and stdout gets exactly one
+line per turn, the reply, with no prompt or colour. Command output and notices go to stderr,
+so scripts can read replies line by line.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TextIO
+
+from .chat import Chatbot, Reply, coerce_option, read_bad_words
+from .config import DecodingOptions, InteractConfig
+from .utils import ChitchatError, get_logger
+
+HELP = """commands:
+  /reset              forget the conversation
+  /history            show the conversation (the utterances the model sees are marked *)
+  /set key=value ...  change a decoding option, e.g. /set temperature=0.7 topk=5
+  /set                show the current options
+  /help               this text
+  /exit, /quit        leave (so do Ctrl-D, and Ctrl-C at the prompt)
+Ctrl-C while a reply is printed stops it."""
+
+
+class Transcript:
+    """Appends every turn to samples.txt (GPT2-chitchat's format) and samples.jsonl.
+
+    Each write is flushed and fsync'ed at once, so a crash or kill loses nothing already
+    said. The user line is written before the reply is generated.
+    """
+
+    def __init__(self, directory: str | os.PathLike, settings: dict):
+        d = Path(directory)
+        try:
+            d.mkdir(parents=True, exist_ok=True)
+            self._txt = open(d / "samples.txt", "a", encoding="utf-8")
+            self._jsonl = open(d / "samples.jsonl", "a", encoding="utf-8")
+        except OSError as e:
+            raise ChitchatError(f"cannot write transcripts to {d}: {e.strerror}; pass another "
+                                "--save_samples_path (or '' for none)") from None
+        self.settings = settings
+        self.session = datetime.now().strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
+        self.turn = 0
+        self._write(self._txt, f"聊天记录{datetime.now()}:\n")
+
+    @staticmethod
+    def _write(f: TextIO, text: str) -> None:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+    def user(self, text: str) -> None:
+        self._write(self._txt, f"user:{text}\n")
+
+    def bot(self, user_text: str, reply: Reply, options: DecodingOptions) -> None:
+        self._write(self._txt, f"chatbot:{reply.text}\n")
+        self.turn += 1
+        self._record({"turn": self.turn, "user": user_text, "chatbot": reply.text,
+                      "finish_reason": reply.finish_reason, "notice": reply.notice,
+                      "prompt_tokens": reply.prompt_tokens,
+                      "reply_tokens": len(reply.token_ids),
+                      "first_token_ms": None if reply.first_token_s is None
+                      else round(reply.first_token_s * 1e3, 2),
+                      "total_ms": round(reply.total_s * 1e3, 2),
+                      "options": dataclasses.asdict(options)})
+
+    def event(self, name: str, **data) -> None:
+        self._record({"event": name, **data})
+
+    def _record(self, rec: dict) -> None:
+        rec = {"time": datetime.now(timezone.utc).astimezone().isoformat(timespec="milliseconds"),
+               "session": self.session, **rec, "settings": self.settings}
+        self._write(self._jsonl, json.dumps(rec, ensure_ascii=False) + "\n")
+
+    def close(self) -> None:
+        self._txt.close()
+        self._jsonl.close()
+
+
+class Repl:
+    def __init__(self, bot: Chatbot, *, stream: bool = True, transcript: Transcript | None = None,
+                 stdin: TextIO | None = None, stdout: TextIO | None = None,
+                 stderr: TextIO | None = None, interactive: bool | None = None):
+        self.bot = bot
+        self.stream = stream
+        self.transcript = transcript
+        self.stdin = stdin or sys.stdin
+        self.stdout = stdout or sys.stdout
+        self.stderr = stderr or sys.stderr
+        self.interactive = self.stdin.isatty() if interactive is None else interactive
+        # Command output is for people: on a terminal it goes to stdout, piped to stderr.
+        self.info = self.stdout if self.interactive else self.stderr
+        color = self.interactive and self.stdout.isatty() and not os.environ.get("NO_COLOR")
+        self._readline = False
+        if self.interactive and self.stdin is sys.stdin:
+            try:
+                import readline  # noqa: F401  (line editing and history for input())
+                self._readline = True
+            except ImportError:  # not on every platform (Windows); input() still works
+                pass
+        wrap = (lambda s: f"\001{s}\002") if self._readline else (lambda s: s)
+        self.user_prompt = (f"{wrap(chr(27) + '[1;32m')}user:{wrap(chr(27) + '[0m')} "
+                            if color else "user: ") if self.interactive else ""
+        self.bot_prefix = ("\033[1;34mchatbot:\033[0m " if color else "chatbot: ") \
+            if self.interactive else ""
+
+    # ---- input ----------------------------------------------------------------------------
+    def _read(self) -> str | None:
+        """The next line, or None at end of input."""
+        if self.interactive and self.stdin is sys.stdin:
+            try:
+                return input(self.user_prompt)
+            except EOFError:
+                return None
+        if self.interactive:
+            self._out(self.user_prompt)
+        line = self.stdin.readline()
+        return None if line == "" else line.rstrip("\n")
+
+    def _out(self, text: str, f: TextIO | None = None) -> None:
+        f = f or self.stdout
+        f.write(text)
+        f.flush()
+
+    def say(self, text: str) -> None:
+        self._out(text + "\n", self.info)
+
+    # ---- the loop -------------------------------------------------------------------------
+    def run(self) -> int:
+        if self.interactive:
+            self.say("chitchat: type a message and press Enter; /help lists commands, "
+                     "Ctrl-D exits.")
+        while True:
+            try:
+                line = self._read()
+            except KeyboardInterrupt:  # Ctrl-C at the prompt means: leave
+                self._out("\n")
+                break
+            if line is None:  # Ctrl-D / end of piped input
+                if self.interactive:
+                    self._out("\n")
+                break
+            line = line.strip()
+            if not line:
+                continue
+            if line.startswith("/"):
+                if self.command(line) == "exit":
+                    break
+                continue
+            try:
+                self.turn(line)
+            except KeyboardInterrupt:  # a second Ctrl-C while a stopped reply is recorded
+                self._out("\n")
+        return 0
+
+    def turn(self, text: str) -> Reply:
+        """One exchange: print the reply (streamed or at once) and record it."""
+        if self.transcript:
+            self.transcript.user(text)
+        pieces = self.bot.stream(text)
+        prefixed = False
+        try:
+            for piece in pieces:
+                if not prefixed:  # after any notice the context raised, not before it
+                    self._out(self.bot_prefix)
+                    prefixed = True
+                if self.stream:
+                    self._out(piece)
+        except KeyboardInterrupt:  # Ctrl-C during a reply: stop it, keep what was said
+            pass
+        finally:
+            pieces.close()
+        if not prefixed:
+            self._out(self.bot_prefix)
+        reply = self.bot.last_reply
+        # On disk before the line ends: whoever sees the reply line can rely on the record.
+        if self.transcript:
+            self.transcript.bot(text, reply, self.bot.options)
+        if not self.stream:
+            self._out(reply.text)
+        if reply.finish_reason == "interrupted" and self.interactive:
+            self._out(" [stopped]")
+        self._out("\n")
+        return reply
+
+    def command(self, line: str) -> str | None:
+        name, _, arg = line.partition(" ")
+        name = name.lower()
+        if name in ("/exit", "/quit"):
+            return "exit"
+        if name == "/help":
+            self.say(HELP + "\noptions: " + ", ".join(
+                f.name for f in dataclasses.fields(DecodingOptions)))
+        elif name == "/reset":
+            self.bot.reset()
+            if self.transcript:
+                self.transcript.event("reset")
+            self.say("(the conversation is cleared)")
+        elif name == "/history":
+            self._history()
+        elif name == "/set":
+            self._set(arg)
+        else:
+            self.say(f"unknown command {name}; /help lists the commands")
+        return None
+
+    def _history(self) -> None:
+        h = self.bot.history
+        if not h:
+            self.say("(no history yet)")
+            return
+        seen = min(len(h), self.bot.options.max_history_len - 1)  # plus the next message
+        for i, u in enumerate(h):
+            mark = "*" if i >= len(h) - seen else " "
+            self.say(f"{mark} {'user' if i % 2 == 0 else 'chatbot'}: {u}")
+
+    def _set(self, arg: str) -> None:
+        if not arg.strip():
+            self.say(" ".join(f"{k}={v}" for k, v in dataclasses.asdict(self.bot.options).items()))
+            return
+        try:
+            changes = {}
+            for item in arg.split():
+                key, eq, value = item.partition("=")
+                if not eq:
+                    raise ChitchatError(f"/set takes key=value, got {item!r}")
+                k, v = coerce_option(key.strip(), value)
+                changes[k] = v
+            self.bot.set(**changes)
+        except ChitchatError as e:  # a typo in a command must not end the session
+            self.say(f"error: {e}")
+            return
+        if self.transcript:
+            self.transcript.event("set", changes=changes)
+        self.say(" ".join(f"{k}={getattr(self.bot.options, k)}" for k in changes))
+
+
+def interact(cfg: InteractConfig) -> int:
+    """interact.py: load the model, then chat until the user leaves."""
+    import torch
+    from transformers.utils import logging as hf_logging
+
+    log = get_logger()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    hf_logging.disable_progress_bar()  # no "Loading weights" bar in a chat
+    bad = read_bad_words(cfg.bad_words) if cfg.bad_words else ()
+    bot = Chatbot.from_pretrained(cfg.model_path, cfg.vocab_path, device=cfg.device,
+                                  no_cuda=cfg.no_cuda, dtype=cfg.dtype, quantize=cfg.quantize,
+                                  backend=cfg.backend, bad_words=bad,
+                                  **dataclasses.asdict(cfg.decoding()))
+    if sys.stdin.isatty():
+        log.info("loaded %s (n_positions %d, %s%s, %s backend)", cfg.model_path, bot.n_positions,
+                 cfg.dtype, ", int8" if cfg.quantize else "", cfg.backend)
+    transcript = None
+    if cfg.save_samples_path:
+        settings = {"model_path": cfg.model_path, "dtype": cfg.dtype, "quantize": cfg.quantize,
+                    "backend": cfg.backend, "bad_words": cfg.bad_words}
+        transcript = Transcript(cfg.save_samples_path, settings)
+    try:
+        return Repl(bot, stream=cfg.stream, transcript=transcript).run()
+    except BrokenPipeError:
+        # The reader went away (`... | head -1`): stop quietly, as Unix tools do. stdout is
+        # pointed at /dev/null so that the interpreter's final flush does not fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    finally:
+        if transcript:
+            transcript.close()

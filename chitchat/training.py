@@ -1,0 +1,804 @@
+"""The training loop: data plan, optimizer and schedule, precision, DDP, evaluation,
+checkpoints and resume. `train(cfg)` is the whole of train.py.
+
+A run lives in ``<save_model_path>/<run_name>/``::
+
+    config.json model.safetensors ... vocab.txt   the latest model, a complete HF folder
+                                                  (interact.py --model_path <run> loads it)
+    checkpoints/step-00001000/                    HF folder + training_state.pt
+                                                  + trainer_state.json (the newest
+                                                  --keep_checkpoints are kept)
+    best/                                         HF folder, lowest validation loss
+    train.log  metrics.jsonl  tensorboard/
+
+Correctness rules (each has a test):
+  * the loss of an optimizer step is (sum of token losses) / (target tokens of the whole
+    step, all micro-batches and ranks); padding and context tokens are never targets;
+  * gradients are clipped once per optimizer step, after accumulation;
+  * AdamW without weight decay on biases, LayerNorm weights and embeddings;
+  * linear warmup then linear or cosine decay, counted in optimizer steps.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import re
+import shutil
+import signal
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from .config import TrainConfig
+from .data import (TokenStore, WindowTable, build_windows, collate_rows, epoch_rows,
+                   plan_steps, resplit)
+from .modeling import (build_model, load_config, load_model, save_model,
+                       set_speaker_token_ids, speaker_token_ids)
+from .tokenization import ChatTokenizer
+from .utils import ChitchatError, atomic_dir, get_logger, write_json
+
+CHECKPOINT_FORMAT = 1
+STATE_FILE = "trainer_state.json"
+TENSORS_FILE = "training_state.pt"
+# Options a resumed run may change; the others define the run (data, model, batch, ...)
+# and changing them would silently make it a different run.
+RESUMABLE = {"device", "no_cuda", "num_workers", "epochs", "max_steps", "eval_interval",
+             "save_interval", "keep_checkpoints", "log_step", "patience", "quiet",
+             "log_path", "resume", "compile", "dtype", "save_model_path", "run_name"}
+
+
+# ---- distributed ------------------------------------------------------------------------
+@dataclasses.dataclass
+class DistInfo:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+
+def init_distributed(cuda: bool) -> DistInfo:
+    """Join the process group that torchrun describes in the environment (if any)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistInfo()
+    info = DistInfo(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if cuda else "gloo")
+    return info
+
+
+def broadcast_text(text: str, info: DistInfo, device: torch.device) -> str:
+    """Rank 0's string on every rank (as bytes in a tensor: no pickling)."""
+    if not info.enabled:
+        return text
+    data = torch.zeros(4096, dtype=torch.uint8, device=device)
+    if info.main:
+        raw = text.encode("utf-8")
+        if len(raw) > 4095:
+            raise ChitchatError(f"path too long to share between ranks: {text[:80]}...")
+        data[:len(raw)] = torch.tensor(list(raw), dtype=torch.uint8)
+    dist.broadcast(data, 0)
+    raw = bytes(data.cpu().tolist())
+    return raw[:raw.index(0)].decode("utf-8")
+
+
+def resolve_device(cfg: TrainConfig, info: DistInfo) -> torch.device:
+    want = "cpu" if cfg.no_cuda else (cfg.device or ("cuda" if torch.cuda.is_available()
+                                                     else "cpu"))
+    if re.fullmatch(r"\d+", want):  # GPT2-chitchat's --device 0
+        want = f"cuda:{want}"
+    if "," in want:
+        raise ChitchatError(f"--device {want}: for several GPUs use torchrun, e.g. "
+                            f"CUDA_VISIBLE_DEVICES={want} torchrun --nproc_per_node "
+                            f"{len(want.split(','))} train.py ...")
+    try:
+        device = torch.device(want)
+    except RuntimeError:
+        raise ChitchatError(f"--device {want!r} is not a device; use cpu, cuda or cuda:N")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ChitchatError(f"--device {want}: no CUDA GPU is visible to PyTorch "
+                                f"(torch {torch.__version__}). Use --device cpu.")
+        if info.enabled:
+            device = torch.device("cuda", info.local_rank)
+        torch.cuda.set_device(device)
+    elif device.type != "cpu":
+        raise ChitchatError(f"--device {want}: only cpu and cuda are supported")
+    return device
+
+
+# ---- precision ----------------------------------------------------------------------------
+def cpu_has_fast_bf16() -> bool:
+    return bool(torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported())
+
+
+def resolve_dtype(name: str, device: torch.device) -> str:
+    """auto -> the fastest safe choice for the hardware."""
+    if name != "auto":
+        if name == "fp16" and device.type != "cuda":
+            raise ChitchatError("--dtype fp16 needs a CUDA GPU; on a CPU use bf16 or fp32")
+        return name
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "bf16" if cpu_has_fast_bf16() else "fp32"
+
+
+def autocast_ctx(dtype: str, device: torch.device):
+    if dtype == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if dtype == "bf16"
+                          else torch.float16)
+
+
+# ---- optimizer and schedule -----------------------------------------------------------------
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: decay only on the weight matrices of attention and MLP.
+
+    Biases and LayerNorm weights are 1-D; the token and position embeddings (wte, wpe,
+    and lm_head, tied to wte) are 2-D but are lookup tables, which decay would shrink
+    towards zero for rarely seen tokens.
+    """
+    decay, no_decay = [], []
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    for _, p in model.named_parameters():  # tied parameters are listed once
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim < 2 or id(p) in embeddings else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0}]
+
+
+def lr_factor(step: int, warmup: int, total: int, kind: str = "linear") -> float:
+    """Multiplier of the peak lr for optimizer step `step` (0-based).
+
+    Warmup rises linearly to 1 at step warmup-1; then the factor falls from 1 (at step
+    `warmup`) towards 0 at step `total`, linearly or along a half cosine.
+    """
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    if kind == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    return 1.0 - progress
+
+
+# ---- the loss ---------------------------------------------------------------------------------
+class LossModel(nn.Module):
+    """GPT-2 plus the summed next-token loss over the target positions of a batch.
+
+    Only target positions go through the LM head, so padding and context tokens cost no
+    vocabulary projection and the (B, T, V) logits tensor never exists. Wrapping the whole
+    computation in one module lets DDP and torch.compile see a single forward.
+    """
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, position_ids, attention_mask, target_pos, target_ids,
+                token_type_ids=None):
+        if self.model.config._attn_implementation != "sdpa":
+            # eager attention adds the mask to the scores: turn "may attend" into a bias
+            attention_mask = torch.zeros(attention_mask.shape, device=attention_mask.device
+                                         ).masked_fill_(~attention_mask,
+                                                        torch.finfo(torch.float32).min)
+        hidden = self.model.transformer(
+            input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
+            token_type_ids=token_type_ids, use_cache=False).last_hidden_state  # (B, T, H)
+        hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, target_pos)  # (N, H)
+        logits = self.model.lm_head(hidden)  # (N, V)
+        return F.cross_entropy(logits.float(), target_ids, reduction="sum")
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()
+            if isinstance(v, torch.Tensor)}
+
+
+def train_step(runner, ddp, model, optimizer, micro_batches: list[dict], n_targets: int,
+               world: int, amp, scaler, max_grad_norm: float, device: torch.device):
+    """One optimizer step over the micro-batches of this rank.
+
+    Each micro-batch's loss sum is scaled by world / n_targets (n_targets: the whole step's
+    targets on all ranks), so after DDP averages over ranks the gradient is exactly
+    d(sum of all token losses)/d(weights) / n_targets. Returns (local loss sum, grad norm)
+    as device tensors: nothing here waits for the device.
+    """
+    scale = world / max(1, n_targets)
+    total = torch.zeros((), device=device)
+    for i, mb in enumerate(micro_batches):
+        sync = ddp is None or i == len(micro_batches) - 1
+        with (contextlib.nullcontext() if sync else ddp.no_sync()):
+            with amp:
+                loss_sum = runner(**to_device(mb, device))
+            scaled = loss_sum * scale
+            (scaler.scale(scaled) if scaler is not None else scaled).backward()
+        total += loss_sum.detach()
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    if max_grad_norm > 0:
+        norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    else:
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return total, norm
+
+
+@torch.no_grad()
+def evaluate(runner, model, store, table: WindowTable, cfg: TrainConfig, row_len,
+             pad_id: int, speaker_ids, info: DistInfo, amp, device) -> dict | None:
+    """Validation loss (per target token, over all ranks) and perplexity, or None when
+    there is no validation data."""
+    if len(table) == 0:
+        return None
+    rows = epoch_rows(table, 0, cfg.seed, cfg.batching, row_len or table.max_len,
+                      shuffle=False)
+    batches = [rows[i:i + cfg.batch_size] for i in range(0, len(rows), cfg.batch_size)]
+    was_training = model.training
+    model.eval()
+    sums = torch.zeros(2, dtype=torch.float64, device=device)  # loss sum, targets
+    for rows_b in batches[info.rank::info.world]:
+        mb = collate_rows(store, table, rows_b, pad_id,
+                          row_len if cfg.batching == "pack" else None, speaker_ids)
+        with amp:
+            sums[0] += runner(**to_device(mb, device)).double()
+        sums[1] += len(mb["target_ids"])
+    if info.enabled:
+        dist.all_reduce(sums)
+    model.train(was_training)
+    loss = float(sums[0] / sums[1])
+    return {"loss": loss, "ppl": math.exp(min(loss, 700.0)), "targets": int(sums[1])}
+
+
+# ---- run folder and checkpoints ---------------------------------------------------------------
+def checkpoints_of(run_dir: Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first (atomic writes: a listed one is whole)."""
+    ck = run_dir / "checkpoints"
+    if not ck.is_dir():
+        return []
+    found = [p for p in ck.iterdir()
+             if re.fullmatch(r"step-\d+", p.name) and (p / STATE_FILE).is_file()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+
+
+def find_resume_checkpoint(cfg: TrainConfig) -> Path | None:
+    """The checkpoint --resume points at (None: --resume auto found nothing)."""
+    if cfg.resume != "auto":
+        path = Path(cfg.resume)
+        if (path / STATE_FILE).is_file():
+            return path
+        if checkpoints_of(path):
+            return checkpoints_of(path)[-1]
+        raise ChitchatError(f"--resume {path}: not a checkpoint (no {STATE_FILE}) nor a run "
+                            "folder with checkpoints/. Use --resume auto, or a folder like "
+                            "model/<run>/checkpoints/step-00001000")
+    root = Path(cfg.save_model_path)
+    if cfg.run_name:
+        cks = checkpoints_of(root / cfg.run_name)
+        return cks[-1] if cks else None
+    newest = [c[-1] for c in (checkpoints_of(d) for d in sorted(root.glob("*"))
+                              if d.is_dir()) if c]
+    return max(newest, key=lambda p: (p / STATE_FILE).stat().st_mtime) if newest else None
+
+
+def merge_resume_options(cfg: TrainConfig, saved: dict, where: Path) -> TrainConfig:
+    """The run's saved options, with the CLI's values for the few that may change.
+
+    A flag counts as given when it differs from its default (argparse cannot tell more).
+    """
+    defaults = TrainConfig.__dataclass_fields__
+    merged = {k: v for k, v in saved.items() if k in defaults}  # options of newer versions
+    for f in dataclasses.fields(TrainConfig):
+        if f.name not in saved:
+            merged[f.name] = getattr(cfg, f.name)
+            continue
+        value = getattr(cfg, f.name)
+        given = value != defaults[f.name].default
+        if f.name in RESUMABLE:
+            if given or f.name in ("resume", "quiet"):
+                merged[f.name] = value
+        elif given and value != saved[f.name]:
+            raise ChitchatError(
+                f"--{f.name} {value} differs from the run being resumed ({where}), which "
+                f"used {saved[f.name]}. A resumed run keeps it; drop --{f.name}, or start a "
+                "new run without --resume.")
+    merged["run_name"] = saved["run_name"]
+    merged["save_model_path"] = saved["save_model_path"]
+    return TrainConfig(**merged)
+
+
+def publish_model(src: Path, run_dir: Path) -> None:
+    """Copy the model files of checkpoint `src` to the run folder, each file atomically,
+    so that ``interact.py --model_path <run>`` always finds a whole model."""
+    for f in sorted(src.iterdir()):
+        if f.is_file() and f.name not in (TENSORS_FILE, STATE_FILE):
+            tmp = run_dir / f".{f.name}.tmp-{os.getpid()}"
+            shutil.copyfile(f, tmp)
+            os.replace(tmp, run_dir / f.name)
+
+
+def rng_state() -> dict:
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def seed_step(seed: int, rank: int, step: int) -> None:
+    """Seed dropout from (seed, rank, step): a resumed run, or any step replayed, draws
+    exactly the same masks without depending on what ran before."""
+    torch.manual_seed(int(np.random.SeedSequence([seed, rank, step]).generate_state(1)[0]))
+
+
+def fingerprint(model: nn.Module) -> list[float]:
+    """Per-parameter sums (float64): equal on every rank iff DDP kept the replicas equal."""
+    return [float(p.detach().double().sum()) for p in model.parameters()]
+
+
+# ---- model --------------------------------------------------------------------------------
+def make_model(cfg: TrainConfig, tok: ChatTokenizer, store: TokenStore, log):
+    if cfg.pretrained_model:
+        path = Path(cfg.pretrained_model)
+        has_vocab = (path / "vocab.txt").is_file()
+        model, model_tok = load_model(path, None if has_vocab else store.vocab_path)
+        n_emb = model.get_input_embeddings().weight.shape[0]
+        fix = (f"Preprocess the corpus with the model's vocab: python preprocess.py "
+               f"--train_path <train.txt> --vocab_path {path / 'vocab.txt'} --save_path "
+               f"{store.path}")
+        if n_emb != tok.vocab_size:
+            raise ChitchatError(f"vocab size mismatch: the model at {path} has {n_emb} token "
+                                f"embeddings but the data at {store.path} has a vocab of "
+                                f"{tok.vocab_size} tokens. {fix}")
+        if has_vocab and model_tok.tokens != tok.tokens:
+            diff = next(i for i, (a, b) in enumerate(zip(model_tok.tokens, tok.tokens))
+                        if a != b)
+            raise ChitchatError(f"the vocab of {path} differs from the data's vocab "
+                                f"({store.vocab_path}) at id {diff}: "
+                                f"{model_tok.tokens[diff]!r} vs {tok.tokens[diff]!r}. {fix}")
+        model.train()
+        log.info(f"fine-tuning {path}")
+    else:
+        torch.manual_seed(cfg.seed)
+        model = build_model(load_config(cfg.model_config, tok))
+    if cfg.speaker_ids and speaker_token_ids(model.config) is None:
+        set_speaker_token_ids(model.config, tok.speaker_ids())
+    return model
+
+
+def check_lengths(cfg: TrainConfig, model) -> None:
+    n_pos = model.config.n_positions
+    if cfg.max_len > n_pos:
+        raise ChitchatError(f"--max_len {cfg.max_len} exceeds the model's n_positions "
+                            f"{n_pos}: positions beyond it have no embedding. Use --max_len "
+                            f"{n_pos} or less, or a config with larger n_positions.")
+
+
+# ---- the run ------------------------------------------------------------------------------
+class _StepData(torch.utils.data.Dataset):
+    """Item i: this rank's collated micro-batches of step i, the step's target count and
+    its real tokens on all ranks (both known on the host, so no device sync is needed)."""
+
+    def __init__(self, store, table, plans, rank, pad_id, row_len, speaker_ids):
+        self.store, self.table, self.plans, self.rank = store, table, plans, rank
+        self.pad_id, self.row_len, self.speaker_ids = pad_id, row_len, speaker_ids
+
+    def __len__(self):
+        return len(self.plans)
+
+    def __getitem__(self, i):
+        p = self.plans[i]
+        micro = [collate_rows(self.store, self.table, rows, self.pad_id, self.row_len,
+                              self.speaker_ids) for rows in p.micro[self.rank]]
+        lengths = self.table.lengths
+        tokens = int(sum(lengths[w] for r in p.micro for m in r for row in m for w in row))
+        return micro, p.n_targets, tokens
+
+
+class _Signals:
+    """SIGINT/SIGTERM ask the loop to stop after the current step; a second SIGINT
+    interrupts at once."""
+
+    def __init__(self):
+        self.received: str | None = None
+        self._old = {}
+
+    def __enter__(self):
+        for s in (signal.SIGINT, signal.SIGTERM):
+            self._old[s] = signal.signal(s, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.received = signal.Signals(signum).name
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    def __exit__(self, *exc):
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
+
+class _Metrics:
+    """metrics.jsonl plus TensorBoard (when installed), rank 0 only."""
+
+    def __init__(self, run_dir: Path, enabled: bool, log):
+        self.enabled = enabled
+        self.file = open(run_dir / "metrics.jsonl", "a", encoding="utf-8") if enabled else None
+        self.tb = None
+        if enabled:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+                self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+            except ImportError:
+                log.info("TensorBoard logging off (pip install tensorboard to turn it on)")
+
+    def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        self.file.write(json.dumps(record, ensure_ascii=False) + "\n")
+        self.file.flush()
+        if self.tb is not None:
+            for k, v in record.items():
+                if k not in ("event", "step", "epoch") and isinstance(v, (int, float)):
+                    self.tb.add_scalar(f"{record['event']}/{k}", v, record["step"])
+
+    def close(self):
+        if self.file:
+            self.file.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _loss_error(step_from: int, step_to: int, last_ckpt: Path | None, cfg, where="train"):
+    keep = (f"The last good checkpoint is {last_ckpt}; nothing after it was saved."
+            if last_ckpt else "No checkpoint was saved (none was due yet).")
+    return ChitchatError(
+        f"the {where} loss became NaN or inf between optimizer steps {step_from} and "
+        f"{step_to}. {keep} Try a lower --lr (now {cfg.lr:g}), more --warmup_steps, "
+        f"--max_grad_norm 1.0, or --dtype fp32 / bf16 instead of fp16; check the "
+        "--pretrained_model weights for NaN.")
+
+
+def train(cfg: TrainConfig) -> Path:
+    """Train as `cfg` says; returns the run folder."""
+    want_cuda = not cfg.no_cuda and (
+        (cfg.device or "").startswith("cuda") or re.fullmatch(r"\d+", cfg.device or "") or
+        (cfg.device is None and torch.cuda.is_available()))
+    info = init_distributed(bool(want_cuda))
+    try:
+        return _train(cfg, info)
+    finally:
+        if info.enabled and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _train(cfg: TrainConfig, info: DistInfo) -> Path:
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()  # one "Writing model shards" bar per save is noise
+    device = resolve_device(cfg, info)
+
+    # -- which run: new, or resumed (rank 0 decides, the others follow) ----------------------
+    ckpt = None
+    if cfg.resume:
+        ckpt_text = ""
+        if info.main:
+            found = find_resume_checkpoint(cfg)
+            ckpt_text = str(found) if found else ""
+        ckpt_text = broadcast_text(ckpt_text, info, device)
+        ckpt = Path(ckpt_text) if ckpt_text else None
+    state: dict = {}
+    if ckpt is not None:
+        state = json.loads((ckpt / STATE_FILE).read_text(encoding="utf-8"))
+        if state.get("format") != CHECKPOINT_FORMAT:
+            raise ChitchatError(f"{ckpt}: checkpoint format {state.get('format')}, this "
+                                f"version reads {CHECKPOINT_FORMAT}")
+        cfg = merge_resume_options(cfg, state["options"], ckpt)
+        if state["world_size"] != info.world:
+            raise ChitchatError(f"{ckpt} was written by a run on {state['world_size']} "
+                                f"process(es), this one has {info.world}. Resume with the same "
+                                "torchrun --nnodes/--nproc_per_node: the data order depends "
+                                "on it.")
+        run_dir = ckpt.parent.parent
+    else:
+        name = cfg.run_name or broadcast_text(datetime.now().strftime("%Y%m%d-%H%M%S"), info,
+                                                device)
+        cfg = dataclasses.replace(cfg, run_name=name)
+        run_dir = Path(cfg.save_model_path) / name
+        if info.main and checkpoints_of(run_dir):
+            raise ChitchatError(f"{run_dir} already holds checkpoints. Continue it with "
+                                f"--resume auto --run_name {name}, or pick another "
+                                "--run_name.")
+    if info.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    log = get_logger("chitchat.train", (cfg.log_path or run_dir / "train.log")
+                     if info.main else None, quiet=not info.main)
+    if not info.main:  # only rank 0 logs (the tqdm redirect below ignores handler levels)
+        log.setLevel("WARNING")
+    if ckpt is None and cfg.resume == "auto" and info.main:
+        log.info("--resume auto: no checkpoint found, starting a new run")
+
+    # -- data --------------------------------------------------------------------------------
+    store = TokenStore(cfg.train_path)
+    tok = store.tokenizer()
+    train_idx, valid_idx = resplit(store, cfg.val_num, cfg.val_fraction, cfg.seed)
+    train_table = build_windows(store, train_idx, cfg.max_len, cfg.loss_on)
+    valid_table = build_windows(store, valid_idx, cfg.max_len, cfg.loss_on)
+    if len(train_table) == 0:
+        raise ChitchatError(f"{store.path}: no training window has a target token "
+                            f"({len(train_idx)} training dialogues, --loss_on {cfg.loss_on})."
+                            " With --loss_on response every dialogue needs two utterances.")
+    row_len = (cfg.pack_len or cfg.max_len) if cfg.batching == "pack" else None
+
+    # -- model, optimizer, precision -----------------------------------------------------------
+    if ckpt is not None:
+        model, _ = load_model(ckpt, store.vocab_path)
+        model.train()
+    else:
+        model = make_model(cfg, tok, store, log)
+    check_lengths(cfg, model)
+    speaker_ids = speaker_token_ids(model.config)
+    model.to(device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    amp = autocast_ctx(dtype, device)
+    scaler = torch.amp.GradScaler("cuda") if dtype == "fp16" else None
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr,
+                                  eps=cfg.eps, fused=device.type == "cuda" or None)
+    runner = loss_model = LossModel(model)
+    ddp = None
+    if info.enabled:
+        ddp = runner = nn.parallel.DistributedDataParallel(
+            loss_model, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg.compile:
+        runner = torch.compile(runner)
+
+    # -- schedule ------------------------------------------------------------------------------
+    first_plan = plan_steps(epoch_rows(train_table, 0, cfg.seed, cfg.batching,
+                                       row_len or cfg.max_len),
+                            train_table, cfg.batch_size, cfg.gradient_accumulation_steps,
+                            info.world)
+    total_steps = cfg.max_steps or cfg.epochs * len(first_plan)
+    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else int(0.05 * total_steps)
+
+    step = epoch = pos = 0
+    best = math.inf
+    bad_evals = 0
+    tokens_seen = 0
+    if ckpt is not None:
+        tensors = torch.load(ckpt / TENSORS_FILE, map_location="cpu", weights_only=True)
+        optimizer.load_state_dict(tensors["optimizer"])
+        if scaler is not None and tensors.get("scaler"):
+            scaler.load_state_dict(tensors["scaler"])
+        torch.set_rng_state(tensors["rng"]["cpu"])
+        if "cuda" in tensors["rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(tensors["rng"]["cuda"])
+        step, epoch, pos = state["step"], state["epoch"], state["step_in_epoch"]
+        best = state["best_val_loss"] if state["best_val_loss"] is not None else math.inf
+        bad_evals, tokens_seen = state["bad_evals"], state["tokens_seen"]
+        log.info(f"resuming {run_dir} from {ckpt.name}: step {step}, epoch {epoch + 1}, "
+                 f"step {pos} of the epoch")
+
+    if info.main:
+        n_params = sum(p.numel() for p in model.parameters())
+        log.info(f"run {run_dir}  device {device}  dtype {dtype}  processes {info.world}  "
+                 f"params {n_params / 1e6:.1f}M  vocab {tok.vocab_size}")
+        log.info(f"data {store.path}: {len(train_idx)} train / {len(valid_idx)} validation "
+                 f"dialogues -> {len(train_table)} / {len(valid_table)} windows; "
+                 f"{cfg.batching} rows of {row_len or 'longest'} tokens; "
+                 f"{len(first_plan)} steps per epoch; {total_steps} steps; warmup {warmup}")
+    metrics = _Metrics(run_dir, info.main, log)
+
+    last_ckpt = checkpoints_of(run_dir)[-1] if info.main and checkpoints_of(run_dir) else None
+    last_saved = step if ckpt is not None else -1
+    checked_step = step
+    bad_loss = torch.zeros((), device=device)  # loss sums since the last finiteness check
+
+    def state_json(epoch_, pos_, val=None):
+        return {"format": CHECKPOINT_FORMAT, "step": step, "epoch": epoch_,
+                "step_in_epoch": pos_, "tokens_seen": tokens_seen,
+                "best_val_loss": None if math.isinf(best) else best, "bad_evals": bad_evals,
+                "world_size": info.world, "dtype": dtype, "last_val": val,
+                "scheduler": {"kind": cfg.lr_schedule, "warmup_steps": warmup,
+                              "total_steps": total_steps, "base_lr": cfg.lr,
+                              "lr": cfg.lr * lr_factor(max(0, step - 1), warmup,
+                                                       total_steps, cfg.lr_schedule)},
+                "options": dataclasses.asdict(cfg)}
+
+    def check_finite(where="train"):
+        nonlocal checked_step
+        flag = bad_loss.clone()
+        if info.enabled:
+            dist.all_reduce(flag)
+        if not torch.isfinite(flag):
+            raise _loss_error(checked_step, step, last_ckpt, cfg, where)
+        bad_loss.zero_()
+        checked_step = step
+
+    def save(epoch_, pos_, final=False):
+        nonlocal last_ckpt, last_saved
+        check_finite()
+        prints = fingerprint(model)
+        if info.enabled:  # record every rank's replica fingerprint (they must agree)
+            t = torch.tensor(prints, dtype=torch.float64, device=device)
+            gathered = [torch.empty_like(t) for _ in range(info.world)]
+            dist.all_gather(gathered, t)
+            rank_prints = [g.sum().item() for g in gathered]
+        else:
+            rank_prints = [sum(prints)]
+        if info.main:
+            path = run_dir / "checkpoints" / f"step-{step:08d}"
+            with atomic_dir(path) as tmp:
+                save_model(model, tok, tmp)
+                torch.save({"optimizer": optimizer.state_dict(),
+                            "scaler": scaler.state_dict() if scaler is not None else None,
+                            "rng": rng_state()}, tmp / TENSORS_FILE)
+                st = state_json(epoch_, pos_)
+                st["rank_fingerprints"] = rank_prints
+                write_json(tmp / STATE_FILE, st)
+            publish_model(path, run_dir)
+            for old in checkpoints_of(run_dir)[:-cfg.keep_checkpoints]:
+                shutil.rmtree(old)
+            last_ckpt = path
+            log.info(f"saved {path}" + (" (final)" if final else ""))
+        last_saved = step
+        if info.enabled:
+            dist.barrier()
+
+    def run_eval(epoch_, reason):
+        nonlocal best, bad_evals
+        res = evaluate(runner, model, store, valid_table, cfg, row_len, tok.pad_id,
+                       speaker_ids, info, amp, device)
+        if res is None:
+            return
+        if not math.isfinite(res["loss"]):
+            raise _loss_error(checked_step, step, last_ckpt, cfg, "validation")
+        improved = res["loss"] < best
+        if improved:
+            best, bad_evals = res["loss"], 0
+            if info.main:
+                with atomic_dir(run_dir / "best") as tmp:
+                    save_model(model, tok, tmp)
+                    write_json(tmp / "best.json", {"step": step, "epoch": epoch_ + 1,
+                                                   "val_loss": res["loss"],
+                                                   "val_ppl": res["ppl"]})
+        else:
+            bad_evals += 1
+        log.info(f"eval  step {step} | epoch {epoch_ + 1} | val_loss {res['loss']:.4f} | "
+                 f"val_ppl {res['ppl']:.2f} | {reason}"
+                 + (" | best" if improved else f" | no improvement ({bad_evals})"))
+        metrics.write({"event": "eval", "step": step, "epoch": epoch_ + 1,
+                       "val_loss": res["loss"], "val_ppl": res["ppl"], "reason": reason,
+                       "tokens": tokens_seen})
+
+    from tqdm.auto import tqdm
+    from tqdm.contrib.logging import logging_redirect_tqdm
+    bar = tqdm(total=total_steps, initial=step, unit="step", dynamic_ncols=True,
+               disable=not info.main or cfg.quiet or not sys.stderr.isatty())
+    acc_loss = torch.zeros((), device=device)
+    acc_targets = acc_tokens = 0
+    last_norm = torch.zeros((), device=device)
+    t_log = time.perf_counter()
+    stop_reason = None
+    model.train()
+    try:
+        with _Signals() as signals, logging_redirect_tqdm([log]):
+            while (step < total_steps and stop_reason is None
+                   and (cfg.max_steps or epoch < cfg.epochs)):
+                plan = first_plan if epoch == 0 else plan_steps(
+                    epoch_rows(train_table, epoch, cfg.seed, cfg.batching,
+                               row_len or cfg.max_len),
+                    train_table, cfg.batch_size, cfg.gradient_accumulation_steps, info.world)
+                loader = torch.utils.data.DataLoader(
+                    _StepData(store, train_table, plan[pos:], info.rank, tok.pad_id, row_len,
+                              speaker_ids),
+                    batch_size=None, shuffle=False, num_workers=cfg.num_workers,
+                    pin_memory=device.type == "cuda")
+                for k, (micro, n_targets, n_tokens) in enumerate(loader, start=pos):
+                    seed_step(cfg.seed, info.rank, step)
+                    for g in optimizer.param_groups:
+                        g["lr"] = cfg.lr * lr_factor(step, warmup, total_steps,
+                                                     cfg.lr_schedule)
+                    try:
+                        loss_sum, last_norm = train_step(
+                            runner, ddp, model, optimizer, micro, n_targets, info.world, amp,
+                            scaler, cfg.max_grad_norm, device)
+                    except torch.OutOfMemoryError as e:
+                        raise ChitchatError(
+                            f"out of memory on {device} at step {step + 1} (--batch_size "
+                            f"{cfg.batch_size}, rows of {row_len or 'up to ' + str(cfg.max_len)}"
+                            f" tokens). Use a smaller --batch_size with more "
+                            f"--gradient_accumulation_steps (same effective batch), a smaller "
+                            f"--pack_len/--max_len, or --dtype bf16. ({e})") from e
+                    step += 1
+                    pos = k + 1
+                    tokens_seen += n_tokens
+                    acc_loss += loss_sum
+                    bad_loss += loss_sum
+                    acc_targets += n_targets
+                    acc_tokens += n_tokens
+                    bar.update(1)
+                    epoch_done = pos == len(plan)
+                    last = step >= total_steps or (not cfg.max_steps and epoch_done
+                                                   and epoch + 1 >= cfg.epochs)
+
+                    if step % cfg.log_step == 0 or last or epoch_done:
+                        if info.enabled:
+                            dist.all_reduce(acc_loss)
+                        loss = acc_loss.item() / max(1, acc_targets)
+                        if not math.isfinite(loss):
+                            raise _loss_error(checked_step, step, last_ckpt, cfg)
+                        bad_loss.zero_()
+                        checked_step = step
+                        now = time.perf_counter()
+                        tps = acc_tokens / max(1e-9, now - t_log)
+                        lr = optimizer.param_groups[0]["lr"]
+                        norm = float(last_norm)
+                        log.info(f"step {step}/{total_steps} | epoch {epoch + 1} | loss "
+                                 f"{loss:.4f} | ppl {math.exp(min(loss, 700)):.2f} | lr "
+                                 f"{lr:.3e} | grad_norm {norm:.3f} | {tps:,.0f} tok/s")
+                        metrics.write({"event": "train", "step": step, "epoch": epoch + 1,
+                                       "loss": loss, "ppl": math.exp(min(loss, 700)),
+                                       "lr": lr, "grad_norm": norm, "tokens_per_s": tps,
+                                       "tokens": tokens_seen})
+                        bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
+                        acc_loss.zero_()
+                        acc_targets = acc_tokens = 0
+                        t_log = time.perf_counter()
+
+                    if (epoch_done or last
+                            or (cfg.eval_interval and step % cfg.eval_interval == 0)):
+                        run_eval(epoch, "epoch end" if epoch_done else
+                                 "end" if last else "interval")
+                        if cfg.patience and bad_evals >= cfg.patience:
+                            stop_reason = (f"early stop: no validation improvement in "
+                                           f"{bad_evals} evaluations (--patience)")
+                    got_signal = signals.received is not None
+                    if info.enabled:  # every rank must stop at the same step
+                        f = torch.tensor([float(got_signal)], device=device)
+                        dist.all_reduce(f, op=dist.ReduceOp.MAX)
+                        got_signal = bool(f.item())
+                    if got_signal:
+                        stop_reason = f"stopped by {signals.received or 'a signal'}"
+                    save_pos = (epoch + 1, 0) if epoch_done else (epoch, pos)
+                    if step % cfg.save_interval == 0 or stop_reason or last:
+                        save(*save_pos, final=last or stop_reason is not None)
+                    if stop_reason or last:
+                        break
+                if stop_reason is None and pos >= len(plan):
+                    epoch, pos = epoch + 1, 0
+            if last_saved != step:  # the loop ended without a step (nothing left to do)
+                save(epoch, pos, final=True)
+    finally:
+        bar.close()
+        metrics.close()
+
+    if stop_reason and stop_reason.startswith("stopped by"):
+        log.info(f"{stop_reason} at step {step}; saved. Continue with: python train.py "
+                 f"--resume auto --run_name {cfg.run_name} --save_model_path "
+                 f"{cfg.save_model_path}")
+    elif stop_reason:
+        log.info(stop_reason)
+    log.info(f"done: {step} steps. Model: {run_dir} (best validation: "
+             f"{run_dir / 'best' if (run_dir / 'best').is_dir() else 'none'}). "
+             f"Chat with it: python interact.py --model_path {run_dir}")
+    return run_dir
