@@ -4,6 +4,8 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 RUN    ?= model/demo
+# A few minutes on a laptop CPU; --resume auto makes a second `make demo` continue, not fail.
+DEMO_TRAIN_ARGS ?= --epochs 40 --lr 1e-3 --eval_interval 0 --save_interval 200 --log_step 50
 
 .PHONY: setup test demo clean
 
@@ -25,7 +27,7 @@ demo: setup
 	$(BIN)/python preprocess.py --train_path data/sample/train.txt --save_path data/sample/train
 	$(BIN)/python train.py --train_path data/sample/train \
 	    --model_config config/model_config_dialogue_tiny.json \
-	    --run_name demo $(DEMO_TRAIN_ARGS)
+	    --run_name demo --resume auto $(DEMO_TRAIN_ARGS)
 	@if [ -t 0 ]; then \
 	    $(BIN)/python interact.py --model_path $(RUN) --max_history_len 3; \
 	else \

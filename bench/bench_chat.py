@@ -3,6 +3,7 @@
     python bench/bench_chat.py                        # small config, 5 repeats, ~2-4 minutes
     python bench/bench_chat.py --repeats 3 --threads 1
     python bench/bench_chat.py --quick                # 1 repeat, skips the slow baselines
+    python bench/bench_chat.py --mmi                  # plain reply vs MMI with 8 candidates
 
 Setup (issue 4): config/model_config_dialogue_small.json (10 layers, 768 wide, 81M
 parameters), random init with a fixed seed, the GPT2-chitchat vocab (13,317 tokens) when
@@ -18,6 +19,11 @@ Paths, interleaved round-robin so that a busy neighbour slows all of them alike:
   ours-hf         Chatbot --backend hf (transformers forward with our loop), for reference
   ours-bf16       Chatbot --dtype bfloat16 (--all only)
 Also the floor: one fp32 matrix-vector product over every weight matrix.
+
+--mmi (issue 5) times, in the same run, a plain reply (ours-fp32), the 8 candidates alone
+(one batched decode, copies=8, with forward scores) and a whole MMI reply (candidates +
+one batched reverse-model pass + reranking). Forward and reverse models are the same random
+small-config weights; every reply and candidate is exactly 25 tokens. Target: MMI <= 2.5x.
 
 Reported per path: median time per reply, time to first token, ms per token after the first
 (the decode rate), and the ratios the issue sets as targets.
@@ -164,6 +170,9 @@ def main(argv=None) -> int:
                     help="1 repeat, skip the two full-recompute loops")
     ap.add_argument("--all", action="store_true", help="also time bf16")
     ap.add_argument("--json", help="also write the results to this file")
+    ap.add_argument("--mmi", action="store_true",
+                    help="only time a plain reply against an MMI reply (and its candidates)")
+    ap.add_argument("--num_candidates", type=int, default=8, help="MMI candidates (--mmi)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -184,16 +193,35 @@ def main(argv=None) -> int:
     bot32 = Chatbot(model, tok, topk=TOPK, seed=args.seed)
     context = bot32.context(HISTORY).ids
     paths = {}
-    if not args.quick:
+    if args.mmi:
+        from chitchat.inference import conv1d_to_linear
+        from chitchat.modeling import set_reverse
+
+        n_c = args.num_candidates
+        rev = conv1d_to_linear(copy.deepcopy(model))
+        set_reverse(rev.config, True)
+        bot_mmi = Chatbot(model, tok, topk=TOPK, seed=args.seed, mmi_model=rev,
+                          num_candidates=n_c)
+
+        def candidates(m, tok_, context_, n):
+            t0 = time.perf_counter()
+            rs = bot32.generate_batch([HISTORY], copies=n_c, scores=True, max_len=n, min_len=n)
+            return rs[0].first_token_s, time.perf_counter() - t0, len(rs[0].token_ids)
+
+        paths["ours-fp32"] = (model, ours(bot32))
+        paths[f"candidates-{n_c}"] = (model, candidates)
+        paths[f"mmi-{n_c}"] = (model, ours(bot_mmi))
+    elif not args.quick:
         paths["chitchat-loop"] = (grad_model, chitchat_loop)
         paths["no-cache"] = (model, no_cache_loop)
-    paths["generate"] = (model, hf_generate)
-    paths["ours-fp32"] = (model, ours(bot32))
-    paths["ours-int8"] = (None, ours(Chatbot(quantize_int8(copy.deepcopy(model)), tok,
-                                             topk=TOPK, seed=args.seed)))
-    paths["ours-hf"] = (model, ours(Chatbot(model, tok, backend="hf", topk=TOPK,
-                                            seed=args.seed)))
-    if args.all:
+    if not args.mmi:
+        paths["generate"] = (model, hf_generate)
+        paths["ours-fp32"] = (model, ours(bot32))
+        paths["ours-int8"] = (None, ours(Chatbot(quantize_int8(copy.deepcopy(model)), tok,
+                                                 topk=TOPK, seed=args.seed)))
+        paths["ours-hf"] = (model, ours(Chatbot(model, tok, backend="hf", topk=TOPK,
+                                                seed=args.seed)))
+    if args.all and not args.mmi:
         paths["ours-bf16"] = (None, ours(Chatbot(copy.deepcopy(model).to(torch.bfloat16), tok,
                                                  topk=TOPK, seed=args.seed)))
 
@@ -232,6 +260,10 @@ def main(argv=None) -> int:
         return rows[a]["reply_ms"] / rows[b]["reply_ms"] if a in rows and b in rows else None
 
     ratios = {"ours-fp32 vs generate (target >= 1.2x)": ratio("generate", "ours-fp32"),
+              f"mmi-{args.num_candidates} / ours-fp32 (MMI reply cost, target <= 2.5x)":
+                  ratio(f"mmi-{args.num_candidates}", "ours-fp32"),
+              f"candidates-{args.num_candidates} / ours-fp32 (decoding the candidates)":
+                  ratio(f"candidates-{args.num_candidates}", "ours-fp32"),
               "ours-int8 vs chitchat-loop (target >= 5x, moonshot 8x)":
                   ratio("chitchat-loop", "ours-int8"),
               "ours-fp32 vs chitchat-loop": ratio("chitchat-loop", "ours-fp32"),

@@ -9,6 +9,13 @@
     r = bot.generate(["你好", "你好呀", "吃了吗"], temperature=0.7)   # stateless
     r.text, r.token_ids, r.prompt_tokens, r.finish_reason
 
+MMI reranking (chitchat/mmi.py) with a reverse model from ``train.py --reverse``::
+
+    bot = Chatbot.from_pretrained("model/fwd", mmi_model_path="model/rev", num_candidates=8,
+                                  mmi_weight=0.5, seed=1)
+    r = bot.generate(["你好", "你好呀", "吃了吗"])
+    r.text, r.candidates      # every candidate with its forward/reverse/combined score
+
 Every front end (the REPL, tests, an HTTP server) goes through this class. `generate` and
 `start` are stateless: the history is an argument, so a server can pass a request's messages.
 
@@ -59,6 +66,9 @@ class Reply:
     total_s: float = 0.0
     utterances_used: int = 0        # history utterances in the context
     token_logprobs: list[float] | None = None  # log P(token | before), with scores=True
+    stop_logprob: float | None = None  # log P([SEP] | reply), with scores=True, if it ended
+    candidates: list | None = None  # MMI: every chitchat.mmi.Candidate, the chosen one marked
+    mmi_fallback: str | None = None  # MMI: why the choice did not pass every filter
 
 
 @dataclass
@@ -175,10 +185,20 @@ class Chatbot:
     `generate`/`start` only read shared state, and each call has its own KV cache."""
 
     def __init__(self, model, tokenizer: ChatTokenizer, *, backend: str = "fast",
-                 bad_words: Sequence[str] = (), **options):
-        from .modeling import check_vocab, speaker_token_ids
+                 bad_words: Sequence[str] = (), mmi_model=None, num_candidates: int = 8,
+                 mmi_weight: float = 0.5, **options):
+        from .modeling import check_vocab, is_reverse, speaker_token_ids
 
-        check_vocab(model, tokenizer, getattr(model.config, "_name_or_path", "") or "(in memory)")
+        where = getattr(model.config, "_name_or_path", "") or "(in memory)"
+        check_vocab(model, tokenizer, where)
+        if is_reverse(model.config):
+            raise ChitchatError(f"the model {where} is a reverse model (trained with --reverse: "
+                                "it predicts earlier utterances from later ones) and cannot "
+                                "chat; pass it as --mmi_model_path and a forward model as "
+                                "--model_path")
+        self.mmi = None
+        if mmi_model is not None:
+            self.mmi = MMI(mmi_model, tokenizer, num_candidates, mmi_weight)
         self.model = model
         self.tokenizer = tokenizer
         self.n_positions = int(model.config.n_positions)
@@ -197,11 +217,15 @@ class Chatbot:
                         *, device: str | None = None, no_cuda: bool = False,
                         dtype: str = "float32", quantize: str | None = None,
                         backend: str = "fast", bad_words: Sequence[str] = (),
+                        mmi_model_path: str | os.PathLike | None = None,
+                        num_candidates: int = 8, mmi_weight: float = 0.5,
                         **options) -> "Chatbot":
         """Load a model folder (train.py run, HF GPT-2 folder, GPT2-chitchat folder + vocab).
 
         dtype: float32 | bfloat16 | float16. quantize: None | "int8" (CPU, float32).
-        `options` are DecodingOptions fields (temperature=, topk=, max_len=, seed=, ...).
+        mmi_model_path: a reverse model (train.py --reverse) on the same vocab; every reply is
+        then the best of `num_candidates` samples, reranked with weight `mmi_weight` (see
+        chitchat.mmi). `options` are DecodingOptions fields (temperature=, topk=, seed=, ...).
         """
         from .modeling import load_model
 
@@ -223,7 +247,11 @@ class Chatbot:
             # model computes the same; only its state_dict layout differs, so save from the
             # folder, not from bot.model.
             conv1d_to_linear(model)
-        return cls(model, tok, backend=backend, bad_words=bad_words, **options)
+        mmi_model = None
+        if mmi_model_path is not None:
+            mmi_model = load_mmi_model(mmi_model_path, tok, vocab_path, dev, dtype)
+        return cls(model, tok, backend=backend, bad_words=bad_words, mmi_model=mmi_model,
+                   num_candidates=num_candidates, mmi_weight=mmi_weight, **options)
 
     # ---- options ----------------------------------------------------------------------------
     def set(self, **changes) -> DecodingOptions:
@@ -287,6 +315,8 @@ class Chatbot:
         """
         opts = self._options(overrides)
         rng = self._generator(opts.seed) if "seed" in overrides else self._rng
+        if self.mmi is not None:
+            return self._mmi_streams([history], opts, rng)[0]
         ctx = self.context(history, opts)
         if ctx.notice:
             log.warning("note: %s", ctx.notice)
@@ -303,7 +333,8 @@ class Chatbot:
         return rs.reply
 
     def start_batch(self, histories: Sequence[Sequence[str]], *, copies: int = 1,
-                    scores: bool = False, **overrides) -> list["ReplyStream"]:
+                    scores: bool = False, _raw: bool = False,
+                    **overrides) -> list["ReplyStream"]:
         """Replies to several histories decoded together: one padded batch, one model call
         per token for all rows, each row stopping at its own [SEP].
 
@@ -312,7 +343,9 @@ class Chatbot:
         in any order; reading one advances the batch and buffers the others' tokens. With
         `scores`, each `Reply.token_logprobs` holds the model's log-probabilities of its
         tokens. Beam search is not batched: num_beams must be 1. A seed makes the whole
-        batch reproducible, not each row on its own.
+        batch reproducible, not each row on its own. With MMI, every row's reply is the
+        reranked best of `num_candidates` samples (all histories' candidates decode as one
+        batch) and its stream yields it at once.
         """
         opts = self._options(overrides)
         if opts.num_beams > 1:
@@ -320,10 +353,19 @@ class Chatbot:
         if copies > 1 and len(histories) != 1:
             raise ChitchatError("copies > 1 takes exactly one history")
         rng = self._generator(opts.seed) if "seed" in overrides else self._rng
+        if self.mmi is not None and not _raw:
+            if copies > 1:
+                raise ChitchatError("copies > 1 returns raw samples; with MMI each reply is "
+                                    "already the best of num_candidates samples")
+            return self._mmi_streams(histories, opts, rng)
         ctxs = [self.context(h, opts) for h in histories]
         for c in ctxs:
             if c.notice:
                 log.warning("note: %s", c.notice)
+        return self._start_rows(ctxs, opts, rng, copies, scores)
+
+    def _start_rows(self, ctxs: list[Context], opts: DecodingOptions, rng, copies: int,
+                    scores: bool) -> list["ReplyStream"]:
         speakers = ctxs[0].token_types is not None
         steps = decode(self.backend, [c.ids for c in ctxs], opts, self.constraints, rng,
                        copies=copies, scores=scores,
@@ -341,13 +383,70 @@ class Chatbot:
                 pass
         return [rs.reply for rs in streams]
 
+    # ---- MMI ------------------------------------------------------------------------------
+    def _mmi_streams(self, histories: Sequence[Sequence[str]], opts: DecodingOptions,
+                     rng) -> list["ReplyStream"]:
+        """Reranked replies, one per history, as streams that yield each reply at once.
+
+        Candidates: one decoding pass over len(histories) * N rows (a single history uses
+        copies=N, sharing its context pass and KV cache), with forward scores. Reverse
+        scores: one batched pass of the reverse model over all candidates. The reply is
+        known only after reranking, so the work runs when a stream is first read (Ctrl-C
+        there interrupts it like any reply) and the time to first token is the whole
+        reply's time.
+        """
+        # Candidates are sampled: with num_beams > 1 or greedy decoding they would all be
+        # the same reply. min_len >= 1, so a candidate is empty only if its text is blank.
+        cand_opts = dataclasses.replace(opts, num_beams=1, min_len=max(1, opts.min_len))
+        if opts.num_beams > 1:
+            log.warning("note: MMI samples its candidates; num_beams is ignored")
+        ctxs = [self.context(h, cand_opts) for h in histories]
+        for c in ctxs:
+            if c.notice:
+                log.warning("note: %s", c.notice)
+        batch = _MMIBatch(lambda: self._mmi_rank(histories, ctxs, cand_opts, rng))
+        return [ReplyStream(_MMITokens(batch, i), self.tokenizer, ctx, opts)
+                for i, ctx in enumerate(ctxs)]
+
+    def _mmi_rank(self, histories, ctxs: list[Context], cand_opts: DecodingOptions, rng):
+        """[(chosen candidate Reply, Ranking)] per history."""
+        from .mmi import mean_logprob, rerank
+
+        mmi, n = self.mmi, self.mmi.num_candidates
+        if len(ctxs) == 1:
+            streams = self._start_rows(ctxs, cand_opts, rng, n, scores=True)
+        else:
+            streams = self._start_rows([c for c in ctxs for _ in range(n)], cand_opts, rng, 1,
+                                       scores=True)
+        for rs in streams:
+            for _ in rs:
+                pass
+        cands = [rs.reply for rs in streams]
+        forward = [mean_logprob((c.token_logprobs or []) +
+                                ([c.stop_logprob] if c.stop_logprob is not None else []))
+                   for c in cands]
+        reverse = mmi.score([ctxs[b // n] for b in range(len(cands))],
+                            [c.token_ids for c in cands])
+        out = []
+        for i, h in enumerate(histories):
+            rows = range(i * n, (i + 1) * n)
+            previous = h[-2] if len(h) >= 2 else None  # the bot's turn before the user's
+            ranking = rerank([cands[b].text for b in rows], [forward[b] for b in rows],
+                             [reverse[b] for b in rows], mmi.weight, previous,
+                             token_ids=[cands[b].token_ids for b in rows])
+            if ranking.fallback:
+                log.debug("MMI fallback: %s", ranking.fallback)
+            out.append((cands[i * n + ranking.choice], ranking))
+        return out
+
     # ---- the session ------------------------------------------------------------------------
     def stream(self, text: str) -> Iterator[str]:
         """Reply to `text` piece by piece, keeping the history.
 
         Stopping early (closing the generator, or Ctrl-C while it runs) still records the
         exchange with the part of the reply that was produced; an exchange with no reply
-        token at all is not recorded.
+        token at all is not recorded. With MMI the reply is chosen after every candidate is
+        complete, so it arrives at once (the pieces follow each other without waiting).
         """
         text = self._user_text(text)
         rs = self.start([*self.history, text])
@@ -437,6 +536,11 @@ class ReplyStream:
         lps = getattr(self._tokens, "logprobs", None)
         if lps is not None:
             self.reply.token_logprobs = lps[:len(self.reply.token_ids)]
+        stop = getattr(self._tokens, "stop_logprob", None)
+        if stop is not None and self.reply.finish_reason == "stop":
+            self.reply.stop_logprob = stop
+        self.reply.candidates = getattr(self._tokens, "candidates", None)
+        self.reply.mmi_fallback = getattr(self._tokens, "mmi_fallback", None)
 
 
 class _BatchDriver:
@@ -451,6 +555,7 @@ class _BatchDriver:
         self._sep = sep_id
         self.queues = [collections.deque() for _ in range(n)]
         self.logprobs: list[list[float]] = [[] for _ in range(n)]
+        self.stop_logprobs: list[float | None] = [None] * n
         self.ended = [False] * n
         self.open = [True] * n
         self._exhausted = False
@@ -470,6 +575,8 @@ class _BatchDriver:
                     continue
                 if t == self._sep:
                     self.ended[i] = True
+                    if step.logprobs is not None:
+                        self.stop_logprobs[i] = step.logprobs[i]
                 else:
                     self.queues[i].append(t)
                     if step.logprobs is not None:
@@ -494,6 +601,10 @@ class _RowTokens:
         lps = self._d.logprobs[self._row]
         return lps if lps else None
 
+    @property
+    def stop_logprob(self) -> float | None:
+        return self._d.stop_logprobs[self._row]
+
     def __iter__(self):
         return self
 
@@ -505,3 +616,104 @@ class _RowTokens:
 
     def close(self) -> None:
         self._d.close_row(self._row)
+
+
+class _MMIBatch:
+    """The reranking of a batch of histories, computed once, when first needed."""
+
+    def __init__(self, compute):
+        self._compute = compute
+        self.result = None
+
+    def get(self):
+        if self.result is None:
+            self.result = self._compute()
+        return self.result
+
+
+class _MMITokens:
+    """The token iterator of one MMI reply: reranks on the first read, then replays the
+    chosen candidate's tokens (with its scores and the whole ranking for Reply)."""
+
+    def __init__(self, batch: _MMIBatch, row: int):
+        self._batch, self._row = batch, row
+        self._it = None
+        self.logprobs = self.stop_logprob = self.candidates = self.mmi_fallback = None
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> int:
+        if self._it is None:
+            best, ranking = self._batch.get()[self._row]
+            self.logprobs, self.stop_logprob = best.token_logprobs, best.stop_logprob
+            self.candidates, self.mmi_fallback = ranking.candidates, ranking.fallback
+            self._it = iter(list(best.token_ids))
+        return next(self._it)
+
+
+class MMI:
+    """The reverse model and the reranking settings of a Chatbot (see chitchat.mmi)."""
+
+    def __init__(self, model, tokenizer: ChatTokenizer, num_candidates: int = 8,
+                 weight: float = 0.5):
+        from .modeling import check_vocab, is_reverse, speaker_token_ids
+
+        where = getattr(model.config, "_name_or_path", "") or "(in memory)"
+        if not is_reverse(model.config):
+            raise ChitchatError(f"the MMI model {where} is not a reverse model: its config.json "
+                                "has no reverse: true. Train one on the same token store with: "
+                                "python train.py --reverse --train_path <store> ...")
+        check_vocab(model, tokenizer, where)
+        if num_candidates < 1:
+            raise ChitchatError(f"--num_candidates must be at least 1, got {num_candidates}")
+        if not 0.0 <= weight <= 1.0:
+            raise ChitchatError(f"--mmi_weight must be in [0, 1], got {weight}")
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.num_candidates = num_candidates
+        self.weight = weight
+        self.n_positions = int(model.config.n_positions)
+        self.speaker_ids = speaker_token_ids(model.config)
+
+    def score(self, contexts: Sequence[Context], replies: Sequence[Sequence[int]]) -> list[float]:
+        """Mean log P(context | reply) of each (context, reply) pair, in one batched pass."""
+        from .mmi import reverse_input, reverse_scores, speaker_types, split_context
+
+        tok = self.tokenizer
+        inputs, types, row_of, seen = [], [], [], {}
+        for ctx, reply in zip(contexts, replies):
+            key = (tuple(ctx.ids), tuple(reply))
+            if key in seen:  # short replies repeat often ("哈哈"): score each once
+                row_of.append(seen[key])
+                continue
+            seen[key] = len(inputs)
+            row_of.append(len(inputs))
+            utts = split_context(ctx.ids, tok.cls_id, tok.sep_id)
+            ids, first, kept = reverse_input(reply, utts, tok.cls_id, tok.sep_id,
+                                             self.n_positions)
+            inputs.append((ids, first))
+            if self.speaker_ids is not None:
+                types.append(speaker_types(first - 2, utts, kept, self.speaker_ids, len(ids)))
+        scores = reverse_scores(self.model, inputs, tok.pad_id, types or None)
+        return [scores[r] for r in row_of]
+
+
+def load_mmi_model(path, tokenizer: ChatTokenizer, vocab_path=None, device="cpu",
+                   dtype: str = "float32"):
+    """The reverse model at `path`, checked against the forward model's vocab."""
+    from .modeling import load_model
+
+    model, rtok = load_model(path, vocab_path=vocab_path, device=device)
+    if rtok.tokens != tokenizer.tokens:
+        diff = next((i for i, (a, b) in enumerate(zip(rtok.tokens, tokenizer.tokens))
+                     if a != b), min(len(rtok.tokens), len(tokenizer.tokens)))
+        raise ChitchatError(
+            f"vocab mismatch between the forward model and the MMI model {path}: "
+            f"{tokenizer.vocab_size} vs {rtok.vocab_size} tokens, first difference at id "
+            f"{diff}. Train the reverse model on the same token store (python train.py "
+            "--reverse --train_path <the forward model's store>).")
+    if DTYPES[dtype] != torch.float32:
+        model = model.to(DTYPES[dtype])
+    conv1d_to_linear(model)  # F.linear on (out, in) weights: the faster CPU product
+    return model

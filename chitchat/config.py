@@ -141,6 +141,9 @@ class TrainConfig:
                        choices=["all", "response"])
     speaker_ids: bool = opt(False, "add speaker token_type_ids ([speaker1]/[speaker2] "
                             "embeddings, as in DialoGPT and CDial-GPT)")
+    reverse: bool = opt(False, "train a reverse model for MMI reranking: every dialogue is "
+                        "read in reversed utterance order ([CLS] un [SEP] ... u1 [SEP]) from "
+                        "the same token store; config.json records reverse: true")
     # ---- schedule -----------------------------------------------------------------------
     epochs: int = opt(40, "passes over the training windows")
     max_steps: int | None = opt(None, "stop after this many optimizer steps (overrides "
@@ -302,17 +305,100 @@ class DecodingOptions:
 
 
 @dataclass
-class InteractConfig(DecodingOptions, ModelOptions):
+class MMIOptions:
+    """MMI reranking with a reverse model (see chitchat/mmi.py); shared by the front ends."""
+    mmi_model_path: str | None = opt(None, "reverse model (train.py --reverse, same vocab) for "
+                                     "MMI reranking: each reply is the best of "
+                                     "--num_candidates samples; off when unset")
+    num_candidates: int = opt(8, "MMI: candidate replies sampled per turn (one batched pass)")
+    mmi_weight: float = opt(0.5, "MMI: score = (1-w)*forward + w*reverse, both mean log-probs "
+                            "per token; 0: the most likely sample, 1: the reverse score only "
+                            "(DialoGPT)")
+
+    def __post_init__(self):
+        check(self.num_candidates >= 1,
+              f"--num_candidates must be at least 1, got {self.num_candidates}")
+        check(0.0 <= self.mmi_weight <= 1.0,
+              f"--mmi_weight must be in [0, 1], got {self.mmi_weight}")
+
+    def mmi_kwargs(self) -> dict:
+        return {"mmi_model_path": self.mmi_model_path, "num_candidates": self.num_candidates,
+                "mmi_weight": self.mmi_weight}
+
+
+@dataclass
+class InteractConfig(DecodingOptions, MMIOptions, ModelOptions):
     bad_words: str | None = opt(None, "file of words or phrases never to generate, one per line")
     stream: bool = opt(True, "print replies token by token as they are generated",
                        bool="optional")
     save_samples_path: str = opt("sample", "folder for transcripts: samples.txt (GPT2-chitchat's "
                                  "user:/chatbot: lines) and samples.jsonl, appended and flushed "
                                  "every turn; '' turns them off")
+    debug: bool = opt(False, "print every MMI candidate with its forward, reverse and combined "
+                      "scores, and the choice (to stderr)")
 
     def __post_init__(self):
         ModelOptions.__post_init__(self)
+        MMIOptions.__post_init__(self)
         DecodingOptions.__post_init__(self)
         check(self.model_path is not None,
               "--model_path is required: a model folder from train.py (e.g. model/<run>/best), "
               "or an old GPT2-chitchat folder together with --vocab_path")
+
+
+# ---- evaluate.py ----------------------------------------------------------------------------
+@dataclass
+class EvaluateConfig(MMIOptions, ModelOptions):
+    data_path: str | None = opt(None, "held-out dialogues: a train.txt / .jsonl corpus (encoded "
+                                "with the model's vocab into a temporary token store) or a token "
+                                "store directory from preprocess.py")
+    split: str = opt("all", "dialogues of a token store to use (a text corpus is used whole)",
+                     choices=["all", "valid", "train"])
+    max_dialogues: int | None = opt(None, "use only the first N dialogues (bounds the runtime)")
+    # ---- perplexity (the same windows and loss mask as train.py) -------------------------
+    max_len: int = opt(150, "perplexity windows in tokens, as train.py --max_len")
+    loss_on: str = opt("all", "tokens counted in the perplexity, as train.py --loss_on",
+                       choices=["all", "response"])
+    no_perplexity: bool = opt(False, "skip the perplexity (only --generate)")
+    # ---- replies ------------------------------------------------------------------------------
+    generate: str | None = opt(None, "write one reply per dialogue to this JSONL file "
+                               "({context, reference, reply}; context: the utterances before "
+                               "the last, reference: the last) and compute the reply metrics")
+    reply_len: int = opt(25, "longest generated reply in tokens (interact.py --max_len)")
+    max_history_len: int = opt(3, "utterances of the context the model sees, as in "
+                               "interact.py")
+    temperature: float = opt(1.0, "sampling temperature (0: greedy)")
+    topk: int = opt(8, "sample among the k most likely tokens (0: no limit)")
+    topp: float = opt(0.0, "nucleus sampling threshold (0: off)")
+    repetition_penalty: float = opt(1.0, "above 1 makes tokens already in the reply less "
+                                    "likely")
+    seed: int = opt(42, "random seed: batch k of replies is sampled with seed + k")
+    batch_size: int = opt(16, "perplexity rows, or contexts decoded together, per batch")
+    output_json: str | None = opt(None, "metrics file (default: beside --generate as "
+                                  "<name>.metrics.json, else <model_path>/eval-<data>.json)")
+    quiet: bool = opt(False, "no progress bar")
+
+    def __post_init__(self):
+        ModelOptions.__post_init__(self)
+        MMIOptions.__post_init__(self)
+        check(self.model_path is not None, "--model_path is required: the model to evaluate")
+        check(self.data_path is not None, "--data_path is required: held-out dialogues "
+              "(train.txt format) or a token store")
+        check(self.max_dialogues is None or self.max_dialogues >= 1,
+              "--max_dialogues must be at least 1")
+        check(self.max_len >= 4, f"--max_len must be at least 4, got {self.max_len}")
+        check(self.reply_len >= 1, f"--reply_len must be at least 1, got {self.reply_len}")
+        check(self.max_history_len >= 1, "--max_history_len must be at least 1")
+        check(self.batch_size >= 1, f"--batch_size must be at least 1, got {self.batch_size}")
+        check(not (self.no_perplexity and not self.generate),
+              "--no_perplexity leaves nothing to do without --generate out.jsonl")
+        check(self.mmi_model_path is None or self.generate is not None,
+              "--mmi_model_path reranks generated replies: add --generate out.jsonl")
+        DecodingOptions(max_len=self.reply_len, max_history_len=self.max_history_len,
+                        temperature=self.temperature, topk=self.topk, topp=self.topp,
+                        repetition_penalty=self.repetition_penalty)  # validates them
+
+    def decoding(self) -> DecodingOptions:
+        return DecodingOptions(max_len=self.reply_len, max_history_len=self.max_history_len,
+                               temperature=self.temperature, topk=self.topk, topp=self.topp,
+                               repetition_penalty=self.repetition_penalty)

@@ -134,6 +134,51 @@ class TokenStore:
         return np.flatnonzero(np.asarray(self.split) == 1)
 
 
+class ReversedStore(TokenStore):
+    """A token store seen with the utterance order of every dialogue reversed:
+    ``[CLS] un [SEP] un-1 [SEP] ... u1 [SEP]`` (train.py --reverse, the MMI reverse model).
+
+    Nothing is rewritten on disk: the dialogue and utterance counts are unchanged, only the
+    utterance boundaries are recomputed (one int64 per utterance) and `dialogue` assembles
+    the reversed ids on demand. Everything built on the store (windows, packing, speakers,
+    the split) then works on the reversed dialogues unchanged.
+    """
+
+    def __init__(self, base: TokenStore):
+        self.base = base
+        self.path, self.meta, self.vocab_size = base.path, base.meta, base.vocab_size
+        self.tokens = base.tokens
+        self.dialogue_offsets = base.dialogue_offsets
+        self.dialogue_utterances = base.dialogue_utterances
+        self.split = base.split
+        self.utterance_ends = reversed_utterance_ends(
+            np.asarray(base.dialogue_offsets), np.asarray(base.dialogue_utterances),
+            np.asarray(base.utterance_ends))
+
+    def dialogue(self, i: int) -> np.ndarray:
+        dia = self.base.dialogue(i)
+        spans = self.base.utterance_spans(i)
+        return np.concatenate([dia[:1], *(dia[a:b] for a, b in reversed(spans))])
+
+
+def reversed_utterance_ends(offsets: np.ndarray, dlg_utts: np.ndarray,
+                            ends: np.ndarray) -> np.ndarray:
+    """Absolute utterance ends of the reversed dialogues (pure, vectorised).
+
+    In a dialogue at offset o with n utterances and L tokens, reversed utterance k is
+    original utterance n-1-k, and everything after it in the original (utterances
+    n-1-k.. n-1) now comes before it, so its end is o + L + 1 - start(n-1-k).
+    """
+    n_utt = np.diff(dlg_utts)
+    d_of_u = np.repeat(np.arange(len(n_utt)), n_utt)
+    starts = np.empty_like(ends)
+    starts[1:] = ends[:-1]
+    starts[dlg_utts[:-1][n_utt > 0]] = offsets[:-1][n_utt > 0] + 1  # after each [CLS]
+    u = np.arange(len(ends))
+    mirror = dlg_utts[d_of_u] + dlg_utts[d_of_u + 1] - 1 - u
+    return offsets[d_of_u] + offsets[d_of_u + 1] + 1 - starts[mirror]
+
+
 # =========================================================================================
 # Training examples: windows of whole utterances, packing into rows, batches (train.py)
 # =========================================================================================

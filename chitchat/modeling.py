@@ -136,3 +136,19 @@ def speaker_token_ids(config: GPT2Config) -> tuple[int, int] | None:
 # GPT2-chitchat's configs (and config/model_config_dialogue_small.json) carry the legacy
 # n_ctx (= n_positions), which transformers 5 no longer defines; accept it as inert.
 _CONFIG_KEYS.add("n_ctx")
+
+
+# ---- reverse models (train.py --reverse; MMI reranking) ---------------------------------
+# A reverse model learns P(earlier utterances | later ones) on dialogues in reversed
+# utterance order. config.json records it, so that a reverse model cannot be mistaken for a
+# chat model (its "replies" would be guesses at what came before) nor the other way round.
+REVERSE_KEY = "reverse"
+_CONFIG_KEYS.add(REVERSE_KEY)
+
+
+def set_reverse(config: GPT2Config, reverse: bool) -> None:
+    setattr(config, REVERSE_KEY, bool(reverse))
+
+
+def is_reverse(config: GPT2Config) -> bool:
+    return bool(getattr(config, REVERSE_KEY, False))

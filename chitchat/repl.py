@@ -91,8 +91,10 @@ class Transcript:
 class Repl:
     def __init__(self, bot: Chatbot, *, stream: bool = True, transcript: Transcript | None = None,
                  stdin: TextIO | None = None, stdout: TextIO | None = None,
-                 stderr: TextIO | None = None, interactive: bool | None = None):
+                 stderr: TextIO | None = None, interactive: bool | None = None,
+                 debug: bool = False):
         self.bot = bot
+        self.debug = debug
         self.stream = stream
         self.transcript = transcript
         self.stdin = stdin or sys.stdin
@@ -192,6 +194,8 @@ class Repl:
         if reply.finish_reason == "interrupted" and self.interactive:
             self._out(" [stopped]")
         self._out("\n")
+        if self.debug and reply.candidates:
+            self._out(format_candidates(reply), self.stderr)
         return reply
 
     def command(self, line: str) -> str | None:
@@ -246,6 +250,21 @@ class Repl:
         self.say(" ".join(f"{k}={getattr(self.bot.options, k)}" for k in changes))
 
 
+def format_candidates(reply: Reply) -> str:
+    """--debug: one line per MMI candidate, the chosen one marked with *."""
+    lines = ["[mmi] candidates (fwd = mean log P(reply|context), rev = mean log "
+             "P(context|reply), score = (1-w)*fwd + w*rev):"]
+    for k, c in enumerate(reply.candidates):
+        mark = "*" if c.chosen else " "
+        why = f"  [dropped: {c.dropped}]" if c.dropped else ""
+        lines.append(f"[mmi] {mark}{k:2d} fwd {c.forward:8.3f}  rev {c.reverse:8.3f}  "
+                     f"score {c.score:8.3f}  {c.text!r}{why}")
+    chosen = next(c for c in reply.candidates if c.chosen)
+    lines.append(f"[mmi] chose {chosen.text!r}"
+                 + (f" (fallback: {reply.mmi_fallback})" if reply.mmi_fallback else ""))
+    return "\n".join(lines) + "\n"
+
+
 def interact(cfg: InteractConfig) -> int:
     """interact.py: load the model, then chat until the user leaves."""
     import torch
@@ -258,18 +277,27 @@ def interact(cfg: InteractConfig) -> int:
     bad = read_bad_words(cfg.bad_words) if cfg.bad_words else ()
     bot = Chatbot.from_pretrained(cfg.model_path, cfg.vocab_path, device=cfg.device,
                                   no_cuda=cfg.no_cuda, dtype=cfg.dtype, quantize=cfg.quantize,
-                                  backend=cfg.backend, bad_words=bad,
+                                  backend=cfg.backend, bad_words=bad, **cfg.mmi_kwargs(),
                                   **dataclasses.asdict(cfg.decoding()))
     if sys.stdin.isatty():
         log.info("loaded %s (n_positions %d, %s%s, %s backend)", cfg.model_path, bot.n_positions,
                  cfg.dtype, ", int8" if cfg.quantize else "", cfg.backend)
+        if bot.mmi is not None:
+            log.info("MMI: reverse model %s, %d candidates, weight %.2f (replies appear "
+                     "once reranked, not streamed)", cfg.mmi_model_path, cfg.num_candidates,
+                     cfg.mmi_weight)
+    if cfg.debug and bot.mmi is None:
+        log.warning("--debug prints MMI candidates; without --mmi_model_path there are none")
     transcript = None
     if cfg.save_samples_path:
         settings = {"model_path": cfg.model_path, "dtype": cfg.dtype, "quantize": cfg.quantize,
-                    "backend": cfg.backend, "bad_words": cfg.bad_words}
+                    "backend": cfg.backend, "bad_words": cfg.bad_words,
+                    "mmi_model_path": cfg.mmi_model_path}
+        if cfg.mmi_model_path:
+            settings.update(num_candidates=cfg.num_candidates, mmi_weight=cfg.mmi_weight)
         transcript = Transcript(cfg.save_samples_path, settings)
     try:
-        return Repl(bot, stream=cfg.stream, transcript=transcript).run()
+        return Repl(bot, stream=cfg.stream, transcript=transcript, debug=cfg.debug).run()
     except BrokenPipeError:
         # The reader went away (`... | head -1`): stop quietly, as Unix tools do. stdout is
         # pointed at /dev/null so that the interpreter's final flush does not fail again.

@@ -52,7 +52,7 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .config import DecodingOptions, ModelOptions, check, opt
+from .config import DecodingOptions, MMIOptions, ModelOptions, check, opt
 from .utils import ChitchatError
 
 log = logging.getLogger("chitchat")
@@ -99,12 +99,13 @@ class ServerOptions:
 
 
 @dataclass
-class ServeConfig(ServerOptions, DecodingOptions, ModelOptions):
+class ServeConfig(ServerOptions, DecodingOptions, MMIOptions, ModelOptions):
     """serve.py's options. The decoding options are the defaults of every request."""
     bad_words: str | None = opt(None, "file of words or phrases never to generate, one per line")
 
     def __post_init__(self):
         ModelOptions.__post_init__(self)
+        MMIOptions.__post_init__(self)
         DecodingOptions.__post_init__(self)
         ServerOptions.__post_init__(self)
         check(self.model_path is not None,
@@ -479,7 +480,8 @@ class Engine:
             self._held.append(job)
         first = self._held.popleft()
         batch = [first]
-        if first.batchable and self.max_batch > 1:
+        # An MMI reply already decodes num_candidates rows; those requests run alone.
+        if first.batchable and self.max_batch > 1 and getattr(self.bot, "mmi", None) is None:
             rest: collections.deque[Job] = collections.deque()
             for job in self._held:
                 if len(batch) < self.max_batch and job.batchable and job.opts == first.opts:
@@ -865,7 +867,7 @@ def load_chatbot(cfg: ServeConfig):
     bad = read_bad_words(cfg.bad_words) if cfg.bad_words else ()
     return Chatbot.from_pretrained(cfg.model_path, cfg.vocab_path, device=cfg.device,
                                    no_cuda=cfg.no_cuda, dtype=cfg.dtype, quantize=cfg.quantize,
-                                   backend=cfg.backend, bad_words=bad,
+                                   backend=cfg.backend, bad_words=bad, **cfg.mmi_kwargs(),
                                    **dataclasses.asdict(cfg.decoding()))
 
 

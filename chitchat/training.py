@@ -40,10 +40,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import TrainConfig
-from .data import (TokenStore, WindowTable, build_windows, collate_rows, epoch_rows,
-                   plan_steps, resplit)
-from .modeling import (build_model, load_config, load_model, save_model,
-                       set_speaker_token_ids, speaker_token_ids)
+from .data import (ReversedStore, TokenStore, WindowTable, build_windows, collate_rows,
+                   epoch_rows, plan_steps, resplit)
+from .modeling import (build_model, is_reverse, load_config, load_model, save_model,
+                       set_reverse, set_speaker_token_ids, speaker_token_ids)
 from .tokenization import ChatTokenizer
 from .utils import ChitchatError, atomic_dir, get_logger, write_json
 
@@ -385,6 +385,13 @@ def make_model(cfg: TrainConfig, tok: ChatTokenizer, store: TokenStore, log):
         model = build_model(load_config(cfg.model_config, tok))
     if cfg.speaker_ids and speaker_token_ids(model.config) is None:
         set_speaker_token_ids(model.config, tok.speaker_ids())
+    if cfg.pretrained_model and is_reverse(model.config) and not cfg.reverse:
+        raise ChitchatError(f"{cfg.pretrained_model} is a reverse model (trained with "
+                            "--reverse); continue it with --reverse, or fine-tune a forward "
+                            "model instead")
+    # A forward model may seed a reverse one (--reverse --pretrained_model fwd/): the
+    # flag follows the data order it is trained on from now on.
+    set_reverse(model.config, cfg.reverse)
     return model
 
 
@@ -540,6 +547,8 @@ def _train(cfg: TrainConfig, info: DistInfo) -> Path:
 
     # -- data --------------------------------------------------------------------------------
     store = TokenStore(cfg.train_path)
+    if cfg.reverse:
+        store = ReversedStore(store)
     tok = store.tokenizer()
     train_idx, valid_idx = resplit(store, cfg.val_num, cfg.val_fraction, cfg.seed)
     train_table = build_windows(store, train_idx, cfg.max_len, cfg.loss_on)
@@ -605,7 +614,8 @@ def _train(cfg: TrainConfig, info: DistInfo) -> Path:
         log.info(f"data {store.path}: {len(train_idx)} train / {len(valid_idx)} validation "
                  f"dialogues -> {len(train_table)} / {len(valid_table)} windows; "
                  f"{cfg.batching} rows of {row_len or 'longest'} tokens; "
-                 f"{len(first_plan)} steps per epoch; {total_steps} steps; warmup {warmup}")
+                 f"{len(first_plan)} steps per epoch; {total_steps} steps; warmup {warmup}"
+                 + ("; REVERSED utterance order (MMI reverse model)" if cfg.reverse else ""))
     metrics = _Metrics(run_dir, info.main, log)
 
     last_ckpt = checkpoints_of(run_dir)[-1] if info.main and checkpoints_of(run_dir) else None

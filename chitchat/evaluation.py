@@ -1,0 +1,276 @@
+"""evaluate.py: perplexity on held-out dialogues and reply-quality metrics, with or without
+MMI reranking. `evaluate(cfg)` is the whole of evaluate.py.
+
+Perplexity is exp(sum of token NLL / target tokens) over the same windows and loss mask as
+training (chitchat.data.build_windows, --max_len, --loss_on), computed by training's own
+evaluation function, batched with packed rows. A reverse model is scored on reversed
+dialogues, as it was trained. It runs in float32 through the transformers forward;
+--dtype / --quantize / --backend apply to the generated replies only.
+
+Replies: for every dialogue with at least two utterances, the context is the utterances
+before the last and the reference is the last. Replies are decoded in batches of
+--batch_size contexts (batch k is sampled with seed + k, so a run is reproducible for a
+given --batch_size), through `Chatbot.generate_batch`, so MMI is the same code as in chat.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .config import EvaluateConfig
+from .utils import ChitchatError, atomic_write_text, get_logger, write_json
+
+BLEU_NOTE = ("BLEU: mean sentence BLEU, character-level (each CJK character one unit), "
+             "uniform weights, smoothing: Chen & Cherry (2014) method 1 (a zero n-gram "
+             "match count becomes 0.1), as NLTK's SmoothingFunction().method1")
+
+
+# ---- data ---------------------------------------------------------------------------------
+def is_store(path: Path) -> bool:
+    return path.is_dir()
+
+
+@contextlib.contextmanager
+def open_store(data_path: str | os.PathLike, tokenizer, vocab_file: Path, log):
+    """The token store to evaluate on: `data_path` itself, or a temporary one encoded from a
+    text corpus with the model's vocab (removed afterwards)."""
+    from .config import PreprocessConfig
+    from .data import TokenStore
+    from .preprocessing import preprocess
+
+    path = Path(data_path)
+    if is_store(path):
+        store = TokenStore(path)
+        if store.tokenizer().tokens != tokenizer.tokens:
+            raise ChitchatError(
+                f"the token store {path} was built with another vocab than the model's "
+                f"({store.vocab_size} vs {tokenizer.vocab_size} tokens, or different ids). "
+                f"Evaluate on the text instead (--data_path <train.txt>), or rebuild the store: "
+                f"python preprocess.py --train_path <train.txt> --vocab_path {vocab_file} "
+                f"--save_path {path}")
+        yield store
+        return
+    if not path.is_file():
+        raise ChitchatError(f"--data_path {path}: no such file or token store directory")
+    with tempfile.TemporaryDirectory(prefix="chitchat-eval-") as tmp:
+        log.info(f"encoding {path} with the model's vocab ({vocab_file})")
+        out = preprocess(PreprocessConfig(train_path=str(path), save_path=str(Path(tmp) / "s"),
+                                          vocab_path=str(vocab_file), val_num=0, quiet=True))
+        yield TokenStore(out)
+
+
+def select_dialogues(store, split: str, limit: int | None) -> np.ndarray:
+    idx = {"all": np.arange(len(store)), "valid": store.valid_indices(),
+           "train": store.train_indices()}[split]
+    if len(idx) == 0:
+        raise ChitchatError(f"{store.path} has no {split} dialogues; use --split all")
+    return idx[:limit] if limit else idx
+
+
+def dialogue_texts(data_path: Path, store, indices, tokenizer, limit: int | None
+                   ) -> list[list[str]]:
+    """Utterances of the evaluated dialogues: the original text for a corpus file (references
+    keep their spelling), the decoded ids for a token store."""
+    if is_store(data_path):
+        out = []
+        for i in indices:
+            dia = store.dialogue(int(i))
+            out.append([tokenizer.decode(dia[a:b - 1].tolist())
+                        for a, b in store.utterance_spans(int(i))])
+        return out
+    from .corpus import read_dialogues
+
+    out = []
+    for d in read_dialogues(data_path):
+        if limit and len(out) >= limit:
+            break
+        out.append(d.utterances)
+    return out
+
+
+# ---- perplexity -----------------------------------------------------------------------------
+def perplexity(model, store, indices, max_len: int, loss_on: str, batch_size: int, device,
+               pad_id: int, progress: bool = False) -> dict:
+    """Token-weighted perplexity of `model` on the windows of dialogues `indices`.
+
+    Reuses train.py's `evaluate` (the same packing, masks and loss) on slices of the window
+    table, so that a progress bar can follow; the slices' loss sums add up exactly.
+    """
+    import torch
+    from tqdm.auto import tqdm
+
+    from .config import TrainConfig
+    from .data import WindowTable, build_windows
+    from .modeling import speaker_token_ids
+    from .training import DistInfo, LossModel, evaluate
+
+    n_pos = int(model.config.n_positions)
+    if max_len > n_pos:
+        raise ChitchatError(f"--max_len {max_len} exceeds the model's n_positions {n_pos}; "
+                            f"use --max_len {n_pos} or less")
+    table = build_windows(store, indices, max_len, loss_on)
+    if len(table) == 0:
+        raise ChitchatError(f"no window with a target token in {len(indices)} dialogue(s) "
+                            f"(--loss_on {loss_on} needs dialogues of two utterances or more)")
+    cfg = TrainConfig(max_len=max_len, loss_on=loss_on, batch_size=batch_size, batching="pack")
+    runner = LossModel(model)
+    speakers = speaker_token_ids(model.config)
+    chunk = 32 * batch_size  # windows per evaluate() call
+    loss_sum, targets = 0.0, 0
+    fields = ("dialogue", "start", "target", "end", "first_utt")
+    bar = tqdm(total=len(table), unit=" windows", desc="perplexity", disable=not progress)
+    for s in range(0, len(table), chunk):
+        part = WindowTable(**{f: getattr(table, f)[s:s + chunk] for f in fields},
+                           max_len=max_len, loss_on=loss_on)
+        res = evaluate(runner, model, store, part, cfg, max_len, pad_id, speakers, DistInfo(),
+                       contextlib.nullcontext(), torch.device(device))
+        loss_sum += res["loss"] * res["targets"]
+        targets += res["targets"]
+        bar.update(len(part))
+    bar.close()
+    loss = loss_sum / targets
+    return {"loss": loss, "ppl": math.exp(min(loss, 700.0)), "targets": targets,
+            "windows": len(table), "dialogues": int(len(indices)), "max_len": max_len,
+            "loss_on": loss_on}
+
+
+# ---- replies ----------------------------------------------------------------------------------
+def generate_replies(bot, dialogues: list[list[str]], batch_size: int, seed: int,
+                     progress: bool = False) -> list[dict]:
+    """{context, reference, reply} for every dialogue of two utterances or more."""
+    from tqdm.auto import tqdm
+
+    items = []
+    for utts in dialogues:
+        if len(utts) < 2:
+            continue
+        if not bot.tokenizer.encode(utts[-2]):
+            continue  # nothing to reply to (the newest context utterance has no token)
+        items.append({"context": list(utts[:-1]), "reference": utts[-1]})
+    bar = tqdm(total=len(items), unit=" replies", desc="replies", disable=not progress)
+    for k, s in enumerate(range(0, len(items), batch_size)):
+        batch = items[s:s + batch_size]
+        replies = bot.generate_batch([it["context"] for it in batch], seed=seed + k)
+        for it, r in zip(batch, replies):
+            it["reply"] = r.text
+        bar.update(len(batch))
+    bar.close()
+    return items
+
+
+def write_jsonl(path: str | os.PathLike, records: list[dict]) -> None:
+    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+
+
+# ---- the report -----------------------------------------------------------------------------
+def format_table(result: dict) -> str:
+    rows = []
+    p = result.get("perplexity")
+    if p:
+        rows.append(("perplexity", f"{p['ppl']:.2f}  (loss {p['loss']:.4f} over {p['targets']:,}"
+                                   f" target tokens, {p['windows']:,} windows of <= "
+                                   f"{p['max_len']}, loss on {p['loss_on']})"))
+    m = result.get("replies")
+    if m:
+        pct = lambda x: f"{100 * x:.1f}%"
+        rows += [("replies", f"{m['replies']:,}" + (
+                     f"  (MMI: {result['mmi']['num_candidates']} candidates, weight "
+                     f"{result['mmi']['mmi_weight']})" if result.get("mmi") else "  (no MMI)")),
+                 ("BLEU-1", f"{m['bleu_1']:.4f}"), ("BLEU-2", f"{m['bleu_2']:.4f}"),
+                 ("BLEU-4", f"{m['bleu_4']:.4f}"),
+                 ("Distinct-1", f"{m['distinct_1']:.4f}"), ("Distinct-2", f"{m['distinct_2']:.4f}"),
+                 ("mean reply length (chars)", f"{m['mean_reply_length']:.2f}"),
+                 ("repeats a context utterance", pct(m["repeats_context"])),
+                 ("has a 4+ character run", pct(m["char_run_4"])),
+                 ("empty replies", pct(m["empty"]))]
+    w = max(len(r[0]) for r in rows) if rows else 0
+    lines = [f"| {'metric'.ljust(w)} | value |", f"|{'-' * (w + 2)}|-------|"]
+    lines += [f"| {k.ljust(w)} | {v} |" for k, v in rows]
+    if m:
+        lines.append(BLEU_NOTE)
+    return "\n".join(lines)
+
+
+def default_output(cfg: EvaluateConfig) -> Path:
+    if cfg.output_json:
+        return Path(cfg.output_json)
+    if cfg.generate:
+        g = Path(cfg.generate)
+        return g.with_name(g.stem + ".metrics.json")
+    return Path(cfg.model_path) / f"eval-{Path(cfg.data_path).stem}.json"
+
+
+def evaluate(cfg: EvaluateConfig) -> dict:
+    """Run evaluate.py as `cfg` says; prints the table, writes the JSON, returns it."""
+    import torch
+    from transformers.utils import logging as hf_logging
+
+    from .chat import Chatbot, resolve_device
+    from .data import ReversedStore
+    from .metrics import reply_metrics
+    from .modeling import is_reverse, load_model
+
+    log = get_logger(quiet=cfg.quiet)
+    hf_logging.disable_progress_bar()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    progress = not cfg.quiet and sys.stderr.isatty()
+    device = resolve_device(cfg.device, cfg.no_cuda)
+    model, tok = load_model(cfg.model_path, cfg.vocab_path, device)
+    vocab_file = Path(cfg.vocab_path) if cfg.vocab_path else Path(cfg.model_path) / "vocab.txt"
+    data_path = Path(cfg.data_path)
+    if not is_store(data_path) and cfg.split != "all":
+        raise ChitchatError(f"--split {cfg.split} selects from a token store's split; a text "
+                            f"corpus ({data_path}) is evaluated whole")
+    result: dict = {"model_path": str(cfg.model_path), "data_path": str(data_path),
+                    "split": cfg.split, "max_dialogues": cfg.max_dialogues, "seed": cfg.seed,
+                    "device": str(device)}
+    t0 = time.perf_counter()
+    with open_store(data_path, tok, vocab_file, log) as store:
+        indices = select_dialogues(store, cfg.split, cfg.max_dialogues)
+        if not cfg.no_perplexity:
+            ppl_store = ReversedStore(store) if is_reverse(model.config) else store
+            result["perplexity"] = perplexity(model, ppl_store, indices, cfg.max_len,
+                                              cfg.loss_on, cfg.batch_size, device, tok.pad_id,
+                                              progress)
+            result["perplexity"]["reverse_model"] = is_reverse(model.config)
+            result["perplexity_seconds"] = round(time.perf_counter() - t0, 2)
+        dialogues = dialogue_texts(data_path, store, indices, tok, cfg.max_dialogues) \
+            if cfg.generate else []
+    del model
+    if cfg.generate:
+        t1 = time.perf_counter()
+        bot = Chatbot.from_pretrained(cfg.model_path, cfg.vocab_path, device=cfg.device,
+                                      no_cuda=cfg.no_cuda, dtype=cfg.dtype,
+                                      quantize=cfg.quantize, backend=cfg.backend,
+                                      **cfg.mmi_kwargs(), **vars(cfg.decoding()))
+        records = generate_replies(bot, dialogues, cfg.batch_size, cfg.seed, progress)
+        if not records:
+            raise ChitchatError(f"{data_path}: no dialogue has two utterances; nothing to "
+                                "reply to")
+        write_jsonl(cfg.generate, records)
+        result["replies_path"] = str(cfg.generate)
+        result["replies"] = reply_metrics([r["reply"] for r in records],
+                                          [r["reference"] for r in records],
+                                          [r["context"] for r in records])
+        result["bleu"] = BLEU_NOTE
+        result["decoding"] = vars(cfg.decoding())
+        result["mmi"] = ({"mmi_model_path": cfg.mmi_model_path,
+                          "num_candidates": cfg.num_candidates, "mmi_weight": cfg.mmi_weight}
+                         if cfg.mmi_model_path else None)
+        result["generation_seconds"] = round(time.perf_counter() - t1, 2)
+    out = default_output(cfg)
+    write_json(out, result)
+    print(f"{cfg.model_path} on {data_path}"
+          + (f" (first {cfg.max_dialogues} dialogues)" if cfg.max_dialogues else ""))
+    print(format_table(result))
+    log.info(f"wrote {out}" + (f" and {cfg.generate}" if cfg.generate else ""))
+    return result
