@@ -129,23 +129,6 @@ def build_context(tokenizer: ChatTokenizer, history: Sequence[str], max_history_
     return Context(out, types, reply_type, len(picked), notice)
 
 
-def resolve_device(device: str | None, no_cuda: bool = False) -> torch.device:
-    """cpu, cuda, cuda:N or GPT2-chitchat's bare GPU number; default cuda if available."""
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() and not no_cuda else "cpu")
-    if device.isdigit():
-        device = f"cuda:{device}"
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise ChitchatError(f"--device {device!r} is not a device; use cpu, cuda or cuda:N") \
-            from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ChitchatError(f"--device {device} asks for CUDA, but torch sees no GPU; use "
-                            "--device cpu")
-    return dev
-
-
 def read_bad_words(path: str | os.PathLike) -> list[str]:
     """Words or phrases, one per line; blank lines are skipped."""
     path = Path(path)
@@ -227,7 +210,7 @@ class Chatbot:
         then the best of `num_candidates` samples, reranked with weight `mmi_weight` (see
         chitchat.mmi). `options` are DecodingOptions fields (temperature=, topk=, seed=, ...).
         """
-        from .modeling import load_model
+        from .modeling import load_model, resolve_device
 
         dev = resolve_device(device, no_cuda)
         if dtype not in DTYPES:

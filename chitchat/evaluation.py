@@ -213,7 +213,8 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     import torch
     from transformers.utils import logging as hf_logging
 
-    from .chat import Chatbot, resolve_device
+    from .chat import Chatbot
+    from .modeling import resolve_device
     from .data import ReversedStore
     from .metrics import reply_metrics
     from .modeling import is_reverse, load_model

@@ -152,3 +152,20 @@ def set_reverse(config: GPT2Config, reverse: bool) -> None:
 
 def is_reverse(config: GPT2Config) -> bool:
     return bool(getattr(config, REVERSE_KEY, False))
+
+
+def resolve_device(device: str | None, no_cuda: bool = False) -> torch.device:
+    """cpu, cuda, cuda:N or GPT2-chitchat's bare GPU number; default cuda if available."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() and not no_cuda else "cpu")
+    if device.isdigit():
+        device = f"cuda:{device}"
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ChitchatError(f"--device {device!r} is not a device; use cpu, cuda or cuda:N") \
+            from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ChitchatError(f"--device {device} asks for CUDA, but torch sees no GPU; use "
+                            "--device cpu")
+    return dev

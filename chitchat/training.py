@@ -42,8 +42,8 @@ from torch import nn
 from .config import TrainConfig
 from .data import (ReversedStore, TokenStore, WindowTable, build_windows, collate_rows,
                    epoch_rows, plan_steps, resplit)
-from .modeling import (build_model, is_reverse, load_config, load_model, save_model,
-                       set_reverse, set_speaker_token_ids, speaker_token_ids)
+from .modeling import (build_model, is_reverse, load_config, load_model, resolve_device,
+                       save_model, set_reverse, set_speaker_token_ids, speaker_token_ids)
 from .tokenization import ChatTokenizer
 from .utils import ChitchatError, atomic_dir, get_logger, write_json
 
@@ -99,28 +99,19 @@ def broadcast_text(text: str, info: DistInfo, device: torch.device) -> str:
     return raw[:raw.index(0)].decode("utf-8")
 
 
-def resolve_device(cfg: TrainConfig, info: DistInfo) -> torch.device:
-    want = "cpu" if cfg.no_cuda else (cfg.device or ("cuda" if torch.cuda.is_available()
-                                                     else "cpu"))
-    if re.fullmatch(r"\d+", want):  # GPT2-chitchat's --device 0
-        want = f"cuda:{want}"
-    if "," in want:
-        raise ChitchatError(f"--device {want}: for several GPUs use torchrun, e.g. "
-                            f"CUDA_VISIBLE_DEVICES={want} torchrun --nproc_per_node "
-                            f"{len(want.split(','))} train.py ...")
-    try:
-        device = torch.device(want)
-    except RuntimeError:
-        raise ChitchatError(f"--device {want!r} is not a device; use cpu, cuda or cuda:N")
+def training_device(cfg: TrainConfig, info: DistInfo) -> torch.device:
+    """The shared device rules, plus what only training needs: torchrun's local rank."""
+    if cfg.device and "," in cfg.device:
+        raise ChitchatError(f"--device {cfg.device}: for several GPUs use torchrun, e.g. "
+                            f"CUDA_VISIBLE_DEVICES={cfg.device} torchrun --nproc_per_node "
+                            f"{len(cfg.device.split(','))} train.py ...")
+    device = resolve_device(None if cfg.no_cuda else cfg.device, cfg.no_cuda)
     if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ChitchatError(f"--device {want}: no CUDA GPU is visible to PyTorch "
-                                f"(torch {torch.__version__}). Use --device cpu.")
         if info.enabled:
             device = torch.device("cuda", info.local_rank)
         torch.cuda.set_device(device)
     elif device.type != "cpu":
-        raise ChitchatError(f"--device {want}: only cpu and cuda are supported")
+        raise ChitchatError(f"--device {device}: training supports cpu and cuda")
     return device
 
 
@@ -503,7 +494,7 @@ def train(cfg: TrainConfig) -> Path:
 def _train(cfg: TrainConfig, info: DistInfo) -> Path:
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()  # one "Writing model shards" bar per save is noise
-    device = resolve_device(cfg, info)
+    device = training_device(cfg, info)
 
     # -- which run: new, or resumed (rank 0 decides, the others follow) ----------------------
     ckpt = None
