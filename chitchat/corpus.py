@@ -57,7 +57,7 @@ def _decode_error(path: Path, encoding: str) -> ChitchatError:
                 hint = ("If the file is GBK/GB18030 (common for Chinese corpora), pass "
                         "--encoding gbk (or gb18030), or convert it first: "
                         "iconv -f gbk -t utf-8 in.txt > out.txt"
-                        if encoding.lower().replace("-", "") in ("utf8", "utf8sig") else
+                        if codecs.lookup(encoding).name in ("utf-8", "utf-8-sig") else
                         f"Check that the file really is {encoding}, or convert it to UTF-8 "
                         "with iconv.")
                 return ChitchatError(

@@ -52,7 +52,8 @@ def _settings(cfg: PreprocessConfig, source_hash: str, vocab_hash: str | None) -
 def preprocess(cfg: PreprocessConfig) -> Path:
     """Build the token store for `cfg.train_path`; returns its directory."""
     save = Path(cfg.save_path) if cfg.save_path else default_save_path(cfg.train_path)
-    log = get_logger(log_path=cfg.log_path, quiet=cfg.quiet)
+    # Its own logger, so a caller (evaluate.py) keeps its log settings.
+    log = get_logger("chitchat.preprocess", log_path=cfg.log_path, quiet=cfg.quiet)
     src = Path(cfg.train_path)
     stats = ReadStats()
     # Fail on a missing or unreadable file before hashing or touching the output.

@@ -275,9 +275,6 @@ class ChatTokenizer:
         return ids
 
     # ---- decoding -----------------------------------------------------------------------
-    def id_to_token(self, i: int) -> str:
-        return self.tokens[i]
-
     def decode(self, ids: Iterable[int], skip_special: bool = True) -> str:
         """Readable text: CJK joined, ``##`` pieces merged, spaces between Latin words."""
         detok = Detokenizer()

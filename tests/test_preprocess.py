@@ -275,3 +275,19 @@ def test_decode_is_readable():
                                                 "##able", "3", ".", "14", "，", "ok"])
     ids = tok.encode("你好，Hello World unaffable 3.14 ok")
     assert tok.decode(ids) == "你好，hello world unaffable 3.14 ok"
+
+
+def test_log_path_gets_the_report_and_callers_keep_their_logger(tmp_path):
+    import logging
+
+    from chitchat.utils import get_logger
+
+    caller = get_logger(quiet=False)  # e.g. evaluate.py, which preprocesses a text file
+    src = tmp_path / "train.txt"
+    src.write_text("你好\n嗨\n\n在吗\n在", encoding="utf-8")
+    log_file = tmp_path / "logs" / "preprocess.log"
+    run(tmp_path, src, log_path=str(log_file))
+    text = log_file.read_text(encoding="utf-8")
+    assert "dialogues 2" in text and "wrote" in text
+    assert [h.level for h in caller.handlers if isinstance(h, logging.StreamHandler)
+            and not isinstance(h, logging.FileHandler)] == [logging.INFO]
