@@ -181,12 +181,14 @@ class Chatbot:
                                 "--model_path")
         self.mmi = None
         if mmi_model is not None:
-            self.mmi = MMI(mmi_model, tokenizer, num_candidates, mmi_weight)
+            self.mmi = MMI(mmi_model, tokenizer, num_candidates, mmi_weight, backend)
         self.model = model
         self.tokenizer = tokenizer
         self.n_positions = int(model.config.n_positions)
         self.speaker_ids = speaker_token_ids(model.config)
         self.backend = make_backend(model, backend, pad_id=tokenizer.pad_id)
+        if self.mmi is not None:  # every reply decodes num_candidates rows
+            self.backend.prepare(num_candidates)
         self.options = DecodingOptions()
         self.history: list[str] = []
         self.last_reply: Reply | None = None
@@ -639,7 +641,7 @@ class MMI:
     """The reverse model and the reranking settings of a Chatbot (see chitchat.mmi)."""
 
     def __init__(self, model, tokenizer: ChatTokenizer, num_candidates: int = 8,
-                 weight: float = 0.5):
+                 weight: float = 0.5, backend: str = "fast"):
         from .modeling import check_vocab, is_reverse, speaker_token_ids
 
         where = getattr(model.config, "_name_or_path", "") or "(in memory)"
@@ -653,6 +655,9 @@ class MMI:
         if not 0.0 <= weight <= 1.0:
             raise ChitchatError(f"--mmi_weight must be in [0, 1], got {weight}")
         self.model = model.eval()
+        # Scoring runs num_candidates rows of reply + context through the model at once.
+        self.backend = make_backend(self.model, backend, pad_id=tokenizer.pad_id)
+        self.backend.prepare(num_candidates)
         self.tokenizer = tokenizer
         self.num_candidates = num_candidates
         self.weight = weight
@@ -678,7 +683,7 @@ class MMI:
             inputs.append((ids, first))
             if self.speaker_ids is not None:
                 types.append(speaker_types(first - 2, utts, kept, self.speaker_ids, len(ids)))
-        scores = reverse_scores(self.model, inputs, tok.pad_id, types or None)
+        scores = reverse_scores(self.backend, inputs, tok.pad_id, types or None)
         return [scores[r] for r in row_of]
 
 

@@ -192,16 +192,17 @@ def speaker_types(n_reply: int, context: Sequence[Sequence[int]], kept: int,
 
 
 @torch.inference_mode()
-def reverse_scores(model, inputs: Sequence[tuple[list[int], int]], pad_id: int,
+def reverse_scores(backend, inputs: Sequence[tuple[list[int], int]], pad_id: int,
                    token_types: Sequence[Sequence[int]] | None = None,
                    max_rows: int = 64) -> list[float]:
     """Mean log P(context | reply) per input, ``(ids, first target)`` pairs.
 
+    `backend`: the reverse model's chitchat.inference backend (its `hidden` and `project`).
     One forward pass per `max_rows` inputs (right-padded; causal attention means the padding
     after a row's last token cannot change its scores). Only the target positions go
     through the LM head.
     """
-    device = next(model.parameters()).device
+    device = backend.device
     out: list[float] = []
     for s in range(0, len(inputs), max_rows):
         chunk = inputs[s:s + max_rows]
@@ -218,12 +219,11 @@ def reverse_scores(model, inputs: Sequence[tuple[list[int], int]], pad_id: int,
                 rows.append(b)
                 cols.append(j - 1)
                 tgt.append(x[j])
-        hidden = model.transformer(input_ids=ids.to(device),
-                                   token_type_ids=None if types is None else types.to(device),
-                                   use_cache=False).last_hidden_state  # (B, T, H)
+        hidden = backend.hidden(ids.to(device),
+                                None if types is None else types.to(device))  # (B, T, D)
         r = torch.as_tensor(rows, device=device)
-        h = hidden[r, torch.as_tensor(cols, device=device)]  # (N, H)
-        lp = model.lm_head(h).float().log_softmax(-1)
+        h = hidden[r, torch.as_tensor(cols, device=device)]  # (N, D)
+        lp = backend.project(h).log_softmax(-1)
         lp = lp.gather(-1, torch.as_tensor(tgt, device=device)[:, None])[:, 0]
         sums = torch.zeros(len(chunk), dtype=torch.float64, device=device).index_add_(
             0, r, lp.double())

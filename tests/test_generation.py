@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 from transformers import GPT2Config, GPT2LMHeadModel
 from transformers.generation.logits_process import (
     LogitsProcessorList, NoBadWordsLogitsProcessor, NoRepeatNGramLogitsProcessor,
@@ -297,6 +298,66 @@ def test_padded_batch_rows_equal_single_rows():
                 s1, l1 = be.start([c])
                 torch.testing.assert_close(lb[i:i + 1], l1, rtol=1e-4, atol=1e-4)
                 torch.testing.assert_close(lb2[i:i + 1], be.step(s1, toks[i:i + 1]),
+                                           rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs oneDNN (CPU)")
+@pytest.mark.parametrize("act", ["gelu_new", "gelu", "relu"])  # fused, fused, not fused
+def test_batches_of_four_rows_or_more_use_blocked_weights_with_the_same_logits(act):
+    model = tiny_gpt2(activation_function=act)
+    fast = FastGPT2(model)
+    ctxs = [[2, 17, 30, 3], [2, 5, 6, 7, 8, 9, 3], [2, 11, 3], [2, 40, 41, 42, 3],
+            [2, 60, 3]]
+    with torch.inference_mode():
+        s1, l1 = fast.start(ctxs[:1])
+        assert fast.blocked is None  # one row: the plain weights, no second copy
+        st, lb = fast.start(ctxs)
+        assert fast.blocked is not None
+        toks = lb.argmax(-1)
+        lb2 = fast.step(st, toks)
+        for i, c in enumerate(ctxs):
+            pos = torch.arange(len(c) + 1)[None]
+            ref = model(torch.tensor([c + [int(toks[i])]]), position_ids=pos).logits[0]
+            torch.testing.assert_close(lb[i], ref[-2], rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(lb2[i], ref[-1], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs oneDNN (CPU)")
+@pytest.mark.parametrize("act", ["gelu_new", "gelu", "gelu_pytorch_tanh", "relu"])
+def test_the_fused_mlp_activation_is_the_models_own(act):
+    model = tiny_gpt2(activation_function=act)
+    fast = FastGPT2(model)
+    fast.prepare(8)
+    # Inputs of order 1 and more, where GELU's erf and tanh forms differ by up to 5e-4.
+    h = torch.linspace(-4, 4, 5 * 32).view(5, 32)
+    w, b = fast.layers[0][6]
+    with torch.no_grad():
+        w.mul_(20)
+    fast.blocked = None
+    fast.prepare(8)
+    with torch.inference_mode():
+        got = fast._up(h, fast.blocked[0][0][6], fast._lin_blocked)
+        ref = model.transformer.h[0].mlp.act(F.linear(h, w, b))
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("rows", [2, 5])
+def test_hidden_and_project_match_transformers_under_right_padding(rows):
+    model = tiny_gpt2()
+    seqs = [[2, 17, 30, 41, 3, 55, 66, 3], [2, 5, 6, 3], [2, 9, 3, 8, 8, 3], [2, 7, 3],
+            [2, 19, 20, 21, 22, 3]][:rows]
+    ids = torch.zeros(rows, 8, dtype=torch.long)
+    for b, s in enumerate(seqs):
+        ids[b, :len(s)] = torch.tensor(s)
+    for be in (FastGPT2(model), HFDecoder(model)):
+        with torch.inference_mode():
+            h = be.hidden(ids)
+            logits = be.project(h.reshape(-1, h.shape[-1])).view(rows, 8, -1)
+            for b, s in enumerate(seqs):
+                ref = model(torch.tensor([s]), output_hidden_states=True)
+                torch.testing.assert_close(h[b, :len(s)], ref.hidden_states[-1][0],
+                                           rtol=1e-4, atol=1e-4)
+                torch.testing.assert_close(logits[b, :len(s)], ref.logits[0],
                                            rtol=1e-4, atol=1e-4)
 
 

@@ -180,7 +180,9 @@ def reverse_dir(tmp_path_factory, sample_store, tiny_config_path):
     return out
 
 
-def test_reverse_scores_match_a_direct_computation(reverse_dir):
+@pytest.mark.parametrize("kind", ["fast", "hf"])
+def test_reverse_scores_match_a_direct_computation(reverse_dir, kind):
+    from chitchat.inference import make_backend
     from chitchat.modeling import load_model
 
     model, tok = load_model(reverse_dir)
@@ -189,7 +191,7 @@ def test_reverse_scores_match_a_direct_computation(reverse_dir):
     utts = split_context(ctx, tok.cls_id, tok.sep_id)
     replies = [tok.encode("我在看书"), tok.encode("嗯"), tok.encode("今天天气很好我们出去玩")]
     inputs = [reverse_input(r, utts, tok.cls_id, tok.sep_id, 64)[:2] for r in replies]
-    got = reverse_scores(model, inputs, tok.pad_id)
+    got = reverse_scores(make_backend(model, kind, tok.pad_id), inputs, tok.pad_id)
     for (ids, first), g in zip(inputs, got):
         with torch.inference_mode():
             lp = model(torch.tensor([ids])).logits[0].float().log_softmax(-1)
