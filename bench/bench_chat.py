@@ -24,6 +24,11 @@ Also the floor: one fp32 matrix-vector product over every weight matrix.
 (one batched decode, copies=8, with forward scores) and a whole MMI reply (candidates +
 one batched reverse-model pass + reranking). Forward and reverse models are the same random
 small-config weights; every reply and candidate is exactly 25 tokens. Target: MMI <= 2.5x.
+With --model_path/--mmi_model_path/--data it times trained models instead, on real contexts,
+each reply ending at its own [SEP] (an MMI reply then waits for its longest candidate):
+
+    python bench/bench_chat.py --mmi --model_path model/fwd --mmi_model_path model/rev \
+        --data valid.txt --dialogues 100
 
 Reported per path: median time per reply, time to first token, ms per token after the first
 (the decode rate), and the ratios the issue sets as targets.
@@ -159,6 +164,46 @@ def matvec_floor(model, repeats: int) -> float:
     return statistics.median(ts) * 1e3
 
 
+def natural_lengths(args) -> int:
+    """--mmi with trained models: replies end at their own [SEP], over real contexts."""
+    from chitchat import Chatbot
+    from chitchat.corpus import read_dialogues
+
+    plain = Chatbot.from_pretrained(args.model_path, device="cpu", seed=args.seed)
+    mmi = Chatbot.from_pretrained(args.model_path, device="cpu", seed=args.seed,
+                                  mmi_model_path=args.mmi_model_path,
+                                  num_candidates=args.num_candidates)
+    histories = [d.utterances[:-1] for d in read_dialogues(args.data)
+                 if len(d.utterances) >= 2][:args.dialogues]
+    if not histories:
+        raise SystemExit(f"{args.data}: no dialogue with 2 or more utterances")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {args.model_path} "
+          f"({plain.model.num_parameters() / 1e6:.1f}M parameters) + {args.mmi_model_path}; "
+          f"{len(histories)} contexts from {args.data}", flush=True)
+    times = {"plain": [], "mmi": []}
+    lens = {"plain": [], "candidates (longest of N)": [], "mmi": []}
+    plain.generate(histories[0])  # warm-up
+    mmi.generate(histories[0])
+    for h in histories:  # interleaved, so that load changes hit both alike
+        r = plain.generate(h)
+        times["plain"].append(r.total_s)
+        lens["plain"].append(len(r.token_ids))
+        r = mmi.generate(h)
+        times["mmi"].append(r.total_s)
+        lens["mmi"].append(len(r.token_ids))
+        lens["candidates (longest of N)"].append(max(len(c.token_ids) for c in r.candidates))
+    print("\n| path | median reply (ms) | total (s) | mean tokens |\n|---|---:|---:|---:|")
+    for k in times:
+        print(f"| {k} | {statistics.median(times[k]) * 1e3:.0f} | {sum(times[k]):.2f} | "
+              f"{statistics.mean(lens[k]):.1f} |")
+    print(f"| candidates (longest of {args.num_candidates}) | | | "
+          f"{statistics.mean(lens['candidates (longest of N)']):.1f} |")
+    print(f"\nmmi-{args.num_candidates} / plain, total time: "
+          f"{sum(times['mmi']) / sum(times['plain']):.2f}x; median per context: "
+          f"{statistics.median(m / p for m, p in zip(times['mmi'], times['plain'])):.2f}x")
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -173,9 +218,19 @@ def main(argv=None) -> int:
     ap.add_argument("--mmi", action="store_true",
                     help="only time a plain reply against an MMI reply (and its candidates)")
     ap.add_argument("--num_candidates", type=int, default=8, help="MMI candidates (--mmi)")
+    ap.add_argument("--model_path", help="--mmi with trained models and natural reply lengths: "
+                    "the forward model (needs --mmi_model_path and --data)")
+    ap.add_argument("--mmi_model_path", help="the reverse model (with --model_path)")
+    ap.add_argument("--data", help="train.txt-style dialogues; each one's utterances before "
+                    "the last are a context (with --model_path)")
+    ap.add_argument("--dialogues", type=int, default=100, help="contexts (with --model_path)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.model_path:
+        if not (args.mmi and args.mmi_model_path and args.data):
+            ap.error("--model_path needs --mmi, --mmi_model_path and --data")
+        return natural_lengths(args)
     if args.quick:
         args.repeats = 1
 
