@@ -181,7 +181,8 @@ class FastGPT2:
 
     Built from a loaded GPT2LMHeadModel (fp32/bf16/fp16, or after `quantize_int8`). Holds
     references to its weights; the decode state (KV cache) lives in `DecodeState`, so one
-    instance can serve several generations, one at a time or interleaved.
+    instance can serve several generations, one at a time or interleaved. The blocked copy
+    for batches (`prepare`) is a copy: weights changed after it was made need a new instance.
     """
 
     @staticmethod
