@@ -141,13 +141,19 @@ def read_bad_words(path: str | os.PathLike) -> list[str]:
     return [ln.strip() for ln in lines if ln.strip()]
 
 
+# Session settings of a Chatbot with MMI, changeable like decoding options (Chatbot.set).
+MMI_SETTINGS = {"num_candidates": int, "mmi_weight": float}
+
+
 def coerce_option(name: str, value: str):
-    """Parse the text of a /set value into the type of DecodingOptions field `name`."""
+    """Parse the text of a /set value into the type of option `name` (a DecodingOptions
+    field or an MMI setting)."""
     name = OPTION_ALIASES.get(name, name)
     fields = {f.name: f for f in dataclasses.fields(DecodingOptions)}
-    if name not in fields:
-        raise ChitchatError(f"unknown option {name!r}; options: {', '.join(fields)}")
-    hint = typing.get_type_hints(DecodingOptions)[name]
+    if name not in fields and name not in MMI_SETTINGS:
+        raise ChitchatError(f"unknown option {name!r}; options: "
+                            f"{', '.join([*fields, *MMI_SETTINGS])}")
+    hint = MMI_SETTINGS.get(name) or typing.get_type_hints(DecodingOptions)[name]
     tp = _base_type(hint)
     v = value.strip()
     if v.lower() in ("none", "null", "") and tp is not hint:
@@ -240,8 +246,20 @@ class Chatbot:
 
     # ---- options ----------------------------------------------------------------------------
     def set(self, **changes) -> DecodingOptions:
-        """Change decoding options (validated; on error nothing changes). Returns them."""
+        """Change decoding options, and with MMI `num_candidates` / `mmi_weight` (validated;
+        on error nothing changes). Returns the decoding options."""
+        mmi = {k: changes.pop(k) for k in list(changes) if k in MMI_SETTINGS}
+        if mmi and self.mmi is None:
+            raise ChitchatError(f"{', '.join(mmi)} needs MMI: load a reverse model with "
+                                "--mmi_model_path")
         new = self._options(changes)
+        if mmi:
+            n = mmi.get("num_candidates", self.mmi.num_candidates)
+            w = mmi.get("mmi_weight", self.mmi.weight)
+            MMI.check(n, w)
+            self.mmi.num_candidates, self.mmi.weight = n, w
+            self.backend.prepare(n)
+            self.mmi.backend.prepare(n)
         if "seed" in changes:
             self._rng = self._generator(new.seed)
         self.options = new
@@ -650,10 +668,7 @@ class MMI:
                                 "has no reverse: true. Train one on the same token store with: "
                                 "python train.py --reverse --train_path <store> ...")
         check_vocab(model, tokenizer, where)
-        if num_candidates < 1:
-            raise ChitchatError(f"--num_candidates must be at least 1, got {num_candidates}")
-        if not 0.0 <= weight <= 1.0:
-            raise ChitchatError(f"--mmi_weight must be in [0, 1], got {weight}")
+        self.check(num_candidates, weight)
         self.model = model.eval()
         # Scoring runs num_candidates rows of reply + context through the model at once.
         self.backend = make_backend(self.model, backend, pad_id=tokenizer.pad_id)
@@ -663,6 +678,13 @@ class MMI:
         self.weight = weight
         self.n_positions = int(model.config.n_positions)
         self.speaker_ids = speaker_token_ids(model.config)
+
+    @staticmethod
+    def check(num_candidates: int, weight: float) -> None:
+        if num_candidates < 1:
+            raise ChitchatError(f"--num_candidates must be at least 1, got {num_candidates}")
+        if not 0.0 <= weight <= 1.0:
+            raise ChitchatError(f"--mmi_weight must be in [0, 1], got {weight}")
 
     def score(self, contexts: Sequence[Context], replies: Sequence[Sequence[int]]) -> list[float]:
         """Mean log P(context | reply) of each (context, reply) pair, in one batched pass."""

@@ -27,6 +27,7 @@ HELP = """commands:
   /reset              forget the conversation
   /history            show the conversation (the utterances the model sees are marked *)
   /set key=value ...  change a decoding option, e.g. /set temperature=0.7 topk=5
+                      (with MMI also num_candidates and mmi_weight)
   /set                show the current options
   /help               this text
   /exit, /quit        leave (so do Ctrl-D, and Ctrl-C at the prompt)
@@ -204,8 +205,7 @@ class Repl:
         if name in ("/exit", "/quit"):
             return "exit"
         if name == "/help":
-            self.say(HELP + "\noptions: " + ", ".join(
-                f.name for f in dataclasses.fields(DecodingOptions)))
+            self.say(HELP + "\noptions: " + ", ".join(self._settings()))
         elif name == "/reset":
             self.bot.reset()
             if self.transcript:
@@ -231,7 +231,7 @@ class Repl:
 
     def _set(self, arg: str) -> None:
         if not arg.strip():
-            self.say(" ".join(f"{k}={v}" for k, v in dataclasses.asdict(self.bot.options).items()))
+            self.say(" ".join(f"{k}={v}" for k, v in self._settings().items()))
             return
         try:
             changes = {}
@@ -247,7 +247,14 @@ class Repl:
             return
         if self.transcript:
             self.transcript.event("set", changes=changes)
-        self.say(" ".join(f"{k}={getattr(self.bot.options, k)}" for k in changes))
+        now = self._settings()
+        self.say(" ".join(f"{k}={now[k]}" for k in changes))
+
+    def _settings(self) -> dict:
+        out = dataclasses.asdict(self.bot.options)
+        if self.bot.mmi is not None:
+            out.update(num_candidates=self.bot.mmi.num_candidates, mmi_weight=self.bot.mmi.weight)
+        return out
 
 
 def format_candidates(reply: Reply) -> str:

@@ -333,6 +333,51 @@ def test_interact_piped_with_mmi_and_debug(tiny_model_dir, reverse_dir, tmp_path
     assert rec[0]["settings"]["num_candidates"] == 4
 
 
+def test_set_changes_the_mmi_settings_and_a_bad_value_changes_nothing(mmi_bot):
+    try:
+        mmi_bot.set(num_candidates=3, mmi_weight=0.0)
+        r = mmi_bot.generate(HISTORY, seed=5)
+        kept = [c for c in r.candidates if not c.dropped]
+        assert len(r.candidates) == 3 and not r.mmi_fallback
+        assert next(c for c in r.candidates if c.chosen) is max(kept, key=lambda c: c.forward)
+        mmi_bot.set(mmi_weight=1.0)
+        r = mmi_bot.generate(HISTORY, seed=5)
+        kept = [c for c in r.candidates if not c.dropped]
+        assert next(c for c in r.candidates if c.chosen) is max(kept, key=lambda c: c.reverse)
+        for bad in ({"mmi_weight": 1.5}, {"num_candidates": 0}):
+            with pytest.raises(ChitchatError, match="mmi_weight|num_candidates"):
+                mmi_bot.set(temperature=0.5, **bad)
+        assert (mmi_bot.mmi.num_candidates, mmi_bot.mmi.weight) == (3, 1.0)
+        assert mmi_bot.options.temperature == 1.0
+    finally:
+        mmi_bot.set(num_candidates=6, mmi_weight=0.5)
+
+
+def test_mmi_settings_without_a_reverse_model_are_a_clear_error(tiny_model_dir):
+    bot = Chatbot.from_pretrained(tiny_model_dir)
+    with pytest.raises(ChitchatError, match="--mmi_model_path"):
+        bot.set(mmi_weight=0.2)
+
+
+def test_interact_set_changes_mmi_settings(tiny_model_dir, reverse_dir):
+    from test_interact import ENV
+
+    proc = subprocess.run(
+        [sys.executable, "interact.py", "--model_path", str(tiny_model_dir), "--mmi_model_path",
+         str(reverse_dir), "--debug", "--seed", "1", "--max_len", "8"],
+        input="/set num_candidates=3 mmi_weight=1\n你好\n/set\n", capture_output=True,
+        text=True, cwd=ROOT, env=ENV, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    cand = [ln for ln in proc.stderr.splitlines() if " fwd " in ln and " rev " in ln]
+    assert len(cand) == 3
+    revs = [float(ln.split(" rev ")[1].split()[0]) for ln in cand if "dropped" not in ln]
+    chosen = next(ln for ln in cand if ln.startswith("[mmi] *"))
+    assert float(chosen.split(" rev ")[1].split()[0]) == max(revs)
+    said = [ln for ln in (proc.stderr + proc.stdout).splitlines()
+            if ln.endswith("num_candidates=3 mmi_weight=1.0")]
+    assert len(said) == 2 and said[1].startswith("max_len=")  # /set k=v, then /set
+
+
 # ---- serve.py ---------------------------------------------------------------------------------
 def test_server_runs_mmi_requests_alone(mmi_bot):
     from test_serve import run_jobs
