@@ -311,7 +311,9 @@ class Detokenizer:
     * a ``##`` piece glues to the word before it ("chit" "##chat" -> "chitchat", "12" "##34");
     * a space goes between two word-like tokens ("hello world", "5 km");
     * a space goes after , . ! ? ; : that follow a word and precede a Latin letter
-      ("ok, you"), but not before a digit ("3.14", "10:30");
+      ("ok, you"), but not before a digit ("3.14", "10:30"), and not after a "." inside an
+      address: a run without spaces that holds "@" or "/" or starts with "www"
+      ("a@b.com", "http://x.cn/a", "www.example.com");
     * CJK characters and all other punctuation join without spaces ("你好,世界", "don't").
     """
 
@@ -320,6 +322,7 @@ class Detokenizer:
     def __init__(self):
         self._last = ""   # last character written
         self._prev = ""   # the one before it
+        self._run = ""    # Latin text written since the last space or non-Latin character
 
     def push(self, token: str) -> str:
         if not token:
@@ -329,10 +332,16 @@ class Detokenizer:
         elif self._last and _is_wordish(self._last) and _is_wordish(token[0]):
             piece = " " + token
         elif (self._last in self._SPACE_AFTER and self._prev and _is_wordish(self._prev)
-              and token[0].isalpha() and ord(token[0]) < 0x250):
+              and token[0].isalpha() and ord(token[0]) < 0x250
+              and not (self._last == "." and self._in_address())):
             piece = " " + token
         else:
             piece = token
         tail = (self._last + piece)[-2:]
         self._prev, self._last = (tail[0], tail[1]) if len(tail) == 2 else ("", tail)
+        for c in piece:
+            self._run = "" if c == " " or ord(c) >= 0x250 else (self._run + c)[-64:]
         return piece
+
+    def _in_address(self) -> bool:
+        return "@" in self._run or "/" in self._run or self._run.startswith("www.")

@@ -283,6 +283,9 @@ def test_int8_and_bf16_chatbots_run(tiny_model_dir):
     ("don't stop. you know", "don't stop. you know"),
     ("50%的人说ok", "50%的人说ok"),
     ("你好,hello", "你好,hello"),
+    ("mail a@b.com ok", "mail a@b.com ok"),
+    ("看www.example.com和http://x.cn/a.html吧", "看www.example.com和http://x.cn/a.html吧"),
+    ("fine.you?", "fine. you?"),
 ])
 def test_decode_is_readable(text, expected):
     tok = ChatTokenizer.from_vocab_file(shared_path("vocab", "gpt2-chitchat-vocab.txt"))
