@@ -162,9 +162,13 @@ def _check_fits(n: int, limit: int) -> None:
 # once into its blocked layout is much faster (small config, 8 rows: 31 vs 55 ms per decode
 # step; bench/bench_chat.py --mmi). The blocked copy doubles the float weights in memory, so it
 # is made only once a batch of that size is decoded. The hint is the row count the layout is
-# tuned for; 8 served 4 to 32 rows best in that measurement.
+# tuned for; 8 served 4 to 32 rows best in that measurement. oneDNN's call costs ~45 us, more
+# than a whole small product: at 8 rows, blocking loses below ~0.5M weights (256 wide: 0.5x),
+# breaks even at 384 wide and wins from 512 (1.5x); those smaller matrices stay plain
+# (bench/bench_blocked.py).
 _BLOCKED_MIN_ROWS = 4
 _BLOCKED_HINT = 8
+_BLOCKED_MIN_WEIGHT = 1 << 19
 
 
 def _activation(name: str):
@@ -271,11 +275,13 @@ class FastGPT2:
 
     @staticmethod
     def _lin_blocked(x, p):
+        if not p[0].is_mkldnn:  # a matrix too small to block (see _BLOCKED_MIN_WEIGHT)
+            return F.linear(x, p[0], p[1])
         return torch.ops.mkldnn._linear_pointwise(x, p[0], p[1], "none", [], "")
 
     def _up(self, h, p, lin):
         """The MLP's first product and its activation."""
-        if lin is self._lin_blocked and self.fused_act is not None:
+        if lin is self._lin_blocked and p[0].is_mkldnn and self.fused_act is not None:
             return torch.ops.mkldnn._linear_pointwise(h, p[0], p[1], "gelu", [],
                                                       self.fused_act)
         return self.act(lin(h, p))
@@ -286,6 +292,8 @@ class FastGPT2:
         the first batched step."""
         if batch_size >= _BLOCKED_MIN_ROWS and self.can_block and self.blocked is None:
             def block(p):
+                if p[0].numel() < _BLOCKED_MIN_WEIGHT:
+                    return p
                 return (torch.ops.mkldnn._reorder_linear_weight(p[0], _BLOCKED_HINT), p[1])
 
             self.blocked = ([(w1, b1, block(qkv), block(o), w2, b2, block(fc), block(pr))

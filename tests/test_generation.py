@@ -301,9 +301,36 @@ def test_padded_batch_rows_equal_single_rows():
                                            rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs oneDNN (CPU)")
+needs_onednn = pytest.mark.skipif(not torch.backends.mkldnn.is_available(),
+                                  reason="needs oneDNN (CPU)")
+
+
+@pytest.fixture
+def block_every_matrix(monkeypatch):
+    """The tiny test models' matrices are below the size worth blocking: block them all."""
+    import chitchat.inference as inference
+
+    monkeypatch.setattr(inference, "_BLOCKED_MIN_WEIGHT", 0)
+
+
+@needs_onednn
+def test_only_matrices_worth_it_are_blocked():
+    import chitchat.inference as inference
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=5000, n_positions=40, n_embd=128, n_layer=1, n_head=4)
+    fast = FastGPT2(GPT2LMHeadModel(cfg).eval())
+    fast.prepare(8)
+    layer, head = fast.blocked[0][0], fast.blocked[1]
+    assert head[0].is_mkldnn  # 5000 x 128 = 640k weights
+    assert not any(layer[i][0].is_mkldnn for i in (2, 3, 6, 7))  # 128 wide: 16k-64k
+    assert inference._BLOCKED_MIN_WEIGHT > 4 * 128 * 128
+
+
+@needs_onednn
 @pytest.mark.parametrize("act", ["gelu_new", "gelu", "relu"])  # fused, fused, not fused
-def test_batches_of_four_rows_or_more_use_blocked_weights_with_the_same_logits(act):
+def test_batches_of_four_rows_or_more_use_blocked_weights_with_the_same_logits(
+        act, block_every_matrix):
     model = tiny_gpt2(activation_function=act)
     fast = FastGPT2(model)
     ctxs = [[2, 17, 30, 3], [2, 5, 6, 7, 8, 9, 3], [2, 11, 3], [2, 40, 41, 42, 3],
@@ -312,7 +339,7 @@ def test_batches_of_four_rows_or_more_use_blocked_weights_with_the_same_logits(a
         s1, l1 = fast.start(ctxs[:1])
         assert fast.blocked is None  # one row: the plain weights, no second copy
         st, lb = fast.start(ctxs)
-        assert fast.blocked is not None
+        assert fast.blocked[0][0][2][0].is_mkldnn and fast.blocked[1][0].is_mkldnn
         toks = lb.argmax(-1)
         lb2 = fast.step(st, toks)
         for i, c in enumerate(ctxs):
@@ -322,9 +349,9 @@ def test_batches_of_four_rows_or_more_use_blocked_weights_with_the_same_logits(a
             torch.testing.assert_close(lb2[i], ref[-1], rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs oneDNN (CPU)")
+@needs_onednn
 @pytest.mark.parametrize("act", ["gelu_new", "gelu", "gelu_pytorch_tanh", "relu"])
-def test_the_fused_mlp_activation_is_the_models_own(act):
+def test_the_fused_mlp_activation_is_the_models_own(act, block_every_matrix):
     model = tiny_gpt2(activation_function=act)
     fast = FastGPT2(model)
     fast.prepare(8)
@@ -342,7 +369,7 @@ def test_the_fused_mlp_activation_is_the_models_own(act):
 
 
 @pytest.mark.parametrize("rows", [2, 5])
-def test_hidden_and_project_match_transformers_under_right_padding(rows):
+def test_hidden_and_project_match_transformers_under_right_padding(rows, block_every_matrix):
     model = tiny_gpt2()
     seqs = [[2, 17, 30, 41, 3, 55, 66, 3], [2, 5, 6, 3], [2, 9, 3, 8, 8, 3], [2, 7, 3],
             [2, 19, 20, 21, 22, 3]][:rows]
