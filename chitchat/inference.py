@@ -159,7 +159,7 @@ def _check_fits(n: int, limit: int) -> None:
 # ---- the lean backend -------------------------------------------------------------------------
 # A product of a few rows with a 768-wide weight is memory-bound. At one row MKL's GEMV on the
 # (out, in) weight is the fastest path here; from about 4 rows on, oneDNN on weights reordered
-# once into its blocked layout is much faster (small config, 8 rows: 31 vs 55 ms per decode
+# once into its blocked layout is much faster (small config, 8 rows: 33 vs 60 ms per decode
 # step; bench/bench_chat.py --mmi). The blocked copy doubles the float weights in memory, so it
 # is made only once a batch of that size is decoded. The hint is the row count the layout is
 # tuned for; 8 served 4 to 32 rows best in that measurement. oneDNN's call costs ~45 us, more
