@@ -459,7 +459,10 @@ class HFDecoder:
         pass
 
     def hidden(self, ids, types=None):
+        # All ones: with right padding causal attention already keeps real tokens from
+        # seeing the pads, and an explicit mask stops transformers warning about them.
         return self.model.transformer(input_ids=ids, token_type_ids=types,
+                                      attention_mask=torch.ones_like(ids),
                                       use_cache=False).last_hidden_state
 
     def project(self, h):
