@@ -220,7 +220,8 @@ def decode(backend, contexts: Sequence[Sequence[int]], opts: DecodingOptions,
     `copies` > 1 with a single context feeds that context once and decodes `copies`
     independent samples from it (the KV cache is copied, not recomputed). `token_types` and
     `reply_types` are speaker ids for models trained with them (None otherwise). Stops when
-    every row has produced [SEP] or `opts.max_len` tokens. Runs under inference_mode.
+    every row has produced [SEP] or `opts.max_len` tokens; the batch sheds finished rows
+    as it goes (the backend's `reorder`). Runs under inference_mode.
     """
     if copies > 1 and len(contexts) != 1:
         raise ValueError("copies > 1 needs exactly one context")
@@ -236,36 +237,47 @@ def decode(backend, contexts: Sequence[Sequence[int]], opts: DecodingOptions,
         B, V = logits.shape
         seen = torch.zeros(B, V, dtype=torch.bool, device=logits.device) \
             if opts.repetition_penalty != 1.0 else None
-        rows = torch.arange(B, device=logits.device)
     generated: list[list[int]] = [[] for _ in range(B)]
     done = [False] * B
+    live = list(range(B))  # the caller's row of each row still in the batch
     for step in range(opts.max_len):
         with torch.inference_mode():
-            processed = process_logits(logits, generated, step, opts, cons, seen)  # new tensor
+            processed = process_logits(logits, [generated[r] for r in live], step, opts, cons,
+                                       seen)  # new tensor
             toks = choose_tokens(processed, opts, generator)
-            lp = None
+            lps = None
             if scores:
-                lp = logits.log_softmax(dim=-1).gather(-1, toks.view(-1, 1)).view(-1).tolist()
-        out: list[int | None] = []
-        for b, t in enumerate(toks.tolist()):
-            if done[b]:
-                out.append(None)
+                lps = logits.log_softmax(dim=-1).gather(-1, toks.view(-1, 1)).view(-1).tolist()
+        out: list[int | None] = [None] * B
+        lp: list[float | None] | None = [None] * B if scores else None
+        for i, t in enumerate(toks.tolist()):
+            r = live[i]
+            if done[r]:
                 continue
-            out.append(t)
+            out[r] = t
+            if lp is not None:
+                lp[r] = lps[i]
             if t == cons.sep_id:
-                done[b] = True
+                done[r] = True
             else:
-                generated[b].append(t)
-        if lp is not None:
-            lp = [None if o is None else v for o, v in zip(out, lp)]
+                generated[r].append(t)
         yield Step(out, lp)
         if all(done) or step == opts.max_len - 1:
             return
         with torch.inference_mode():
             if seen is not None:
-                seen[rows, toks] = True
-            # Finished rows keep being fed (their [SEP]) to keep the batch rectangular;
-            # their outputs are ignored.
+                seen[torch.arange(len(live), device=toks.device), toks] = True
+            # Finished rows are fed their [SEP] (outputs ignored) until half the batch has
+            # finished; then the batch shrinks to the rows still going, so a long last reply
+            # does not pay for finished ones. Halving bounds the cache copies to log2(B).
+            keep = [i for i, r in enumerate(live) if not done[r]]
+            if len(keep) <= len(live) // 2:
+                index = torch.tensor(keep, dtype=torch.long, device=toks.device)
+                backend.reorder(state, index)
+                toks = toks.index_select(0, index)
+                if seen is not None:
+                    seen = seen.index_select(0, index)
+                live = [live[i] for i in keep]
             logits = backend.step(state, toks)
 
 

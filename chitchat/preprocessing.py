@@ -88,9 +88,11 @@ def preprocess(cfg: PreprocessConfig) -> Path:
         np.save(tmp / "split.npy", split_mask(counts["dialogues"], n_valid, cfg.seed))
         counts["valid_dialogues"] = n_valid
         counts["train_dialogues"] = counts["dialogues"] - n_valid
-        if n_valid == 0:
-            log.warning("warning: no validation dialogues (the corpus is too small or "
-                        "--val_num 0); training will not report a validation loss.")
+        if n_valid == 0 and cfg.val_num is None and cfg.val_fraction > 0:  # asked, got none
+            log.warning("warning: no validation dialogues (a single dialogue cannot be "
+                        "split); training will not report a validation loss.")
+        elif n_valid == 0:
+            log.info("no validation dialogues (as asked: --val_num 0 or --val_fraction 0)")
         tok.save_vocab(tmp / "vocab.txt")
         vocab_sha = sha256_file(tmp / "vocab.txt")
         write_json(tmp / "meta.json", {

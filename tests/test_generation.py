@@ -116,30 +116,37 @@ def test_phrase_bans_match_transformers():
 
 # ---- the loop on a scripted backend -----------------------------------------------------------
 class Scripted:
-    """A backend whose logits come from `fn(row, step)`; records what it was fed."""
+    """A backend whose logits come from `fn(row, step)`, `row` being the caller's row however
+    the batch is reordered; records what it was fed."""
 
     def __init__(self, fn, n_positions=64):
         self.fn, self.n_positions, self.vocab_size = fn, n_positions, V
         self.device = torch.device("cpu")
         self.max_length = 0
+        self.batch_sizes = []  # rows fed per step
 
     def _logits(self, state):
-        return torch.stack([self.fn(b, state.length - state.cache) for b in range(len(state.pad))])
+        start, rows = state.cache
+        return torch.stack([self.fn(b, state.length - start) for b in rows])
 
     def start(self, contexts, token_types=None, reply_types=None, capacity=None):
         L = max(len(c) for c in contexts)
         st = DecodeState(length=L, pad=torch.tensor([L - len(c) for c in contexts]),
-                         key_mask=None, cache=L)
+                         key_mask=None, cache=(L, list(range(len(contexts)))))
         self.max_length = max(self.max_length, st.length)
         return st, self._logits(st)
 
     def step(self, state, tokens):
+        assert len(tokens) == len(state.cache[1])
+        self.batch_sizes.append(len(tokens))
         state.length += 1
         self.max_length = max(self.max_length, state.length)
         return self._logits(state)
 
     def reorder(self, state, index):
         state.pad = state.pad.index_select(0, index)
+        start, rows = state.cache
+        state.cache = (start, [rows[i] for i in index.tolist()])
 
 
 def peaked(token):
@@ -202,6 +209,21 @@ def test_batch_rows_stop_independently():
     assert steps[1].logprobs[2] is not None and steps[2].logprobs[0] is None
 
 
+def test_the_batch_shrinks_to_the_rows_still_going():
+    # Row b says [SEP] at step b + 1; 8 rows. After step 4, rows 0-3 are done (half): the
+    # batch drops to 4; after step 6 to 2; after step 7 to 1. Every row's tokens stay its own.
+    fn = lambda b, step: peaked(SEP if step == b + 1 else 20 + b + step)
+    ctxs = [[5]] * 8
+    be = Scripted(fn)
+    steps = list(decode(be, ctxs, DecodingOptions(max_len=12, greedy=True, repetition_penalty=1.3),
+                        CONS, scores=True))
+    rows = [[t for t in r if t is not None] for r in zip(*[s.tokens for s in steps])]
+    assert rows == [[20 + b + k for k in range(b + 1)] + [SEP] for b in range(8)]
+    assert be.batch_sizes == [8, 8, 8, 8, 4, 4, 2, 1]
+    for k, s in enumerate(steps):  # a score for exactly the rows that said something
+        assert [lp is not None for lp in s.logprobs] == [t is not None for t in s.tokens]
+
+
 def test_repetition_penalty_applies_to_the_reply_only():
     # Equal preference for 7 and 8; once 7 is said, the penalty must move to 8.
     fn = lambda b, step: peaked(7) + peaked(8) * 0.999
@@ -236,6 +258,9 @@ class Tree(Scripted):
     def step(self, state, tokens):
         state.length += 1
         return self.dist(tokens)
+
+    def reorder(self, state, index):
+        state.pad = state.pad.index_select(0, index)
 
     @staticmethod
     def dist(last):

@@ -214,7 +214,7 @@ def test_candidates_come_from_one_batched_pass_and_stop_per_row(tiny_model_dir, 
         model.transformer.wte.weight[tok.sep_id] *= 4
     rev, _ = load_model(reverse_dir)
     bot = Chatbot(model, tok, mmi_model=rev, num_candidates=8, seed=3, max_len=20)
-    calls = {"start": [], "step": 0}
+    calls = {"start": [], "rows": []}
     start, step = bot.backend.start, bot.backend.step
 
     def spy_start(contexts, **kw):
@@ -222,8 +222,7 @@ def test_candidates_come_from_one_batched_pass_and_stop_per_row(tiny_model_dir, 
         return start(contexts, **kw)
 
     def spy_step(state, tokens):
-        calls["step"] += 1
-        assert tokens.shape[0] == 8
+        calls["rows"].append(tokens.shape[0])
         return step(state, tokens)
 
     bot.backend.start, bot.backend.step = spy_start, spy_step
@@ -233,7 +232,11 @@ def test_candidates_come_from_one_batched_pass_and_stop_per_row(tiny_model_dir, 
     lengths = [len(c.token_ids) for c in cands]
     assert len(cands) == 8 and len(set(lengths)) > 1  # rows stopped independently
     assert all(tok.sep_id not in c.token_ids for c in cands)
-    assert calls["step"] == max(lengths) - (max(lengths) == 20)  # no step after the last row
+    assert len(calls["rows"]) == max(lengths) - (max(lengths) == 20)  # none after the last
+    # The batch starts with the 8 rows and shrinks as they finish, never below those going.
+    assert calls["rows"][0] == 8 and calls["rows"] == sorted(calls["rows"], reverse=True)
+    for k, n in enumerate(calls["rows"]):
+        assert n >= sum(n_tok > k for n_tok in lengths)
     assert sum(c.chosen for c in cands) == 1
     assert r.token_ids == next(c for c in cands if c.chosen).token_ids
 

@@ -291,3 +291,17 @@ def test_log_path_gets_the_report_and_callers_keep_their_logger(tmp_path):
     assert "dialogues 2" in text and "wrote" in text
     assert [h.level for h in caller.handlers if isinstance(h, logging.StreamHandler)
             and not isinstance(h, logging.FileHandler)] == [logging.INFO]
+
+
+@pytest.mark.parametrize("kw,warned", [({}, True), ({"val_num": 0}, False),
+                                       ({"val_fraction": 0.0}, False)])
+def test_a_missing_validation_split_is_a_warning_only_when_one_was_asked_for(tmp_path, kw,
+                                                                             warned):
+    src = tmp_path / "train.txt"
+    src.write_text("你好\n嗨\n", encoding="utf-8")  # one dialogue: nothing to split off
+    log_file = tmp_path / "preprocess.log"
+    store = run(tmp_path, src, log_path=str(log_file), **kw)
+    assert store.valid_indices().size == 0
+    text = log_file.read_text(encoding="utf-8")
+    assert ("warning: no validation dialogues" in text) == warned
+    assert ("no validation dialogues (as asked" in text) == (not warned)
