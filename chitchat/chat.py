@@ -71,6 +71,16 @@ class Reply:
     mmi_fallback: str | None = None  # MMI: why the choice did not pass every filter
 
 
+def printable(text: str) -> str:
+    """`text` quoted so that it can be written anywhere and seen: undecodable bytes as
+    \\xNN, invisible characters (zero-width space...) as \\uNNNN."""
+    if not isinstance(text, str):
+        return repr(text)
+    s = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    return "'" + "".join(c if c.isprintable() else c.encode("unicode_escape").decode()
+                         for c in s) + "'"
+
+
 @dataclass
 class Context:
     ids: list[int]
@@ -101,7 +111,8 @@ def build_context(tokenizer: ChatTokenizer, history: Sequence[str], max_history_
         ids = tokenizer.encode(history[k])
         if not ids:
             if k == len(history) - 1:
-                raise ChitchatError(f"the message {history[k]!r} has no tokens; say something")
+                raise ChitchatError(f"the message {printable(history[k])} has no tokens in "
+                                    "this model's vocab; say something else")
             continue
         if used + len(ids) + 1 > budget:
             if picked:
@@ -469,9 +480,21 @@ class Chatbot:
         self.history.clear()
         self.last_reply = None
 
+    def check_message(self, text: str) -> str:
+        """`text` as it would be sent, or a ChitchatError saying why it cannot be (empty,
+        not valid text, no token in this vocab). Nothing changes either way."""
+        text = self._user_text(text)
+        self.context([*self.history, text])
+        return text
+
     def _user_text(self, text: str) -> str:
         if not isinstance(text, str) or not text.strip():
             raise ChitchatError("the message is empty")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:  # lone surrogates: undecodable input bytes
+            raise ChitchatError(f"the message {printable(text)} holds bytes that are not "
+                                "valid UTF-8 text; check the terminal's encoding") from None
         return " ".join(text.split())
 
     def _commit(self, text: str, reply: Reply) -> None:

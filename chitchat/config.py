@@ -190,7 +190,8 @@ class TrainConfig:
         check(self.batch_size >= 1, f"--batch_size must be at least 1, got {self.batch_size}")
         check(self.gradient_accumulation_steps >= 1,
               "--gradient_accumulation_steps must be at least 1")
-        check(self.lr > 0, f"--lr must be positive, got {self.lr}")
+        check(0 < self.lr < 1, f"--lr must be in (0, 1), got {self.lr} (AdamW's usual "
+              "range is 1e-5 to 1e-3; 2e-4 is the default)")
         check(self.eps > 0, "--eps must be positive")
         check(self.weight_decay >= 0, "--weight_decay must be >= 0")
         check(self.warmup_steps is None or self.warmup_steps >= 0, "--warmup_steps must be >= 0")

@@ -131,7 +131,14 @@ def _read_jsonl(path: Path, encoding: str, stats: ReadStats) -> Iterator[Dialogu
                                 f"{type(obj).__name__}. Each line must look like "
                                 '["你好", "你好呀"]')
         utts = []
-        for u in obj:
+        for k, u in enumerate(obj, 1):
+            try:
+                u.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise ChitchatError(
+                    f"{path}:{i}: utterance {k} holds the escape \\u{ord(u[e.start]):04x}, a "
+                    "lone UTF-16 surrogate that is not a character (a broken emoji or a "
+                    "text cut in the middle of a pair?). Fix or remove that line.") from None
             u = u.strip()
             if u:
                 utts.append(u)

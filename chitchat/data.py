@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from .tokenization import ChatTokenizer
-from .utils import ChitchatError
+from .utils import ChitchatError, sha256_file
 
 FORMAT_VERSION = 1
 STORE_FILES = ("tokens.bin", "dialogue_offsets.npy", "utterance_ends.npy",
@@ -62,6 +62,21 @@ def split_mask(n_dialogues: int, n_valid: int, seed: int) -> np.ndarray:
     if n_valid:
         mask[np.random.default_rng(seed).permutation(n_dialogues)[:n_valid]] = 1
     return mask
+
+
+STORE_KIND = "chitchat-token-store"
+
+
+def is_token_store(path: Path) -> bool:
+    """True when `path` is a folder preprocess.py wrote (its meta.json says so), complete or
+    not: only such a folder may be replaced by a rebuild."""
+    try:
+        meta = json.loads((Path(path) / "meta.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    # Stores from before the "kind" key are recognised by the keys only a store has.
+    return isinstance(meta, dict) and (meta.get("kind") == STORE_KIND or {
+        "format_version", "token_dtype", "vocab_sha256", "counts"} <= meta.keys())
 
 
 class TokenStore:
@@ -108,7 +123,23 @@ class TokenStore:
         return self.path / "vocab.txt"
 
     def tokenizer(self) -> ChatTokenizer:
-        return ChatTokenizer.from_vocab_file(self.vocab_path)
+        tok = ChatTokenizer.from_vocab_file(self.vocab_path)
+        top = int(self.tokens.max()) if len(self.tokens) else -1
+        if top >= tok.vocab_size:
+            raise ChitchatError(
+                f"{self.vocab_path} has {tok.vocab_size} tokens but {self.path / 'tokens.bin'} "
+                f"holds id {top}: the vocab does not belong to these tokens. Rebuild the "
+                f"store: python preprocess.py --train_path <train.txt> --save_path "
+                f"{self.path} --force")
+        return tok
+
+    def fingerprint(self) -> dict:
+        """What a model trained on this store depends on: the vocab and the token ids.
+
+        tokens.bin is hashed once and the result kept in meta.json by preprocess.py; older
+        stores are hashed here."""
+        tokens = self.meta.get("tokens_sha256") or sha256_file(self.path / "tokens.bin")
+        return {"vocab_sha256": sha256_file(self.vocab_path), "tokens_sha256": tokens}
 
     def dialogue(self, i: int) -> np.ndarray:
         """Ids of dialogue i: ``[CLS] u1 [SEP] ... un [SEP]``."""

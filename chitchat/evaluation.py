@@ -208,6 +208,35 @@ def default_output(cfg: EvaluateConfig) -> Path:
     return Path(cfg.model_path) / f"eval-{Path(cfg.data_path).stem}.json"
 
 
+# Files of a model folder that an evaluation output must never replace.
+MODEL_FILES = {"config.json", "generation_config.json", "model.safetensors", "vocab.txt",
+               "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+               "pytorch_model.bin", "best.json", "trainer_state.json", "training_state.pt",
+               "manifest.json", "metrics.jsonl", "train.log"}
+
+
+def check_outputs(cfg: EvaluateConfig) -> None:
+    """Outputs are written whole (write, then rename), so one that is also an input would
+    be lost: refuse that before any work."""
+    outs = [default_output(cfg)] + ([Path(cfg.generate)] if cfg.generate else [])
+    inputs = {Path(p).resolve(): flag for p, flag in ((cfg.data_path, "--data_path"),
+                                                      (cfg.vocab_path, "--vocab_path"))
+              if p}
+    models = {Path(p).resolve() for p in (cfg.model_path, cfg.mmi_model_path) if p}
+    for out in outs:
+        r = out.resolve()
+        if r.is_dir():
+            raise ChitchatError(f"output {out} is a folder; give a file path")
+        clash = inputs.get(r)
+        if clash is None and r.parent in models and out.name in MODEL_FILES:
+            clash = "a model folder's own files"
+        if clash:
+            raise ChitchatError(f"output {out} would overwrite {clash}; choose another "
+                                "--output_json / --generate path")
+    if len(outs) == 2 and outs[0].resolve() == outs[1].resolve():
+        raise ChitchatError(f"--output_json and --generate are the same file ({outs[0]})")
+
+
 def evaluate(cfg: EvaluateConfig) -> dict:
     """Run evaluate.py as `cfg` says; prints the table, writes the JSON, returns it."""
     import torch
@@ -220,6 +249,7 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     from .modeling import is_reverse, load_model
 
     log = get_logger(quiet=cfg.quiet)
+    check_outputs(cfg)
     hf_logging.disable_progress_bar()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)

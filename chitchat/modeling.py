@@ -33,15 +33,44 @@ def load_config(path: str | os.PathLike, tokenizer: ChatTokenizer) -> GPT2Config
         raw = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise ChitchatError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
+    if not isinstance(raw, dict):
+        raise ChitchatError(f"{path}: a model config is a JSON object ({{\"n_layer\": 10, "
+                            f"...}}), not a {type(raw).__name__}")
     unknown = sorted(set(raw) - _CONFIG_KEYS)
     if unknown:
         raise ChitchatError(f"{path}: unknown GPT-2 config key(s) {', '.join(unknown)}")
+    _check_sizes(raw, path)
     raw = {k: v for k, v in raw.items() if k not in ("architectures", "output_past")}
     raw.update(vocab_size=tokenizer.vocab_size, bos_token_id=tokenizer.cls_id,
                eos_token_id=tokenizer.sep_id, pad_token_id=tokenizer.pad_id)
     config = GPT2Config(**raw)
     config.architectures = ["GPT2LMHeadModel"]
     return config
+
+
+_SIZE_KEYS = ("n_layer", "n_head", "n_embd", "n_positions")
+_RATE_KEYS = ("resid_pdrop", "embd_pdrop", "attn_pdrop")
+
+
+def _check_sizes(raw: dict, path: Path) -> None:
+    """Types and ranges that GPT2Config itself accepts silently and the model then fails on
+    (or, for a dropout of 1.5, trains on as nonsense)."""
+    for k in _SIZE_KEYS:
+        v = raw.get(k)
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+            raise ChitchatError(f"{path}: {k} must be a whole number >= 1, got {v!r}")
+    for k in _RATE_KEYS + ("layer_norm_epsilon", "initializer_range"):
+        v = raw.get(k)
+        if v is not None and (not isinstance(v, (int, float)) or isinstance(v, bool)):
+            raise ChitchatError(f"{path}: {k} must be a number, got {v!r}")
+    for k in _RATE_KEYS:
+        if raw.get(k) is not None and not 0 <= raw[k] < 1:
+            raise ChitchatError(f"{path}: {k} is a dropout rate in [0, 1), got {raw[k]!r}")
+    n_embd, n_head = raw.get("n_embd", 768), raw.get("n_head", 12)
+    if n_embd % n_head:
+        raise ChitchatError(f"{path}: n_embd {n_embd} is not divisible by n_head {n_head}; "
+                            f"each head gets n_embd / n_head dimensions (e.g. n_embd "
+                            f"{n_head * max(1, round(n_embd / n_head))})")
 
 
 def build_model(config: GPT2Config) -> GPT2LMHeadModel:
@@ -67,6 +96,10 @@ def load_model(path: str | os.PathLike, vocab_path: str | os.PathLike | None = N
                             "train.py, or point --model_path at model/<run> or its best/.")
     if vocab_path is not None:
         tokenizer = ChatTokenizer.from_vocab_file(vocab_path)
+        if (path / "vocab.txt").is_file():
+            # The folder knows its own vocab: a different one would shuffle every token.
+            check_same_vocab(ChatTokenizer.from_dir(path), path / "vocab.txt", tokenizer,
+                             Path(vocab_path), "Drop --vocab_path: the folder has its own.")
     elif (path / "vocab.txt").is_file():
         tokenizer = ChatTokenizer.from_dir(path)
     else:
@@ -103,6 +136,19 @@ def check_vocab(model: GPT2LMHeadModel, tokenizer: ChatTokenizer, where) -> None
             f"vocab has {tokenizer.vocab_size} tokens. Use the vocab the model was trained "
             "with (--vocab_path), or preprocess the data with that vocab "
             "(python preprocess.py --vocab_path <model>/vocab.txt).")
+
+
+def check_same_vocab(want: ChatTokenizer, want_file, got: ChatTokenizer, got_file,
+                     fix: str) -> None:
+    """The one vocab check: the ids of `got_file` must be those of `want_file`."""
+    if want.tokens == got.tokens:
+        return
+    if want.vocab_size != got.vocab_size:
+        detail = f"{want.vocab_size} vs {got.vocab_size} tokens"
+    else:
+        i = next(i for i, (a, b) in enumerate(zip(want.tokens, got.tokens)) if a != b)
+        detail = f"same size, but id {i} is {want.tokens[i]!r} vs {got.tokens[i]!r}"
+    raise ChitchatError(f"the vocab {got_file} differs from {want_file} ({detail}). {fix}")
 
 
 def save_model(model, tokenizer: ChatTokenizer, directory: str | os.PathLike) -> None:

@@ -19,14 +19,26 @@ from tqdm import tqdm
 
 from .config import PreprocessConfig
 from .corpus import Dialogue, ReadStats, read_dialogues
-from .data import FORMAT_VERSION, TokenStore, split_mask, token_dtype, validation_size
+from .data import FORMAT_VERSION, STORE_KIND, TokenStore, is_token_store, split_mask, token_dtype, validation_size
 from .tokenization import ChatTokenizer
 from .utils import ChitchatError, atomic_dir, get_logger, sha256_file, write_json
 
 
 def default_save_path(train_path: str) -> Path:
     """data/train.txt -> data/train: the store sits beside its corpus."""
-    return Path(train_path).with_suffix("")
+    src = Path(train_path)
+    out = src.with_suffix("")
+    return out if out != src else src.with_name(src.name + "_store")
+
+
+def check_output_path(src: Path, save: Path) -> None:
+    """The store may not be the corpus, nor a folder that holds it: a rebuild replaces the
+    whole folder."""
+    s, d = src.resolve(), save.resolve()
+    if s == d or d in s.parents:
+        raise ChitchatError(f"--save_path {save} would replace the corpus {src} (the output "
+                            "folder is replaced whole). Choose an output folder that does not "
+                            f"hold the corpus, e.g. --save_path {default_save_path(str(src))}")
 
 
 def _batches(it: Iterator[Dialogue], n: int) -> Iterator[list[Dialogue]]:
@@ -55,6 +67,7 @@ def preprocess(cfg: PreprocessConfig) -> Path:
     # Its own logger, so a caller (evaluate.py) keeps its log settings.
     log = get_logger("chitchat.preprocess", log_path=cfg.log_path, quiet=cfg.quiet)
     src = Path(cfg.train_path)
+    check_output_path(src, save)
     stats = ReadStats()
     # Fail on a missing or unreadable file before hashing or touching the output.
     next(iter(read_dialogues(src, cfg.encoding, stats)), None)
@@ -82,8 +95,8 @@ def preprocess(cfg: PreprocessConfig) -> Path:
         log.info(f"vocab: built from {src} ({tok.vocab_size} tokens)")
 
     dtype = token_dtype(tok.vocab_size)
-    with atomic_dir(save) as tmp:
-        counts, report = _encode_corpus(cfg, src, tok, dtype, tmp, stats, show)
+    with atomic_dir(save, is_token_store, "a token store (preprocess.py's output)") as tmp:
+        counts, report, tokens_sha = _encode_corpus(cfg, src, tok, dtype, tmp, stats, show)
         n_valid = validation_size(counts["dialogues"], cfg.val_num, cfg.val_fraction)
         np.save(tmp / "split.npy", split_mask(counts["dialogues"], n_valid, cfg.seed))
         counts["valid_dialogues"] = n_valid
@@ -96,8 +109,8 @@ def preprocess(cfg: PreprocessConfig) -> Path:
         tok.save_vocab(tmp / "vocab.txt")
         vocab_sha = sha256_file(tmp / "vocab.txt")
         write_json(tmp / "meta.json", {
-            "format_version": FORMAT_VERSION, "vocab_size": tok.vocab_size,
-            "vocab_sha256": vocab_sha, "token_dtype": dtype.name,
+            "kind": STORE_KIND, "format_version": FORMAT_VERSION, "vocab_size": tok.vocab_size,
+            "vocab_sha256": vocab_sha, "tokens_sha256": tokens_sha, "token_dtype": dtype.name,
             "special_ids": {"pad": tok.pad_id, "unk": tok.unk_id, "cls": tok.cls_id,
                             "sep": tok.sep_id},
             "source": {"path": src.name, "sha256": source_hash, "encoding": cfg.encoding},
@@ -118,6 +131,7 @@ def _encode_corpus(cfg, src, tok, dtype, out: Path, stats: ReadStats, show: bool
     skipped_utts = 0
     skipped_dialogues = []
     n_tokens = 0
+    tokens_sha = hashlib.sha256()
     with open(out / "tokens.bin", "wb") as fbin:
         reader = read_dialogues(src, cfg.encoding, stats)
         bar = tqdm(desc="encode", unit=" dlg", disable=not show)
@@ -141,7 +155,9 @@ def _encode_corpus(cfg, src, tok, dtype, out: Path, stats: ReadStats, show: bool
                 if k:
                     hashes.append(_dialogue_hash(d.utterances))
                     lines.append(d.line)
-            ids.astype(dtype).tofile(fbin)
+            raw = ids.astype(dtype).tobytes()
+            fbin.write(raw)
+            tokens_sha.update(raw)
             n_tokens += ids.size
             bar.update(len(batch))
         bar.close()
@@ -187,7 +203,7 @@ def _encode_corpus(cfg, src, tok, dtype, out: Path, stats: ReadStats, show: bool
                                           for w in skipped_dialogues[:10]],
         },
     }
-    return counts, report
+    return counts, report, tokens_sha.hexdigest()
 
 
 def _print_report(r: dict, log) -> None:

@@ -19,7 +19,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TextIO
 
-from .chat import Chatbot, Reply, coerce_option, read_bad_words
+from .chat import Chatbot, Reply, coerce_option, printable, read_bad_words
 from .config import DecodingOptions, InteractConfig
 from .utils import ChitchatError, get_logger
 
@@ -163,12 +163,19 @@ class Repl:
                 continue
             try:
                 self.turn(line)
+            except ChitchatError as e:  # one unusable line must not end the session
+                self.say(f"(not sent: {e})")
+                if self.transcript:
+                    self.transcript.event("skipped", user=printable(line), reason=str(e))
             except KeyboardInterrupt:  # a second Ctrl-C while a stopped reply is recorded
                 self._out("\n")
         return 0
 
     def turn(self, text: str) -> Reply:
-        """One exchange: print the reply (streamed or at once) and record it."""
+        """One exchange: print the reply (streamed or at once) and record it.
+
+        A message that cannot be sent raises ChitchatError before anything is recorded."""
+        text = self.bot.check_message(text)
         if self.transcript:
             self.transcript.user(text)
         pieces = self.bot.stream(text)

@@ -32,6 +32,7 @@ import asyncio
 import collections
 import dataclasses
 import hmac
+import ipaddress
 import json
 import logging
 import queue
@@ -871,6 +872,16 @@ def load_chatbot(cfg: ServeConfig):
                                    **dataclasses.asdict(cfg.decoding()))
 
 
+def is_loopback(host: str) -> bool:
+    """127.0.0.0/8, ::1 and localhost are reachable only from this machine."""
+    if host.lower() in ("localhost", "localhost."):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:  # a host name: it may resolve anywhere
+        return False
+
+
 def serve(cfg: ServeConfig) -> int:
     """Run the server until SIGTERM or Ctrl-C. The model loads while the server already
     answers (503 until ready). Returns 0, or raises ChitchatError if the model fails to load."""
@@ -888,7 +899,7 @@ def serve(cfg: ServeConfig) -> int:
                             "with train.py, or point to a model folder")
     if cfg.bad_words and not Path(cfg.bad_words).is_file():
         raise ChitchatError(f"--bad_words file not found: {cfg.bad_words}")
-    if cfg.host not in ("127.0.0.1", "localhost", "::1") and cfg.api_key is None:
+    if not is_loopback(cfg.host) and cfg.api_key is None:
         log.warning("warning: listening on %s without --api_key: anyone who can reach this "
                     "port can use the model", cfg.host)
     failure: list[BaseException] = []

@@ -23,9 +23,9 @@ import numpy as np
 
 from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers
 from tokenizers.models import WordPiece
-from tokenizers.trainers import WordPieceTrainer
 
 from .utils import ChitchatError, atomic_write_text
+from .wordpiece import count_words, train_wordpiece
 
 PAD, UNK, CLS, SEP, MASK = "[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"
 SPECIAL_TOKENS = (PAD, UNK, CLS, SEP, MASK)
@@ -135,16 +135,8 @@ class ChatTokenizer:
         Every character seen becomes a token (no alphabet limit), so Chinese text has no
         [UNK] at all on the training corpus.
         """
-        tok = Tokenizer(WordPiece(unk_token=UNK))
-        tok.normalizer = normalizers.BertNormalizer(
-            clean_text=True, handle_chinese_chars=True, strip_accents=None, lowercase=True)
-        tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-        trainer = WordPieceTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
-                                   special_tokens=[*SPECIAL_TOKENS, *SPEAKER_TOKENS],
-                                   continuing_subword_prefix="##", show_progress=False)
-        tok.train_from_iterator(utterances, trainer)
-        vocab = tok.get_vocab()
-        tokens = sorted(vocab, key=vocab.__getitem__)
+        tokens = train_wordpiece(count_words(utterances), vocab_size, min_frequency,
+                                 [*SPECIAL_TOKENS, *SPEAKER_TOKENS])
         assert tokens[: len(SPECIAL_TOKENS)] == list(SPECIAL_TOKENS), tokens[:5]
         return cls(tokens)
 

@@ -39,17 +39,17 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from .checkpoint import (CHECKPOINT_FORMAT, STATE_FILE, TENSORS_FILE, check_run_dir,
+                         checkpoints_of, find_resume_checkpoint, is_best_dir, is_checkpoint,
+                         publish_model, write_manifest)
 from .config import TrainConfig
 from .data import (ReversedStore, TokenStore, WindowTable, build_windows, collate_rows,
                    epoch_rows, plan_steps, resplit)
-from .modeling import (build_model, is_reverse, load_config, load_model, resolve_device,
-                       save_model, set_reverse, set_speaker_token_ids, speaker_token_ids)
+from .modeling import (build_model, check_same_vocab, is_reverse, load_config, load_model,
+                       resolve_device, save_model, set_reverse, set_speaker_token_ids, speaker_token_ids)
 from .tokenization import ChatTokenizer
-from .utils import ChitchatError, atomic_dir, get_logger, write_json
+from .utils import ChitchatError, atomic_dir, atomic_write_text, get_logger, write_json
 
-CHECKPOINT_FORMAT = 1
-STATE_FILE = "trainer_state.json"
-TENSORS_FILE = "training_state.pt"
 # Options a resumed run may change; the others define the run (data, model, batch, ...)
 # and changing them would silently make it a different run.
 RESUMABLE = {"device", "no_cuda", "num_workers", "epochs", "max_steps", "eval_interval",
@@ -265,36 +265,6 @@ def evaluate(runner, model, store, table: WindowTable, cfg: TrainConfig, row_len
 
 
 # ---- run folder and checkpoints ---------------------------------------------------------------
-def checkpoints_of(run_dir: Path) -> list[Path]:
-    """Complete checkpoints of a run, oldest first (atomic writes: a listed one is whole)."""
-    ck = run_dir / "checkpoints"
-    if not ck.is_dir():
-        return []
-    found = [p for p in ck.iterdir()
-             if re.fullmatch(r"step-\d+", p.name) and (p / STATE_FILE).is_file()]
-    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
-
-
-def find_resume_checkpoint(cfg: TrainConfig) -> Path | None:
-    """The checkpoint --resume points at (None: --resume auto found nothing)."""
-    if cfg.resume != "auto":
-        path = Path(cfg.resume)
-        if (path / STATE_FILE).is_file():
-            return path
-        if checkpoints_of(path):
-            return checkpoints_of(path)[-1]
-        raise ChitchatError(f"--resume {path}: not a checkpoint (no {STATE_FILE}) nor a run "
-                            "folder with checkpoints/. Use --resume auto, or a folder like "
-                            "model/<run>/checkpoints/step-00001000")
-    root = Path(cfg.save_model_path)
-    if cfg.run_name:
-        cks = checkpoints_of(root / cfg.run_name)
-        return cks[-1] if cks else None
-    newest = [c[-1] for c in (checkpoints_of(d) for d in sorted(root.glob("*"))
-                              if d.is_dir()) if c]
-    return max(newest, key=lambda p: (p / STATE_FILE).stat().st_mtime) if newest else None
-
-
 def merge_resume_options(cfg: TrainConfig, saved: dict, where: Path) -> TrainConfig:
     """The run's saved options, with the CLI's values for the few that may change.
 
@@ -321,16 +291,6 @@ def merge_resume_options(cfg: TrainConfig, saved: dict, where: Path) -> TrainCon
     return TrainConfig(**merged)
 
 
-def publish_model(src: Path, run_dir: Path) -> None:
-    """Copy the model files of checkpoint `src` to the run folder, each file atomically,
-    so that ``interact.py --model_path <run>`` always finds a whole model."""
-    for f in sorted(src.iterdir()):
-        if f.is_file() and f.name not in (TENSORS_FILE, STATE_FILE):
-            tmp = run_dir / f".{f.name}.tmp-{os.getpid()}"
-            shutil.copyfile(f, tmp)
-            os.replace(tmp, run_dir / f.name)
-
-
 def rng_state() -> dict:
     state = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -349,6 +309,57 @@ def fingerprint(model: nn.Module) -> list[float]:
     return [float(p.detach().double().sum()) for p in model.parameters()]
 
 
+def check_same_data(state: dict, now: dict, ckpt: Path, store) -> None:
+    """A resumed run must see the vocab and token ids its checkpoint was trained on."""
+    saved = state.get("data")
+    if saved is None:  # a checkpoint from before fingerprints: compare the vocab files
+        same_vocab = (ckpt / "vocab.txt").read_bytes() == store.vocab_path.read_bytes()
+        same_tokens = True
+    else:
+        same_vocab = saved["vocab_sha256"] == now["vocab_sha256"]
+        same_tokens = saved["tokens_sha256"] == now["tokens_sha256"]
+    if not same_vocab:
+        raise ChitchatError(
+            f"the vocab of {store.path} is not the one {ckpt} was trained with (the store was "
+            "rebuilt since); the checkpoint's embeddings belong to its own vocab, so resuming "
+            "would train on shuffled token ids. Rebuild the store with the run's vocab: "
+            f"python preprocess.py --train_path <train.txt> --save_path {store.path} "
+            f"--vocab_path {ckpt / 'vocab.txt'} --force; or start a new run.")
+    if not same_tokens:
+        raise ChitchatError(
+            f"the token ids in {store.path} changed since {ckpt} was saved (the corpus was "
+            "rebuilt), so the run's data position means nothing now. To go on training on "
+            f"the new data, start a new run from it: --pretrained_model {ckpt}")
+
+
+def trim_metrics(path: Path, step: int) -> None:
+    """Drop the records of steps after `step`: a resumed run logs them again."""
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text(encoding="utf-8").splitlines(keepends=True)
+            if _record_step(line) <= step]
+    atomic_write_text(path, "".join(kept))
+
+
+def _record_step(line: str) -> float:
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf  # a line torn by a kill: drop it
+
+
+def save_error(path: Path, last_ckpt: Path | None, e: Exception) -> ChitchatError:
+    try:
+        free = f"{shutil.disk_usage(path.parent.parent).free / 2**20:,.0f} MB free"
+    except OSError:
+        free = "free space unknown"
+    kept = (f"The previous checkpoint {last_ckpt} is intact." if last_ckpt else
+            "No earlier checkpoint exists.")
+    return ChitchatError(f"could not write checkpoint {path} ({free}): {e}. Nothing partial "
+                         f"was kept. {kept} Free disk space (or lower --keep_checkpoints) and "
+                         "continue with --resume auto.")
+
+
 # ---- model --------------------------------------------------------------------------------
 def make_model(cfg: TrainConfig, tok: ChatTokenizer, store: TokenStore, log):
     if cfg.pretrained_model:
@@ -363,12 +374,8 @@ def make_model(cfg: TrainConfig, tok: ChatTokenizer, store: TokenStore, log):
             raise ChitchatError(f"vocab size mismatch: the model at {path} has {n_emb} token "
                                 f"embeddings but the data at {store.path} has a vocab of "
                                 f"{tok.vocab_size} tokens. {fix}")
-        if has_vocab and model_tok.tokens != tok.tokens:
-            diff = next(i for i, (a, b) in enumerate(zip(model_tok.tokens, tok.tokens))
-                        if a != b)
-            raise ChitchatError(f"the vocab of {path} differs from the data's vocab "
-                                f"({store.vocab_path}) at id {diff}: "
-                                f"{model_tok.tokens[diff]!r} vs {tok.tokens[diff]!r}. {fix}")
+        if has_vocab:
+            check_same_vocab(model_tok, path / "vocab.txt", tok, store.vocab_path, fix)
         model.train()
         log.info(f"fine-tuning {path}")
     else:
@@ -501,7 +508,8 @@ def _train(cfg: TrainConfig, info: DistInfo) -> Path:
     if cfg.resume:
         ckpt_text = ""
         if info.main:
-            found = find_resume_checkpoint(cfg)
+            found = find_resume_checkpoint(cfg.resume, cfg.save_model_path, cfg.run_name,
+                                           get_logger("chitchat.train", quiet=cfg.quiet))
             ckpt_text = str(found) if found else ""
         ckpt_text = broadcast_text(ckpt_text, info, device)
         ckpt = Path(ckpt_text) if ckpt_text else None
@@ -527,8 +535,12 @@ def _train(cfg: TrainConfig, info: DistInfo) -> Path:
             raise ChitchatError(f"{run_dir} already holds checkpoints. Continue it with "
                                 f"--resume auto --run_name {name}, or pick another "
                                 "--run_name.")
+        if info.main:
+            check_run_dir(run_dir)
     if info.main:
         run_dir.mkdir(parents=True, exist_ok=True)
+        if ckpt is not None:
+            trim_metrics(run_dir / "metrics.jsonl", state["step"])
     log = get_logger("chitchat.train", (cfg.log_path or run_dir / "train.log")
                      if info.main else None, quiet=not info.main)
     if not info.main:  # only rank 0 logs (the tqdm redirect below ignores handler levels)
@@ -541,6 +553,9 @@ def _train(cfg: TrainConfig, info: DistInfo) -> Path:
     if cfg.reverse:
         store = ReversedStore(store)
     tok = store.tokenizer()
+    data_print = store.fingerprint()
+    if ckpt is not None:
+        check_same_data(state, data_print, ckpt, store)
     train_idx, valid_idx = resplit(store, cfg.val_num, cfg.val_fraction, cfg.seed)
     train_table = build_windows(store, train_idx, cfg.max_len, cfg.loss_on)
     valid_table = build_windows(store, valid_idx, cfg.max_len, cfg.loss_on)
@@ -609,7 +624,7 @@ def _train(cfg: TrainConfig, info: DistInfo) -> Path:
                  + ("; REVERSED utterance order (MMI reverse model)" if cfg.reverse else ""))
     metrics = _Metrics(run_dir, info.main, log)
 
-    last_ckpt = checkpoints_of(run_dir)[-1] if info.main and checkpoints_of(run_dir) else None
+    last_ckpt = ckpt if info.main else None  # the newest intact checkpoint
     last_saved = step if ckpt is not None else -1
     checked_step = step
     bad_loss = torch.zeros((), device=device)  # loss sums since the last finiteness check
@@ -623,7 +638,7 @@ def _train(cfg: TrainConfig, info: DistInfo) -> Path:
                               "total_steps": total_steps, "base_lr": cfg.lr,
                               "lr": cfg.lr * lr_factor(max(0, step - 1), warmup,
                                                        total_steps, cfg.lr_schedule)},
-                "options": dataclasses.asdict(cfg)}
+                "options": dataclasses.asdict(cfg), "data": data_print}
 
     def check_finite(where="train"):
         nonlocal checked_step
@@ -648,15 +663,19 @@ def _train(cfg: TrainConfig, info: DistInfo) -> Path:
             rank_prints = [sum(prints)]
         if info.main:
             path = run_dir / "checkpoints" / f"step-{step:08d}"
-            with atomic_dir(path) as tmp:
-                save_model(model, tok, tmp)
-                torch.save({"optimizer": optimizer.state_dict(),
-                            "scaler": scaler.state_dict() if scaler is not None else None,
-                            "rng": rng_state()}, tmp / TENSORS_FILE)
-                st = state_json(epoch_, pos_)
-                st["rank_fingerprints"] = rank_prints
-                write_json(tmp / STATE_FILE, st)
-            publish_model(path, run_dir)
+            try:
+                with atomic_dir(path, is_checkpoint, "a train.py checkpoint") as tmp:
+                    save_model(model, tok, tmp)
+                    torch.save({"optimizer": optimizer.state_dict(),
+                                "scaler": scaler.state_dict() if scaler is not None else None,
+                                "rng": rng_state()}, tmp / TENSORS_FILE)
+                    st = state_json(epoch_, pos_)
+                    st["rank_fingerprints"] = rank_prints
+                    write_json(tmp / STATE_FILE, st)
+                    write_manifest(tmp)
+                publish_model(path, run_dir)
+            except (OSError, RuntimeError) as e:
+                raise save_error(path, last_ckpt, e) from e
             for old in checkpoints_of(run_dir)[:-cfg.keep_checkpoints]:
                 shutil.rmtree(old)
             last_ckpt = path
@@ -677,7 +696,8 @@ def _train(cfg: TrainConfig, info: DistInfo) -> Path:
         if improved:
             best, bad_evals = res["loss"], 0
             if info.main:
-                with atomic_dir(run_dir / "best") as tmp:
+                with atomic_dir(run_dir / "best", is_best_dir,
+                                "a best/ model folder of train.py") as tmp:
                     save_model(model, tok, tmp)
                     write_json(tmp / "best.json", {"step": step, "epoch": epoch_ + 1,
                                                    "val_loss": res["loss"],

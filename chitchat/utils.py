@@ -2,15 +2,17 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import sys
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 
 class ChitchatError(Exception):
@@ -49,7 +51,30 @@ def run_cli(main, argv=None) -> int:
     except ChitchatError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:
+        if e.errno not in _OS_HINTS:
+            raise  # not a fault of the disk or of permissions: keep the traceback
+        print(f"error: {os_error_message(e)}", file=sys.stderr)
+        return 1
     return 0 if rc is None else int(rc)
+
+
+_OS_HINTS = {
+    errno.ENOSPC: "the disk is full: free space (old checkpoints, --keep_checkpoints) or "
+                  "write elsewhere; the last complete output is kept",
+    errno.EDQUOT: "the disk quota is exceeded: free space or write elsewhere",
+    errno.EACCES: "permission denied: check the path's owner and mode, or write elsewhere",
+    errno.EPERM: "operation not permitted: check the path's owner and mode",
+    errno.EROFS: "the file system is read-only: write to another path",
+}
+
+
+def os_error_message(e: OSError) -> str:
+    """One line: the path, the cause, what to do."""
+    where = e.filename if e.filename is not None else "(unknown path)"
+    if e.filename2 is not None:
+        where = f"{where} -> {e.filename2}"
+    return f"{where}: {e.strerror or e}. {_OS_HINTS.get(e.errno, '')}".rstrip()
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
@@ -60,21 +85,71 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
+
+
+def clean_stale_temps(final: Path) -> list[Path]:
+    """Remove the temporaries that a killed writer of `final` left beside it.
+
+    Names carry the writer's pid (``.NAME.tmp-PID-*``, ``.NAME.old-PID``,
+    ``.NAME.tmp-PID``), so a live writer's work in progress is never touched.
+    """
+    removed = []
+    if not final.parent.is_dir():
+        return removed
+    pattern = re.compile(rf"\.{re.escape(final.name)}\.(?:tmp|old)-(\d+)(?:-.*)?")
+    for p in final.parent.iterdir():
+        m = pattern.fullmatch(p.name)
+        if m and int(m.group(1)) != os.getpid() and not _pid_alive(int(m.group(1))):
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed
+
+
+def check_replaceable(final: Path, ours: Callable[[Path], bool], what: str) -> None:
+    """Refuse to replace anything but a folder this project wrote (`ours`) or an empty one.
+
+    `what` names the kind of folder that may be replaced, for the message.
+    """
+    if final.is_symlink() or (final.exists() and not final.is_dir()):
+        raise ChitchatError(f"{final} exists and is not a folder; it would be replaced by "
+                            f"{what}. Choose another output path.")
+    if final.is_dir() and any(final.iterdir()) and not ours(final):
+        raise ChitchatError(f"{final} is a folder that holds other files, not {what}; "
+                            "refusing to replace it (nothing was changed). Choose a new or "
+                            "empty output path.")
+
+
 @contextlib.contextmanager
-def atomic_dir(final: str | os.PathLike) -> Iterator[Path]:
+def atomic_dir(final: str | os.PathLike, ours: Callable[[Path], bool],
+               what: str) -> Iterator[Path]:
     """Yield a temporary directory beside `final`; on success, it replaces `final`.
 
-    On any exception the temporary directory is removed, so a reader never sees a torn
-    output: either the old directory or the complete new one.
+    Only an empty folder or one that `ours` recognises (`what`: its kind, for errors) is
+    ever replaced. On any exception the temporary directory is removed, so a reader never
+    sees a torn output: either the old directory or the complete new one.
     """
     final = Path(final)
+    check_replaceable(final, ours, what)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    clean_stale_temps(final)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-{os.getpid()}-", dir=final.parent))
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it 0700; the result should look normal
     try:
         yield tmp
+        check_replaceable(final, ours, what)  # it may have changed while we worked
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -90,12 +165,19 @@ def atomic_dir(final: str | os.PathLike) -> Iterator[Path]:
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    if path.is_dir():
+        raise ChitchatError(f"{path} is a folder; give a file path for this output")
+    clean_stale_temps(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def write_json(path: str | os.PathLike, obj) -> None:
