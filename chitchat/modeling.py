@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 from pathlib import Path
 
 import torch
@@ -113,7 +114,13 @@ def load_model(path: str | os.PathLike, vocab_path: str | os.PathLike | None = N
         model = GPT2LMHeadModel.from_pretrained(path, config=config)
     else:
         model = GPT2LMHeadModel(config)
-        state = torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
+        try:
+            state = torch.load(path / "pytorch_model.bin", map_location="cpu",
+                               weights_only=True)
+        except pickle.UnpicklingError as e:
+            raise ChitchatError(f"{path}/pytorch_model.bin holds more than tensors (objects "
+                                "that would run code when loaded); refusing to load it. Only "
+                                f"use model files from a source you trust. ({e})") from None
         # Old transformers saved attention-mask buffers (attn.bias, attn.masked_bias);
         # they are not weights.
         state = {k: v for k, v in state.items()
