@@ -166,6 +166,12 @@ class TrainConfig:
     dtype: str = opt("auto", "auto: bf16 on GPUs and CPUs that support it, fp16 on older "
                      "GPUs, else fp32", choices=["auto", "fp32", "bf16", "fp16"])
     compile: bool = opt(False, "torch.compile the model (slow first steps, faster after)")
+    threads: int | None = opt(None, "CPU threads for torch (default: torch's choice, usually "
+                              "one per core)")
+    max_time: str | None = opt(None, "wall-clock budget, e.g. 30m, 2h, 1h30m: stop at the "
+                               "first step past it, save and exit 0 (resume to go on); warmup "
+                               "and decay are fitted to the steps that fit, estimated from the "
+                               "measured speed")
     # ---- checkpoints, evaluation, logging -----------------------------------------------
     eval_interval: int = opt(1000, "validate every N optimizer steps, at epoch ends "
                           "and at the last step (0: not by step count)")
@@ -209,6 +215,10 @@ class TrainConfig:
         check(self.patience >= 0, "--patience must be >= 0 (0 turns early stopping off)")
         check(not (self.dtype == "fp16" and (self.no_cuda or self.device == "cpu")),
               "--dtype fp16 needs a CUDA GPU (it uses a GradScaler); on a CPU use bf16 or fp32")
+        check(self.threads is None or self.threads >= 1, "--threads must be at least 1")
+        if self.max_time is not None:
+            from .budget import parse_duration
+            parse_duration(self.max_time)  # raises with the accepted forms
         check(self.run_name is None or ("/" not in self.run_name and self.run_name.strip(".")),
               f"--run_name must be a plain folder name, got {self.run_name!r}")
 

@@ -39,6 +39,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from .budget import TimeBudget, format_duration, lr_factor, parse_duration
 from .checkpoint import (CHECKPOINT_FORMAT, STATE_FILE, TENSORS_FILE, check_run_dir,
                          checkpoints_of, find_resume_checkpoint, is_best_dir, is_checkpoint,
                          publish_model, write_manifest)
@@ -48,13 +49,15 @@ from .data import (ReversedStore, TokenStore, WindowTable, build_windows, collat
 from .modeling import (build_model, check_same_vocab, is_reverse, load_config, load_model,
                        resolve_device, save_model, set_reverse, set_speaker_token_ids, speaker_token_ids)
 from .tokenization import ChatTokenizer
-from .utils import ChitchatError, atomic_dir, atomic_write_text, get_logger, write_json
+from .utils import (ChitchatError, atomic_dir, atomic_write_text, get_logger, python_command,
+                    write_json)
 
 # Options a resumed run may change; the others define the run (data, model, batch, ...)
 # and changing them would silently make it a different run.
 RESUMABLE = {"device", "no_cuda", "num_workers", "epochs", "max_steps", "eval_interval",
              "save_interval", "keep_checkpoints", "log_step", "patience", "quiet",
-             "log_path", "resume", "compile", "dtype", "save_model_path", "run_name"}
+             "log_path", "resume", "compile", "dtype", "save_model_path", "run_name",
+             "threads", "max_time"}
 
 
 # ---- distributed ------------------------------------------------------------------------
@@ -154,20 +157,6 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
         (no_decay if p.ndim < 2 or id(p) in embeddings else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay},
             {"params": no_decay, "weight_decay": 0.0}]
-
-
-def lr_factor(step: int, warmup: int, total: int, kind: str = "linear") -> float:
-    """Multiplier of the peak lr for optimizer step `step` (0-based).
-
-    Warmup rises linearly to 1 at step warmup-1; then the factor falls from 1 (at step
-    `warmup`) towards 0 at step `total`, linearly or along a half cosine.
-    """
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    if kind == "cosine":
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
-    return 1.0 - progress
 
 
 # ---- the loss ---------------------------------------------------------------------------------
@@ -307,6 +296,55 @@ def seed_step(seed: int, rank: int, step: int) -> None:
 def fingerprint(model: nn.Module) -> list[float]:
     """Per-parameter sums (float64): equal on every rank iff DDP kept the replicas equal."""
     return [float(p.detach().double().sum()) for p in model.parameters()]
+
+
+ESTIMATE_AFTER_STEPS = 3  # the first step pays for warm-up; two more give a speed
+
+
+def log_estimate(log, device, elapsed, first_step_s, done, tokens_per_step, steps_per_epoch,
+                 steps_left, budget, cfg) -> None:
+    """How long an epoch and the run will take, from the steps measured so far."""
+    per = (elapsed - first_step_s) / max(1, done - 1)
+    epoch_s = per * steps_per_epoch
+    msg = (f"speed: {per:.2f} s/step, {tokens_per_step / max(per, 1e-9):,.0f} tok/s -> an "
+           f"epoch takes about {format_duration(epoch_s)}")
+    if budget:
+        msg += (f"; --max_time {cfg.max_time} fits about {budget.total} steps "
+                f"({budget.total / steps_per_epoch:.2f} epochs), warmup {budget.warmup}")
+        log.info(msg)
+        return
+    run_s = per * steps_left
+    log.info(msg + f", the run ({steps_left} more steps) about {format_duration(run_s)}")
+    if device.type == "cpu" and run_s > 3600:
+        log.warning(
+            f"note: this run needs about {format_duration(run_s)} on this CPU. For a first "
+            "model, use a smaller config (config/model_config_dialogue_middle.json, 6 layers "
+            "x 384; or _tiny.json), fewer --epochs, or a time budget: --max_time 2h (warmup "
+            "and decay then fit the budget). Ctrl-C saves and --resume auto continues.")
+
+
+def sync_budget(budget: TimeBudget, elapsed: float, info: DistInfo,
+                device: torch.device) -> bool:
+    """Rank 0's plan and verdict on every rank: the lr and the last step must agree, and
+    each rank's clock differs."""
+    expired = budget.expired(elapsed)
+    if not info.enabled:
+        return expired
+    t = torch.tensor([budget.total, budget.warmup, float(expired)], dtype=torch.float64,
+                     device=device)
+    dist.broadcast(t, 0)
+    budget.total, budget.warmup = int(t[0]), int(t[1])
+    return bool(t[2])
+
+
+def next_step_hint(cfg: TrainConfig, run_dir: Path) -> str:
+    """The command that uses what was trained, as the user's shell can run it."""
+    py = python_command()
+    model = run_dir / "best" if (run_dir / "best").is_dir() else run_dir
+    if cfg.reverse:
+        return (f"It is a reverse model, for MMI reranking: {py} interact.py --model_path "
+                f"<a forward model> --mmi_model_path {model}")
+    return f"Chat with it: {py} interact.py --model_path {model}"
 
 
 def check_same_data(state: dict, now: dict, ckpt: Path, store) -> None:
@@ -501,6 +539,8 @@ def train(cfg: TrainConfig) -> Path:
 def _train(cfg: TrainConfig, info: DistInfo) -> Path:
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()  # one "Writing model shards" bar per save is noise
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     device = training_device(cfg, info)
 
     # -- which run: new, or resumed (rank 0 decides, the others follow) ----------------------
@@ -613,14 +653,22 @@ def _train(cfg: TrainConfig, info: DistInfo) -> Path:
         log.info(f"resuming {run_dir} from {ckpt.name}: step {step}, epoch {epoch + 1}, "
                  f"step {pos} of the epoch")
 
+    budget = (TimeBudget(parse_duration(cfg.max_time), cap=total_steps - step,
+                         warmup_steps=cfg.warmup_steps) if cfg.max_time else None)
+    epoch_tokens = int(train_table.lengths.sum())
     if info.main:
         n_params = sum(p.numel() for p in model.parameters())
         log.info(f"run {run_dir}  device {device}  dtype {dtype}  processes {info.world}  "
-                 f"params {n_params / 1e6:.1f}M  vocab {tok.vocab_size}")
+                 f"threads {torch.get_num_threads()}  params {n_params / 1e6:.1f}M  "
+                 f"vocab {tok.vocab_size}")
         log.info(f"data {store.path}: {len(train_idx)} train / {len(valid_idx)} validation "
-                 f"dialogues -> {len(train_table)} / {len(valid_table)} windows; "
+                 f"dialogues -> {len(train_table)} / {len(valid_table)} windows, "
+                 f"{epoch_tokens:,} tokens per epoch; "
                  f"{cfg.batching} rows of {row_len or 'longest'} tokens; "
-                 f"{len(first_plan)} steps per epoch; {total_steps} steps; warmup {warmup}"
+                 f"{len(first_plan)} steps per epoch; "
+                 + (f"up to {total_steps} steps in --max_time {cfg.max_time} (warmup and "
+                    "decay fitted to the measured speed)" if budget else
+                    f"{total_steps} steps; warmup {warmup}")
                  + ("; REVERSED utterance order (MMI reverse model)" if cfg.reverse else ""))
     metrics = _Metrics(run_dir, info.main, log)
 
@@ -634,10 +682,12 @@ def _train(cfg: TrainConfig, info: DistInfo) -> Path:
                 "step_in_epoch": pos_, "tokens_seen": tokens_seen,
                 "best_val_loss": None if math.isinf(best) else best, "bad_evals": bad_evals,
                 "world_size": info.world, "dtype": dtype, "last_val": val,
-                "scheduler": {"kind": cfg.lr_schedule, "warmup_steps": warmup,
-                              "total_steps": total_steps, "base_lr": cfg.lr,
-                              "lr": cfg.lr * lr_factor(max(0, step - 1), warmup,
-                                                       total_steps, cfg.lr_schedule)},
+                "scheduler": {"kind": cfg.lr_schedule, "base_lr": cfg.lr,
+                              "lr": optimizer.param_groups[0]["lr"],
+                              **({"budget_seconds": budget.seconds, "budget_from_step": step0,
+                                  "warmup_steps": budget.warmup,
+                                  "total_steps": step0 + budget.total} if budget else
+                                 {"warmup_steps": warmup, "total_steps": total_steps})},
                 "options": dataclasses.asdict(cfg), "data": data_print}
 
     def check_finite(where="train"):
@@ -718,7 +768,8 @@ def _train(cfg: TrainConfig, info: DistInfo) -> Path:
     acc_loss = torch.zeros((), device=device)
     acc_targets = acc_tokens = 0
     last_norm = torch.zeros((), device=device)
-    t_log = time.perf_counter()
+    t_log = t_start = time.perf_counter()
+    step0, tokens0, first_step_s = step, tokens_seen, 0.0
     stop_reason = None
     model.train()
     try:
@@ -736,9 +787,10 @@ def _train(cfg: TrainConfig, info: DistInfo) -> Path:
                     pin_memory=device.type == "cuda")
                 for k, (micro, n_targets, n_tokens) in enumerate(loader, start=pos):
                     seed_step(cfg.seed, info.rank, step)
+                    factor = (budget.factor(step - step0, cfg.lr_schedule) if budget else
+                              lr_factor(step, warmup, total_steps, cfg.lr_schedule))
                     for g in optimizer.param_groups:
-                        g["lr"] = cfg.lr * lr_factor(step, warmup, total_steps,
-                                                     cfg.lr_schedule)
+                        g["lr"] = cfg.lr * factor
                     try:
                         loss_sum, last_norm = train_step(
                             runner, ddp, model, optimizer, micro, n_targets, info.world, amp,
@@ -761,6 +813,18 @@ def _train(cfg: TrainConfig, info: DistInfo) -> Path:
                     epoch_done = pos == len(plan)
                     last = step >= total_steps or (not cfg.max_steps and epoch_done
                                                    and epoch + 1 >= cfg.epochs)
+                    elapsed = time.perf_counter() - t_start
+                    if step - step0 == 1:
+                        first_step_s = elapsed
+                    out_of_time = False
+                    if budget and (not info.enabled or step % cfg.log_step == 0 or last):
+                        budget.update(step - step0, elapsed, first_step_s)
+                        out_of_time = sync_budget(budget, elapsed, info, device)
+                        bar.total = step0 + budget.total
+                    if info.main and step - step0 == ESTIMATE_AFTER_STEPS:
+                        log_estimate(log, device, elapsed, first_step_s, step - step0,
+                                     (tokens_seen - tokens0) / (step - step0), len(first_plan),
+                                     total_steps - step, budget, cfg)
 
                     if step % cfg.log_step == 0 or last or epoch_done:
                         if info.enabled:
@@ -774,9 +838,14 @@ def _train(cfg: TrainConfig, info: DistInfo) -> Path:
                         tps = acc_tokens / max(1e-9, now - t_log)
                         lr = optimizer.param_groups[0]["lr"]
                         norm = float(last_norm)
-                        log.info(f"step {step}/{total_steps} | epoch {epoch + 1} | loss "
+                        plan_end = step0 + budget.total if budget else total_steps
+                        eta = ""
+                        if step - step0 > 1:
+                            per = (elapsed - first_step_s) / (step - step0 - 1)
+                            eta = f" | eta {format_duration(per * (plan_end - step))}"
+                        log.info(f"step {step}/{plan_end} | epoch {epoch + 1} | loss "
                                  f"{loss:.4f} | ppl {math.exp(min(loss, 700)):.2f} | lr "
-                                 f"{lr:.3e} | grad_norm {norm:.3f} | {tps:,.0f} tok/s")
+                                 f"{lr:.3e} | grad_norm {norm:.3f} | {tps:,.0f} tok/s{eta}")
                         metrics.write({"event": "train", "step": step, "epoch": epoch + 1,
                                        "loss": loss, "ppl": math.exp(min(loss, 700)),
                                        "lr": lr, "grad_norm": norm, "tokens_per_s": tps,
@@ -800,6 +869,8 @@ def _train(cfg: TrainConfig, info: DistInfo) -> Path:
                         got_signal = bool(f.item())
                     if got_signal:
                         stop_reason = f"stopped by {signals.received or 'a signal'}"
+                    elif out_of_time and not last:
+                        stop_reason = f"stopped by the time budget (--max_time {cfg.max_time})"
                     save_pos = (epoch + 1, 0) if epoch_done else (epoch, pos)
                     if step % cfg.save_interval == 0 or stop_reason or last:
                         save(*save_pos, final=last or stop_reason is not None)
@@ -814,12 +885,12 @@ def _train(cfg: TrainConfig, info: DistInfo) -> Path:
         metrics.close()
 
     if stop_reason and stop_reason.startswith("stopped by"):
-        log.info(f"{stop_reason} at step {step}; saved. Continue with: python train.py "
-                 f"--resume auto --run_name {cfg.run_name} --save_model_path "
-                 f"{cfg.save_model_path}")
+        log.info(f"{stop_reason} at step {step}; saved. Continue with: {python_command()} "
+                 f"train.py --resume auto --run_name {cfg.run_name} --save_model_path "
+                 f"{cfg.save_model_path}" + (f" --max_time {cfg.max_time}" if budget else ""))
     elif stop_reason:
         log.info(stop_reason)
+    best_dir = run_dir / "best"
     log.info(f"done: {step} steps. Model: {run_dir} (best validation: "
-             f"{run_dir / 'best' if (run_dir / 'best').is_dir() else 'none'}). "
-             f"Chat with it: python interact.py --model_path {run_dir}")
+             f"{best_dir if best_dir.is_dir() else 'none'}). " + next_step_hint(cfg, run_dir))
     return run_dir

@@ -77,6 +77,19 @@ def os_error_message(e: OSError) -> str:
     return f"{where}: {e.strerror or e}. {_OS_HINTS.get(e.errno, '')}".rstrip()
 
 
+def python_command() -> str:
+    """How the user's shell starts this Python: `python` when that is this interpreter (an
+    active venv), else its path (`.venv/bin/python`), so that a printed hint works as is."""
+    exe = Path(sys.executable)
+    found = shutil.which("python")
+    if found and Path(found).absolute().parent == exe.absolute().parent:
+        return "python"
+    try:
+        return str(exe.absolute().relative_to(Path.cwd()))
+    except ValueError:
+        return str(exe)
+
+
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

@@ -16,7 +16,8 @@ from chitchat.data import (TokenStore, build_windows, collate_rows, epoch_rows,
                            pack_rows, plan_steps, speaker_token_types, utterance_windows,
                            window_example)
 from chitchat.modeling import build_model, load_config, save_model
-from chitchat.training import LossModel, lr_factor, param_groups, train, train_step
+from chitchat.budget import lr_factor
+from chitchat.training import LossModel, param_groups, train, train_step
 from chitchat.utils import ChitchatError
 
 
