@@ -131,7 +131,7 @@ def process_logits(logits: torch.Tensor, generated: Sequence[Sequence[int]], ste
 
     logits: (B, V) float; generated: each row's reply tokens so far; step: len of those.
     """
-    logits = logits.masked_fill(cons.banned.to(logits.device), NEG_INF)
+    logits = logits.masked_fill(cons.banned, NEG_INF)  # decode moved it to the device
     if step < opts.min_len:
         logits[:, cons.sep_id] = NEG_INF
     if seen is not None and opts.repetition_penalty != 1.0:

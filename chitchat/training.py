@@ -150,8 +150,9 @@ def set_fp32_precision(device: torch.device, exact_fp32: bool) -> bool:
     TF32 was turned on."""
     if device.type != "cuda" or exact_fp32:
         return False
-        torch.backends.cuda.matmul.fp32_precision = "tf32"
-        torch.backends.cudnn.conv.fp32_precision = "tf32"
+    # The legacy switch, not torch.backends.*.fp32_precision: mixing the two APIs makes
+    # torch.get_float32_matmul_precision() raise, and torch.compile calls it.
+    torch.set_float32_matmul_precision("high")
     return True
 
 
