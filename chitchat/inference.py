@@ -118,7 +118,7 @@ class DecodeState:
     """One batch's progress: filled cache length, padding, and the backend's cache."""
     length: int                   # cache slots filled (same for every row)
     pad: torch.Tensor             # (B,) left padding of each row
-    key_mask: torch.Tensor | None  # (B, 1, 1, T) bool, True = attend; FastGPT2: None if no padding
+    key_mask: torch.Tensor | None  # (B, 1, 1, T) bool, True = attend; None: no padding (fast)
     cache: object = None
     reply_types: torch.Tensor | None = None  # (B,) speaker id of generated tokens
 

@@ -111,7 +111,10 @@ def training_device(cfg: TrainConfig, info: DistInfo) -> torch.device:
         raise ChitchatError(f"--device {cfg.device}: for several GPUs use torchrun, e.g. "
                             f"CUDA_VISIBLE_DEVICES={cfg.device} torchrun --nproc_per_node "
                             f"{len(cfg.device.split(','))} train.py ...")
-    device = resolve_device(None if cfg.no_cuda else cfg.device, cfg.no_cuda, info.local_rank)
+    # One process (plain or torchrun --nproc_per_node 1) may name any GPU; several take
+    # cuda:LOCAL_RANK each.
+    device = resolve_device(None if cfg.no_cuda else cfg.device, cfg.no_cuda,
+                            info.local_rank if info.enabled else None)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     elif device.type != "cpu":

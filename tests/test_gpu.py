@@ -110,6 +110,13 @@ def test_training_device_one_gpu_sets_an_indexed_device(monkeypatch, device):
     assert calls == [0]
 
 
+def test_ddp_rank_refuses_an_explicit_other_gpu(monkeypatch):
+    fake_gpus(monkeypatch, 2)
+    info = dist_info({"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1"})
+    with pytest.raises(ChitchatError, match="CUDA_VISIBLE_DEVICES"):
+        training_device(TrainConfig(device="cuda:0"), info)
+
+
 def load_train_script():
     spec = importlib.util.spec_from_file_location("train_script", ROOT / "train.py")
     mod = importlib.util.module_from_spec(spec)
@@ -122,7 +129,8 @@ def load_train_script():
     (["--device", "cuda"], {}, 1, 0),                                # --device cuda
     ([], {"WORLD_SIZE": "1", "RANK": "0", "LOCAL_RANK": "0"}, 1, 0),  # torchrun, 1 process
     ([], {"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1"}, 2, 1),  # torchrun rank 1
-], ids=["default", "device-cuda", "torchrun-1", "torchrun-rank1"])
+    (["--device", "cuda:1"], {"WORLD_SIZE": "1", "RANK": "0", "LOCAL_RANK": "0"}, 2, 1),
+], ids=["default", "device-cuda", "torchrun-1", "torchrun-rank1", "torchrun-1-cuda1"])
 def test_train_py_reaches_cuda_with_an_indexed_device(monkeypatch, sample_store, tmp_path,
                                                       args, env, gpus, index):
     """train.py in-process on a machine that reports GPUs: set-up gets to its first CUDA
