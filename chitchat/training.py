@@ -839,7 +839,8 @@ def _train(cfg: TrainConfig, info: DistInfo, device: torch.device) -> Path:
                             stop_reason = (f"early stop: no validation improvement in "
                                            f"{bad_evals} evaluations (--patience)")
                     if got_signal:
-                        stop_reason = f"stopped by {signals.received or 'a signal'}"
+                        stop_reason = ("stopped by "
+                                       + (signals.received or "a signal to another rank"))
                     save_pos = (epoch + 1, 0) if epoch_done else (epoch, pos)
                     if step % cfg.save_interval == 0 or stop_reason or last:
                         save(*save_pos, final=last or stop_reason is not None)

@@ -418,15 +418,9 @@ def test_sync_free_sampling_draws_what_multinomial_draws():
         assert a.view(-1).tolist() == b.tolist()
 
 
-def test_ddp_reads_the_stop_flag_only_at_logged_steps(sample_store, tiny_config_path,
-                                                      tmp_path):
-    """Two CPU ranks (gloo) under torchrun; every dist.all_reduce is counted. Each one is a
-    host-device sync on GPUs: they may happen at logged steps, evaluations and saves, not
-    at every step."""
-    wrapper = tmp_path / "count_all_reduce.py"
-    wrapper.write_text(f"""
+WRAPPER = """
 import json, os, sys
-sys.path.insert(0, {str(ROOT)!r})
+sys.path.insert(0, {root!r})
 import torch.distributed as dist
 calls = []
 real = dist.all_reduce
@@ -434,23 +428,45 @@ def counting(*a, **k):
     calls.append(1)
     return real(*a, **k)
 dist.all_reduce = counting
+with open(os.path.join({out!r}, "pid-" + os.environ["RANK"]), "w") as f:
+    f.write(str(os.getpid()))
 import runpy
-sys.argv = [{str(ROOT / "train.py")!r}] + sys.argv[1:]
+sys.argv = [{train!r}] + sys.argv[1:]
 try:
     runpy.run_path(sys.argv[0], run_name="__main__")
 finally:
-    with open(os.path.join({str(tmp_path)!r}, "calls-" + os.environ["RANK"]), "w") as f:
+    with open(os.path.join({out!r}, "calls-" + os.environ["RANK"]), "w") as f:
         f.write(str(len(calls)))
-""")
-    args = ["--train_path", str(sample_store), "--model_config", str(tiny_config_path),
-            "--save_model_path", str(tmp_path), "--run_name", "ddp", "--max_len", "64",
-            "--batch_size", "2", "--dtype", "fp32", "--device", "cpu", "--log_step", "4",
-            "--max_steps", "12", "--eval_interval", "0", "--save_interval", "12", "--quiet"]
+"""
+
+
+def torchrun_two_ranks(tmp_path, sample_store, config, **opts):
+    """train.py on two CPU ranks (gloo) under torchrun, started in the background; each
+    rank writes its pid and, at exit, its count of dist.all_reduce calls to tmp_path."""
+    wrapper = tmp_path / "count_all_reduce.py"
+    wrapper.write_text(WRAPPER.format(root=str(ROOT), out=str(tmp_path),
+                                      train=str(ROOT / "train.py")))
+    base = dict(train_path=sample_store, model_config=config, save_model_path=tmp_path,
+                run_name="ddp", max_len=64, batch_size=2, dtype="fp32", device="cpu",
+                eval_interval=0)
+    base.update(opts)
+    args = [a for k, v in base.items() for a in (f"--{k}", str(v))] + ["--quiet"]
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="1")
-    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                        "--master_port", str(30500 + os.getpid() % 1000), str(wrapper), *args],
-                       cwd=ROOT, env=env, text=True, capture_output=True, timeout=300)
-    assert p.returncode == 0, p.stderr[-3000:]
+    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node",
+                             "2", "--master_port", str(30500 + os.getpid() % 1000),
+                             str(wrapper), *args],
+                            cwd=ROOT, env=env, text=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+
+
+def test_ddp_reads_the_stop_flag_only_at_logged_steps(sample_store, tiny_config_path,
+                                                      tmp_path):
+    """Every dist.all_reduce is a host-device sync on GPUs: they may happen at logged
+    steps, validations and checkpoints, not at every step."""
+    p = torchrun_two_ranks(tmp_path, sample_store, tiny_config_path, log_step=4,
+                           max_steps=12, save_interval=12)
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err[-3000:]
     events = [json.loads(l)["event"] for l in
               (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
     saves = len(list((tmp_path / "ddp" / "checkpoints").iterdir()))
@@ -459,3 +475,28 @@ finally:
     for rank in ("0", "1"):
         n = int((tmp_path / f"calls-{rank}").read_text())
         assert n <= allowed, f"rank {rank}: {n} all_reduce calls in 12 steps"
+
+
+def test_ddp_sigterm_on_one_rank_stops_both_at_a_logged_step(sample_store, tiny_config_path,
+                                                             tmp_path):
+    """SIGTERM to rank 1 only: the vote in the logging all_reduce stops both ranks at the
+    same logged step; the run saves once, with equal replicas, and exits 0."""
+    import signal
+    import time
+    p = torchrun_two_ranks(tmp_path, sample_store, tiny_config_path, log_step=5,
+                           max_steps=100000, save_interval=100000)
+    metrics = tmp_path / "ddp" / "metrics.jsonl"
+    deadline = time.time() + 180
+    while not (metrics.is_file() and metrics.read_text().count("\n") >= 2):
+        assert p.poll() is None and time.time() < deadline, p.stderr.read()[-3000:]
+        time.sleep(0.05)
+    os.kill(int((tmp_path / "pid-1").read_text()), signal.SIGTERM)
+    _, err = p.communicate(timeout=180)
+    assert p.returncode == 0, err[-3000:]
+    assert "stopped by a signal to another rank" in err  # rank 0 logs; it learnt by the vote
+    ckpts = list((tmp_path / "ddp" / "checkpoints").iterdir())
+    assert len(ckpts) == 1
+    state = json.loads((ckpts[0] / "trainer_state.json").read_text())
+    assert state["step"] % 5 == 0
+    a, b = state["rank_fingerprints"]
+    assert a == b
