@@ -167,7 +167,7 @@ def sampling_distribution(logits: torch.Tensor, opts: DecodingOptions
     """What a sample is drawn from: (idx (B, k), probs (B, k)) over the top-k survivors,
     or (None, probs (B, V)) over the whole vocab. probs may be unnormalised.
 
-    With top-k on, only the k survivors are kept: a multinomial over the whole vocab (or a
+    On a CPU with top-k on, only the k survivors are kept: a multinomial over the whole vocab (or a
     full sort for top-p) costs ~0.5-1 ms per token on CPU, as much as a quantized layer. The
     probabilities are the same full-vocab softmax that the warpers produce, and top-p runs
     on the survivors in ascending order, as TopPLogitsWarper's cumulative sum sees them
@@ -176,8 +176,8 @@ def sampling_distribution(logits: torch.Tensor, opts: DecodingOptions
     """
     logits = apply_temperature(logits, opts.temperature)
     k, p = opts.topk, opts.topp
-    # The shortcut needs to know whether the k-th value is tied: a read-back, worth it on
-    # a CPU only; on a GPU the whole-vocab path costs microseconds.
+    # The shortcut must know whether the k-th value is tied, a read-back: free on a CPU;
+    # on a GPU it would stall the queue, so the GPU takes the whole-vocab path.
     if 0 < k < logits.shape[-1] and host_reads_are_cheap(logits.device):
         vals, idx = torch.topk(logits, k)  # (B, k), descending
         kth = vals[..., -1:]
