@@ -171,8 +171,8 @@ def sampling_distribution(logits: torch.Tensor, opts: DecodingOptions
     vocab (or a full sort for top-p) costs ~0.5-1 ms per token on CPU, as much as a
     quantized layer. The probabilities are the same full-vocab softmax that the warpers
     produce, and top-p runs on the survivors in ascending order, as TopPLogitsWarper's
-    cumulative sum sees them (the filtered tokens only add exact zeros). The tests check the support and the
-    probabilities against `warp_logits`.
+    cumulative sum sees them (the filtered tokens only add exact zeros). The tests check
+    the support and the probabilities against `warp_logits`.
     """
     logits = apply_temperature(logits, opts.temperature)
     k, p = opts.topk, opts.topp
