@@ -238,9 +238,7 @@ class Chatbot:
             raise ChitchatError(f"quantize must be None or 'int8', got {quantize!r}")
         if quantize and (dev.type != "cpu" or dtype != "float32"):
             raise ChitchatError("--quantize int8 needs --device cpu and --dtype float32")
-        model, tok = load_model(path, vocab_path=vocab_path, device=dev)
-        if DTYPES[dtype] != torch.float32:
-            model = model.to(DTYPES[dtype])
+        model, tok = load_model(path, vocab_path=vocab_path, device=dev, dtype=DTYPES[dtype])
         if quantize == "int8":
             model = quantize_int8(model)
         elif backend == "fast":
@@ -737,7 +735,7 @@ def load_mmi_model(path, tokenizer: ChatTokenizer, vocab_path=None, device="cpu"
     """The reverse model at `path`, checked against the forward model's vocab."""
     from .modeling import load_model
 
-    model, rtok = load_model(path, vocab_path=vocab_path, device=device)
+    model, rtok = load_model(path, vocab_path=vocab_path, device=device, dtype=DTYPES[dtype])
     if rtok.tokens != tokenizer.tokens:
         diff = next((i for i, (a, b) in enumerate(zip(rtok.tokens, tokenizer.tokens))
                      if a != b), min(len(rtok.tokens), len(tokenizer.tokens)))
@@ -746,7 +744,5 @@ def load_mmi_model(path, tokenizer: ChatTokenizer, vocab_path=None, device="cpu"
             f"{tokenizer.vocab_size} vs {rtok.vocab_size} tokens, first difference at id "
             f"{diff}. Train the reverse model on the same token store (python train.py "
             "--reverse --train_path <the forward model's store>).")
-    if DTYPES[dtype] != torch.float32:
-        model = model.to(DTYPES[dtype])
     conv1d_to_linear(model)  # F.linear on (out, in) weights: the faster CPU product
     return model

@@ -172,6 +172,8 @@ class TrainConfig:
                                "first step past it, save and exit 0 (resume to go on); warmup "
                                "and decay are fitted to the steps that fit, estimated from the "
                                "measured speed")
+    exact_fp32: bool = opt(False, "on GPUs, keep float32 matrix products in full fp32 "
+                           "(default: TF32 on Ampere and newer, see docs/gpu.md)")
     # ---- checkpoints, evaluation, logging -----------------------------------------------
     eval_interval: int = opt(1000, "validate every N optimizer steps, at epoch ends "
                           "and at the last step (0: not by step count)")
@@ -371,6 +373,8 @@ class EvaluateConfig(MMIOptions, ModelOptions):
     loss_on: str = opt("all", "tokens counted in the perplexity, as train.py --loss_on",
                        choices=["all", "response"])
     no_perplexity: bool = opt(False, "skip the perplexity (only --generate)")
+    exact_fp32: bool = opt(False, "on GPUs, compute the perplexity with full fp32 matrix "
+                           "products (default: TF32 on Ampere and newer)")
     # ---- replies ------------------------------------------------------------------------------
     generate: str | None = opt(None, "write one reply per dialogue to this JSONL file "
                                "({context, reference, reply}; context: the utterances before "

@@ -26,7 +26,8 @@ from pathlib import Path
 import numpy as np
 
 from .config import EvaluateConfig
-from .utils import ChitchatError, atomic_write_text, get_logger, write_json
+from .utils import (ChitchatError, atomic_write_text, get_logger, out_of_memory_advice,
+                    write_json)
 
 BLEU_NOTE = ("BLEU: mean sentence BLEU, character-level (each CJK character one unit), "
              "uniform weights, smoothing: Chen & Cherry (2014) method 1 (a zero n-gram "
@@ -247,6 +248,7 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     from .data import ReversedStore
     from .metrics import reply_metrics
     from .modeling import is_reverse, load_model
+    from .training import set_fp32_precision
 
     log = get_logger(quiet=cfg.quiet)
     check_outputs(cfg)
@@ -256,6 +258,7 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     progress = not cfg.quiet and sys.stderr.isatty()
     device = resolve_device(cfg.device, cfg.no_cuda)
     model, tok = load_model(cfg.model_path, cfg.vocab_path, device)
+    set_fp32_precision(device, cfg.exact_fp32)  # the perplexity runs in float32
     vocab_file = Path(cfg.vocab_path) if cfg.vocab_path else Path(cfg.model_path) / "vocab.txt"
     data_path = Path(cfg.data_path)
     if not is_store(data_path) and cfg.split != "all":
@@ -269,9 +272,13 @@ def evaluate(cfg: EvaluateConfig) -> dict:
         indices = select_dialogues(store, cfg.split, cfg.max_dialogues)
         if not cfg.no_perplexity:
             ppl_store = ReversedStore(store) if is_reverse(model.config) else store
-            result["perplexity"] = perplexity(model, ppl_store, indices, cfg.max_len,
-                                              cfg.loss_on, cfg.batch_size, device, tok.pad_id,
-                                              progress)
+            with out_of_memory_advice(
+                    device, f"computing the perplexity (--batch_size {cfg.batch_size} rows of "
+                    f"--max_len {cfg.max_len} tokens)",
+                    "Use a smaller --batch_size or --max_len, or skip it with --no_perplexity."):
+                result["perplexity"] = perplexity(model, ppl_store, indices, cfg.max_len,
+                                                  cfg.loss_on, cfg.batch_size, device,
+                                                  tok.pad_id, progress)
             result["perplexity"]["reverse_model"] = is_reverse(model.config)
             result["perplexity_seconds"] = round(time.perf_counter() - t0, 2)
         dialogues = dialogue_texts(data_path, store, indices, tok, cfg.max_dialogues) \
@@ -283,7 +290,12 @@ def evaluate(cfg: EvaluateConfig) -> dict:
                                       no_cuda=cfg.no_cuda, dtype=cfg.dtype,
                                       quantize=cfg.quantize, backend=cfg.backend,
                                       **cfg.mmi_kwargs(), **vars(cfg.decoding()))
-        records = generate_replies(bot, dialogues, cfg.batch_size, cfg.seed, progress)
+        mmi = f" x --num_candidates {cfg.num_candidates}" if cfg.mmi_model_path else ""
+        with out_of_memory_advice(
+                device, f"generating replies (--batch_size {cfg.batch_size} contexts{mmi})",
+                "Use a smaller --batch_size" + (" or fewer --num_candidates" if mmi else "")
+                + (", or --dtype bfloat16 / float16" if cfg.dtype == "float32" else "") + "."):
+            records = generate_replies(bot, dialogues, cfg.batch_size, cfg.seed, progress)
         if not records:
             raise ChitchatError(f"{data_path}: no dialogue has two utterances; nothing to "
                                 "reply to")

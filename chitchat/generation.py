@@ -22,7 +22,7 @@ context (`copies`) is the batched candidate generation that MMI reranking uses.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Iterator, Sequence
 
 import torch
@@ -118,6 +118,11 @@ class Constraints:
         multi = tuple(tuple(int(t) for t in p) for p in phrases if len(p) > 1)
         return cls(sep_id=sep_id, banned=mask, phrases=multi)
 
+    def to(self, device) -> "Constraints":
+        """These constraints with the mask on `device`: one copy per decode, not per token
+        (a copy from pageable memory waits for the GPU)."""
+        return replace(self, banned=self.banned.to(device))
+
 
 def process_logits(logits: torch.Tensor, generated: Sequence[Sequence[int]], step: int,
                    opts: DecodingOptions, cons: Constraints,
@@ -126,7 +131,7 @@ def process_logits(logits: torch.Tensor, generated: Sequence[Sequence[int]], ste
 
     logits: (B, V) float; generated: each row's reply tokens so far; step: len of those.
     """
-    logits = logits.masked_fill(cons.banned.to(logits.device), NEG_INF)
+    logits = logits.masked_fill(cons.banned, NEG_INF)  # decode moved it to the device
     if step < opts.min_len:
         logits[:, cons.sep_id] = NEG_INF
     if seen is not None and opts.repetition_penalty != 1.0:
@@ -150,21 +155,30 @@ def is_greedy(opts: DecodingOptions) -> bool:
     return opts.greedy or opts.temperature == 0
 
 
+def host_reads_are_cheap(device: torch.device) -> bool:
+    """Whether decoding may read a value back to the host mid-step. On a CPU it costs
+    nothing; on a GPU it waits for all queued work, so the decode loop reads once per
+    token (the chosen tokens) and nothing else."""
+    return device.type == "cpu"
+
+
 def sampling_distribution(logits: torch.Tensor, opts: DecodingOptions
                           ) -> tuple[torch.Tensor | None, torch.Tensor]:
     """What a sample is drawn from: (idx (B, k), probs (B, k)) over the top-k survivors,
     or (None, probs (B, V)) over the whole vocab. probs may be unnormalised.
 
-    With top-k on, only the k survivors are kept: a multinomial over the whole vocab (or a
-    full sort for top-p) costs ~0.5-1 ms per token on CPU, as much as a quantized layer. The
-    probabilities are the same full-vocab softmax that the warpers produce, and top-p runs
-    on the survivors in ascending order, as TopPLogitsWarper's cumulative sum sees them
-    (the filtered tokens only add exact zeros). The tests check the support and the
-    probabilities against `warp_logits`.
+    On a CPU with top-k on, only the k survivors are kept: a multinomial over the whole
+    vocab (or a full sort for top-p) costs ~0.5-1 ms per token on CPU, as much as a
+    quantized layer. The probabilities are the same full-vocab softmax that the warpers
+    produce, and top-p runs on the survivors in ascending order, as TopPLogitsWarper's
+    cumulative sum sees them (the filtered tokens only add exact zeros). The tests check
+    the support and the probabilities against `warp_logits`.
     """
     logits = apply_temperature(logits, opts.temperature)
     k, p = opts.topk, opts.topp
-    if 0 < k < logits.shape[-1]:
+    # The shortcut must know whether the k-th value is tied, a read-back: free on a CPU;
+    # on a GPU it would stall the queue, so the GPU takes the whole-vocab path.
+    if 0 < k < logits.shape[-1] and host_reads_are_cheap(logits.device):
         vals, idx = torch.topk(logits, k)  # (B, k), descending
         kth = vals[..., -1:]
         # Ties at the k-th value (or fewer than k allowed tokens) keep more than k tokens:
@@ -185,7 +199,11 @@ def choose_tokens(logits: torch.Tensor, opts: DecodingOptions,
     if is_greedy(opts):
         return logits.argmax(dim=-1)
     idx, probs = sampling_distribution(logits, opts)
-    pick = torch.multinomial(probs, 1, generator=generator)
+    # torch.multinomial's one-sample path, spelled out (the same draws, bit for bit): it
+    # divides by exponential noise and takes the argmax. Calling it would add its input
+    # checks, which read two values back from the GPU.
+    noise = torch.empty_like(probs).exponential_(generator=generator)
+    pick = (probs / noise).argmax(dim=-1, keepdim=True)
     return (pick if idx is None else idx.gather(-1, pick)).view(-1)
 
 
@@ -231,6 +249,7 @@ def decode(backend, contexts: Sequence[Sequence[int]], opts: DecodingOptions,
     with torch.inference_mode():
         state, logits = backend.start(contexts, token_types=token_types, reply_types=reply_types,
                                       capacity=max(len(c) for c in contexts) + opts.max_len)
+        cons = cons.to(logits.device)
         if copies > 1:
             backend.reorder(state, torch.zeros(copies, dtype=torch.long, device=logits.device))
             logits = logits.expand(copies, -1)
@@ -246,11 +265,15 @@ def decode(backend, contexts: Sequence[Sequence[int]], opts: DecodingOptions,
                                        seen)  # new tensor
             toks = choose_tokens(processed, opts, generator)
             lps = None
-            if scores:
-                lps = logits.log_softmax(dim=-1).gather(-1, toks.view(-1, 1)).view(-1).tolist()
+            if scores:  # read back with the tokens: one sync per step
+                lp_t = logits.log_softmax(dim=-1).gather(-1, toks.view(-1, 1)).view(-1)
+                picked, lps = torch.stack((toks.double(), lp_t.double())).tolist()
+                picked = [int(t) for t in picked]
+            else:
+                picked = toks.tolist()
         out: list[int | None] = [None] * B
         lp: list[float | None] | None = [None] * B if scores else None
-        for i, t in enumerate(toks.tolist()):
+        for i, t in enumerate(picked):
             r = live[i]
             if done[r]:
                 continue
@@ -309,6 +332,7 @@ def beam_search(backend, context: Sequence[int], opts: DecodingOptions, cons: Co
         state, logits = backend.start([context], token_types=token_types,
                                       reply_types=reply_types,
                                       capacity=len(context) + opts.max_len)
+        cons = cons.to(logits.device)
         V = logits.shape[-1]
         beams: list[list[int]] = [[]]
         beam_scores = torch.zeros(1, device=logits.device)

@@ -118,7 +118,7 @@ class DecodeState:
     """One batch's progress: filled cache length, padding, and the backend's cache."""
     length: int                   # cache slots filled (same for every row)
     pad: torch.Tensor             # (B,) left padding of each row
-    key_mask: torch.Tensor | None  # (B, 1, 1, T) bool, True = attend; None when no padding
+    key_mask: torch.Tensor | None  # (B, 1, 1, T) bool, True = attend; None: no padding (fast)
     cache: object = None
     reply_types: torch.Tensor | None = None  # (B,) speaker id of generated tokens
 
@@ -426,12 +426,14 @@ class HFDecoder:
         types = left_pad(token_types, 0, self.device)[0] if token_types is not None else None
         B, L = ids.shape
         _check_fits(L, self.n_positions)
-        state = DecodeState(length=0, pad=pad, key_mask=None,
+        # A key mask even without padding: given none, transformers looks for padding in
+        # the ids, and given a 2-D one it checks whether it is all ones; both read a value
+        # back from the GPU on every token. A ready 4-D mask is used as it is.
+        cols = torch.arange(self.n_positions, device=self.device)
+        state = DecodeState(length=0, pad=pad,
+                            key_mask=(cols[None, :] >= pad[:, None]).view(B, 1, 1, -1),
                             cache=DynamicCache(config=self.model.config),
                             reply_types=_as_types(reply_types, self.device))
-        if pad.any():
-            cols = torch.arange(self.n_positions, device=self.device)
-            state.key_mask = (cols[None, :] >= pad[:, None]).view(B, 1, 1, -1)
         return state, self._forward(ids, state, types)
 
     def step(self, state, tokens):
@@ -443,9 +445,14 @@ class HFDecoder:
         B, S = ids.shape
         t0, t1 = state.length, state.length + S
         pos = (torch.arange(t0, t1, device=self.device)[None, :] - state.pad[:, None]).clamp(min=0)
-        attn = None
-        if state.key_mask is not None:
-            attn = state.key_mask.view(B, -1)[:, :t1].long()
+        keys = state.key_mask[..., :t1]  # (B, 1, 1, t1)
+        if self.model.config._attn_implementation == "sdpa":
+            # query i (position t0 + i) sees the keys up to itself, and always itself: a
+            # padding query that saw nothing would put NaN in the cache
+            seen = torch.ones(S, t1, dtype=torch.bool, device=self.device).tril_(t0)
+            attn = (keys & seen) | _diagonal(S, t0, t1, self.device)
+        else:  # eager attention adds its mask: let transformers build it
+            attn = keys.view(B, -1).long()
         out = self.model(input_ids=ids, position_ids=pos, attention_mask=attn,
                          token_type_ids=types, past_key_values=state.cache, use_cache=True)
         state.length = t1
@@ -467,6 +474,12 @@ class HFDecoder:
 
     def project(self, h):
         return self.model.lm_head(h).float()
+
+
+def _diagonal(S: int, t0: int, t1: int, device) -> torch.Tensor:
+    """(S, t1) bool, True where query i meets its own key t0 + i."""
+    return torch.arange(t1, device=device)[None, :] == \
+        torch.arange(t0, t0 + S, device=device)[:, None]
 
 
 def make_backend(model, kind: str = "fast", pad_id: int = 0) -> Backend:

@@ -83,12 +83,14 @@ def _has_weights(path: Path) -> bool:
 
 
 def load_model(path: str | os.PathLike, vocab_path: str | os.PathLike | None = None,
-               device: str | torch.device = "cpu") -> tuple[GPT2LMHeadModel, ChatTokenizer]:
+               device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+               ) -> tuple[GPT2LMHeadModel, ChatTokenizer]:
     """Load a model folder and its tokenizer.
 
     Accepts a folder written by train.py, any local HF GPT-2 folder (safetensors, or
     pytorch_model.bin read with ``weights_only=True``), and GPT2-chitchat's folders, which
-    have no tokenizer files: pass their vocab with `vocab_path`.
+    have no tokenizer files: pass their vocab with `vocab_path`. Weights load as `dtype`
+    (default float32, whatever the folder stores).
     """
     path = Path(path)
     if not (path / "config.json").is_file() or not _has_weights(path):
@@ -111,7 +113,7 @@ def load_model(path: str | os.PathLike, vocab_path: str | os.PathLike | None = N
     except (OSError, ValueError) as e:
         raise ChitchatError(f"{path}/config.json: cannot read it as a GPT-2 config: {e}")
     if (path / "model.safetensors").is_file():
-        model = GPT2LMHeadModel.from_pretrained(path, config=config)
+        model = GPT2LMHeadModel.from_pretrained(path, config=config, dtype=load_dtype(dtype))
     else:
         model = GPT2LMHeadModel(config)
         try:
@@ -131,6 +133,7 @@ def load_model(path: str | os.PathLike, vocab_path: str | os.PathLike | None = N
             raise ChitchatError(f"{path}/pytorch_model.bin does not match its config.json: "
                                 f"missing {missing[:5]}, unexpected {unexpected[:5]}")
         model.tie_weights()
+        model.to(load_dtype(dtype))
     check_vocab(model, tokenizer, path)
     return model.to(device).eval(), tokenizer
 
@@ -207,10 +210,19 @@ def is_reverse(config: GPT2Config) -> bool:
     return bool(getattr(config, REVERSE_KEY, False))
 
 
-def resolve_device(device: str | None, no_cuda: bool = False) -> torch.device:
-    """cpu, cuda, cuda:N or GPT2-chitchat's bare GPU number; default cuda if available."""
+def pick_device(device: str | None, no_cuda: bool, cuda_available: bool, gpu_count: int,
+                local_rank: int | None = None) -> torch.device:
+    """The device one process runs on, from the flags and what torch reports (pure).
+
+    device: cpu, cuda, cuda:N or GPT2-chitchat's bare GPU number; None means cuda when
+    available. local_rank: torchrun's LOCAL_RANK (None outside torchrun); it picks the GPU
+    when the flag names none. A CUDA device always carries an index: torch.cuda.set_device,
+    NCCL and DDP's device_ids reject a bare "cuda".
+    """
     if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() and not no_cuda else "cpu")
+        if no_cuda or not cuda_available:
+            return torch.device("cpu")
+        device = "cuda"
     if device.isdigit():
         device = f"cuda:{device}"
     try:
@@ -218,7 +230,39 @@ def resolve_device(device: str | None, no_cuda: bool = False) -> torch.device:
     except RuntimeError:
         raise ChitchatError(f"--device {device!r} is not a device; use cpu, cuda or cuda:N") \
             from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
+    if dev.type != "cuda":
+        return dev
+    if not cuda_available:
         raise ChitchatError(f"--device {device} asks for CUDA, but torch sees no GPU; use "
                             "--device cpu")
-    return dev
+    index = dev.index
+    if local_rank is not None:
+        if index is not None and index != local_rank:
+            raise ChitchatError(f"--device {device} under torchrun: each process uses "
+                                f"cuda:LOCAL_RANK (this one cuda:{local_rank}); drop the index "
+                                "and choose GPUs with CUDA_VISIBLE_DEVICES")
+        index = local_rank
+    index = 0 if index is None else index
+    if index >= gpu_count:
+        raise ChitchatError(f"cuda:{index} does not exist: torch sees {gpu_count} GPU(s), "
+                            f"cuda:0 to cuda:{gpu_count - 1}. Check --device, "
+                            "CUDA_VISIBLE_DEVICES and torchrun --nproc_per_node.")
+    return torch.device("cuda", index)
+
+
+def resolve_device(device: str | None, no_cuda: bool = False,
+                   local_rank: int | None = None) -> torch.device:
+    """`pick_device` with this machine's GPUs."""
+    available = torch.cuda.is_available()
+    return pick_device(device, no_cuda, available,
+                       torch.cuda.device_count() if available else 0, local_rank)
+
+
+def load_dtype(dtype: torch.dtype | None) -> torch.dtype:
+    """What from_pretrained loads weights as: float32 unless a dtype is asked for.
+
+    transformers 5 defaults to the folder's own dtype ("auto"), so a half-precision folder
+    would train with half-precision master weights and a float32 chat would silently run
+    in half precision.
+    """
+    return torch.float32 if dtype is None else dtype

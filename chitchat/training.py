@@ -49,15 +49,15 @@ from .data import (ReversedStore, TokenStore, WindowTable, build_windows, collat
 from .modeling import (build_model, check_same_vocab, is_reverse, load_config, load_model,
                        resolve_device, save_model, set_reverse, set_speaker_token_ids, speaker_token_ids)
 from .tokenization import ChatTokenizer
-from .utils import (ChitchatError, atomic_dir, atomic_write_text, get_logger, python_command,
-                    write_json)
+from .utils import (ChitchatError, atomic_dir, atomic_write_text, get_logger,
+                    out_of_memory_advice, python_command, write_json)
 
 # Options a resumed run may change; the others define the run (data, model, batch, ...)
 # and changing them would silently make it a different run.
 RESUMABLE = {"device", "no_cuda", "num_workers", "epochs", "max_steps", "eval_interval",
              "save_interval", "keep_checkpoints", "log_step", "patience", "quiet",
-             "log_path", "resume", "compile", "dtype", "save_model_path", "run_name",
-             "threads", "max_time"}
+             "log_path", "resume", "compile", "dtype", "exact_fp32", "save_model_path",
+             "run_name", "threads", "max_time"}
 
 
 # ---- distributed ------------------------------------------------------------------------
@@ -65,7 +65,7 @@ RESUMABLE = {"device", "no_cuda", "num_workers", "epochs", "max_steps", "eval_in
 class DistInfo:
     rank: int = 0
     world: int = 1
-    local_rank: int = 0
+    local_rank: int | None = None  # torchrun's LOCAL_RANK; None outside torchrun
 
     @property
     def main(self) -> bool:
@@ -76,15 +76,20 @@ class DistInfo:
         return self.world > 1
 
 
-def init_distributed(cuda: bool) -> DistInfo:
-    """Join the process group that torchrun describes in the environment (if any)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+def dist_info(env) -> DistInfo:
+    """This process's place in the torchrun job that `env` (os.environ) describes."""
+    local = int(env["LOCAL_RANK"]) if "LOCAL_RANK" in env else None
+    world = int(env.get("WORLD_SIZE", "1"))
     if world <= 1:
-        return DistInfo()
-    info = DistInfo(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
-    if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if cuda else "gloo")
-    return info
+        return DistInfo(local_rank=local)
+    return DistInfo(int(env["RANK"]), world, 0 if local is None else local)
+
+
+def join_group(info: DistInfo, device: torch.device) -> None:
+    """Join torchrun's process group; called after torch.cuda.set_device, so that NCCL
+    binds each rank to its own GPU."""
+    if info.enabled and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
 
 
 def broadcast_text(text: str, info: DistInfo, device: torch.device) -> str:
@@ -108,10 +113,11 @@ def training_device(cfg: TrainConfig, info: DistInfo) -> torch.device:
         raise ChitchatError(f"--device {cfg.device}: for several GPUs use torchrun, e.g. "
                             f"CUDA_VISIBLE_DEVICES={cfg.device} torchrun --nproc_per_node "
                             f"{len(cfg.device.split(','))} train.py ...")
-    device = resolve_device(None if cfg.no_cuda else cfg.device, cfg.no_cuda)
+    # One process (plain or torchrun --nproc_per_node 1) may name any GPU; several take
+    # cuda:LOCAL_RANK each.
+    device = resolve_device(None if cfg.no_cuda else cfg.device, cfg.no_cuda,
+                            info.local_rank if info.enabled else None)
     if device.type == "cuda":
-        if info.enabled:
-            device = torch.device("cuda", info.local_rank)
         torch.cuda.set_device(device)
     elif device.type != "cpu":
         raise ChitchatError(f"--device {device}: training supports cpu and cuda")
@@ -123,15 +129,36 @@ def cpu_has_fast_bf16() -> bool:
     return bool(torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported())
 
 
-def resolve_dtype(name: str, device: torch.device) -> str:
-    """auto -> the fastest safe choice for the hardware."""
+def pick_dtype(name: str, device_type: str, gpu_bf16: bool, cpu_bf16: bool) -> str:
+    """--dtype auto -> the fastest safe choice (pure). gpu_bf16: the GPU has bf16 tensor
+    cores (Ampere and newer); V100 and T4 only emulate bf16, which is slow there and
+    sends SDPA to its slowest kernel, so they get fp16 with a GradScaler."""
     if name != "auto":
-        if name == "fp16" and device.type != "cuda":
+        if name == "fp16" and device_type != "cuda":
             raise ChitchatError("--dtype fp16 needs a CUDA GPU; on a CPU use bf16 or fp32")
         return name
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "bf16" if cpu_has_fast_bf16() else "fp32"
+    if device_type == "cuda":
+        return "bf16" if gpu_bf16 else "fp16"
+    return "bf16" if cpu_bf16 else "fp32"
+
+
+def resolve_dtype(name: str, device: torch.device) -> str:
+    gpu_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
+    return pick_dtype(name, device.type, gpu_bf16,
+                      device.type == "cpu" and cpu_has_fast_bf16())
+
+
+def set_fp32_precision(device: torch.device, exact_fp32: bool) -> bool:
+    """Let float32 matrix products on a GPU use TF32 (Ampere and newer; older cards ignore
+    it): fp32 runs, and the float32 parts of mixed precision, run several times faster at
+    a precision training does not notice. --exact_fp32 keeps full fp32. Returns whether
+    TF32 was turned on."""
+    if device.type != "cuda" or exact_fp32:
+        return False
+    # The legacy switch, not torch.backends.*.fp32_precision: mixing the two APIs makes
+    # torch.get_float32_matmul_precision() raise, and torch.compile calls it.
+    torch.set_float32_matmul_precision("high")
+    return True
 
 
 def autocast_ctx(dtype: str, device: torch.device):
@@ -157,6 +184,21 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
         (no_decay if p.ndim < 2 or id(p) in embeddings else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay},
             {"params": no_decay, "weight_decay": 0.0}]
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device):
+    return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, eps=cfg.eps,
+                             fused=device.type == "cuda" or None)
+
+
+def restore_optimizer(optimizer, saved: dict) -> None:
+    """Load a checkpoint's optimizer state but keep this run's kernel choice: the saved
+    param groups carry the device's flags of the run that wrote them (a CPU run's
+    fused=None would turn the fused CUDA kernel off for the rest of a GPU run)."""
+    kernel = [{k: g[k] for k in ("fused", "foreach") if k in g} for g in optimizer.param_groups]
+    optimizer.load_state_dict(saved)
+    for g, flags in zip(optimizer.param_groups, kernel):
+        g.update(flags)
 
 
 # ---- the loss ---------------------------------------------------------------------------------
@@ -281,10 +323,11 @@ def merge_resume_options(cfg: TrainConfig, saved: dict, where: Path) -> TrainCon
 
 
 def rng_state() -> dict:
-    state = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+    # CUDA generators are not saved: seed_step reseeds every generator (torch.manual_seed
+    # seeds all GPUs) before each step's first random draw, so their state at a checkpoint
+    # never matters, and a run may resume with other GPUs visible. Checkpoints of older
+    # versions carry a "cuda" entry; it is ignored.
+    return {"cpu": torch.get_rng_state()}
 
 
 def seed_step(seed: int, rank: int, step: int) -> None:
@@ -513,6 +556,21 @@ class _Metrics:
             self.tb.close()
 
 
+def _oom_advice(cfg: TrainConfig, dtype: str, row_len, last_ckpt: Path | None) -> str:
+    rows = f"rows of {row_len or 'up to ' + str(cfg.max_len)} tokens"
+    lower = [f"a smaller --batch_size (now {cfg.batch_size}, {rows}) with more "
+             "--gradient_accumulation_steps (same effective batch)",
+             "a smaller --pack_len/--max_len"]
+    if dtype == "fp32":
+        lower.append("--dtype bf16 (fp16 on cards without bf16)")
+    text = "Use " + ", ".join(lower[:-1]) + " or " + lower[-1] + "."
+    if last_ckpt is None:
+        return text + " No checkpoint was saved yet."
+    return (text + f" The last checkpoint, {last_ckpt}, is kept. A resumed run keeps its "
+            "batch shape (only --dtype may change): change the batch in a new run that "
+            f"starts from it with --pretrained_model {last_ckpt}.")
+
+
 def _loss_error(step_from: int, step_to: int, last_ckpt: Path | None, cfg, where="train"):
     keep = (f"The last good checkpoint is {last_ckpt}; nothing after it was saved."
             if last_ckpt else "No checkpoint was saved (none was due yet).")
@@ -525,23 +583,21 @@ def _loss_error(step_from: int, step_to: int, last_ckpt: Path | None, cfg, where
 
 def train(cfg: TrainConfig) -> Path:
     """Train as `cfg` says; returns the run folder."""
-    want_cuda = not cfg.no_cuda and (
-        (cfg.device or "").startswith("cuda") or re.fullmatch(r"\d+", cfg.device or "") or
-        (cfg.device is None and torch.cuda.is_available()))
-    info = init_distributed(bool(want_cuda))
+    info = dist_info(os.environ)
+    device = training_device(cfg, info)
+    join_group(info, device)
     try:
-        return _train(cfg, info)
+        return _train(cfg, info, device)
     finally:
         if info.enabled and dist.is_initialized():
             dist.destroy_process_group()
 
 
-def _train(cfg: TrainConfig, info: DistInfo) -> Path:
+def _train(cfg: TrainConfig, info: DistInfo, device: torch.device) -> Path:
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()  # one "Writing model shards" bar per save is noise
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    device = training_device(cfg, info)
 
     # -- which run: new, or resumed (rank 0 decides, the others follow) ----------------------
     ckpt = None
@@ -617,8 +673,8 @@ def _train(cfg: TrainConfig, info: DistInfo) -> Path:
     dtype = resolve_dtype(cfg.dtype, device)
     amp = autocast_ctx(dtype, device)
     scaler = torch.amp.GradScaler("cuda") if dtype == "fp16" else None
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr,
-                                  eps=cfg.eps, fused=device.type == "cuda" or None)
+    optimizer = make_optimizer(model, cfg, device)
+    tf32 = set_fp32_precision(device, cfg.exact_fp32)
     runner = loss_model = LossModel(model)
     ddp = None
     if info.enabled:
@@ -641,12 +697,10 @@ def _train(cfg: TrainConfig, info: DistInfo) -> Path:
     tokens_seen = 0
     if ckpt is not None:
         tensors = torch.load(ckpt / TENSORS_FILE, map_location="cpu", weights_only=True)
-        optimizer.load_state_dict(tensors["optimizer"])
+        restore_optimizer(optimizer, tensors["optimizer"])
         if scaler is not None and tensors.get("scaler"):
             scaler.load_state_dict(tensors["scaler"])
-        torch.set_rng_state(tensors["rng"]["cpu"])
-        if "cuda" in tensors["rng"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(tensors["rng"]["cuda"])
+        torch.set_rng_state(tensors["rng"]["cpu"])  # CUDA states: see rng_state
         step, epoch, pos = state["step"], state["epoch"], state["step_in_epoch"]
         best = state["best_val_loss"] if state["best_val_loss"] is not None else math.inf
         bad_evals, tokens_seen = state["bad_evals"], state["tokens_seen"]
@@ -658,7 +712,8 @@ def _train(cfg: TrainConfig, info: DistInfo) -> Path:
     epoch_tokens = int(train_table.lengths.sum())
     if info.main:
         n_params = sum(p.numel() for p in model.parameters())
-        log.info(f"run {run_dir}  device {device}  dtype {dtype}  processes {info.world}  "
+        log.info(f"run {run_dir}  device {device}  dtype {dtype}"
+                 + ("  (TF32 matmuls)" if tf32 else "") + f"  processes {info.world}  "
                  f"threads {torch.get_num_threads()}  params {n_params / 1e6:.1f}M  "
                  f"vocab {tok.vocab_size}")
         log.info(f"data {store.path}: {len(train_idx)} train / {len(valid_idx)} validation "
@@ -734,10 +789,14 @@ def _train(cfg: TrainConfig, info: DistInfo) -> Path:
         if info.enabled:
             dist.barrier()
 
+    def oom_advice():
+        return _oom_advice(cfg, dtype, row_len, last_ckpt)
+
     def run_eval(epoch_, reason):
         nonlocal best, bad_evals
-        res = evaluate(runner, model, store, valid_table, cfg, row_len, tok.pad_id,
-                       speaker_ids, info, amp, device)
+        with out_of_memory_advice(device, f"validating after step {step}", oom_advice):
+            res = evaluate(runner, model, store, valid_table, cfg, row_len, tok.pad_id,
+                           speaker_ids, info, amp, device)
         if res is None:
             return
         if not math.isfinite(res["loss"]):
@@ -791,17 +850,11 @@ def _train(cfg: TrainConfig, info: DistInfo) -> Path:
                               lr_factor(step, warmup, total_steps, cfg.lr_schedule))
                     for g in optimizer.param_groups:
                         g["lr"] = cfg.lr * factor
-                    try:
+                    with out_of_memory_advice(device, f"at training step {step + 1}",
+                                              oom_advice):
                         loss_sum, last_norm = train_step(
                             runner, ddp, model, optimizer, micro, n_targets, info.world, amp,
                             scaler, cfg.max_grad_norm, device)
-                    except torch.OutOfMemoryError as e:
-                        raise ChitchatError(
-                            f"out of memory on {device} at step {step + 1} (--batch_size "
-                            f"{cfg.batch_size}, rows of {row_len or 'up to ' + str(cfg.max_len)}"
-                            f" tokens). Use a smaller --batch_size with more "
-                            f"--gradient_accumulation_steps (same effective batch), a smaller "
-                            f"--pack_len/--max_len, or --dtype bf16. ({e})") from e
                     step += 1
                     pos = k + 1
                     tokens_seen += n_tokens
@@ -826,10 +879,19 @@ def _train(cfg: TrainConfig, info: DistInfo) -> Path:
                                      (tokens_seen - tokens0) / (step - step0), len(first_plan),
                                      total_steps - step, budget, cfg)
 
+                    # Every rank must stop at the same step. Under DDP the signal vote
+                    # rides on the logging all_reduce (one collective and one host sync
+                    # per --log_step, not per step), so a signal takes effect at the next
+                    # logged step; a lone process stops after the current step.
+                    got_signal = signals.received is not None
                     if step % cfg.log_step == 0 or last or epoch_done:
+                        sums = torch.stack((acc_loss, torch.full((), float(got_signal),
+                                                                 device=device)))
                         if info.enabled:
-                            dist.all_reduce(acc_loss)
-                        loss = acc_loss.item() / max(1, acc_targets)
+                            dist.all_reduce(sums)
+                        loss_total, votes = sums.tolist()
+                        got_signal = votes > 0
+                        loss = loss_total / max(1, acc_targets)
                         if not math.isfinite(loss):
                             raise _loss_error(checked_step, step, last_ckpt, cfg)
                         bad_loss.zero_()
@@ -854,6 +916,8 @@ def _train(cfg: TrainConfig, info: DistInfo) -> Path:
                         acc_loss.zero_()
                         acc_targets = acc_tokens = 0
                         t_log = time.perf_counter()
+                    elif info.enabled:
+                        got_signal = False  # voted on at the next logged step
 
                     if (epoch_done or last
                             or (cfg.eval_interval and step % cfg.eval_interval == 0)):
@@ -862,13 +926,9 @@ def _train(cfg: TrainConfig, info: DistInfo) -> Path:
                         if cfg.patience and bad_evals >= cfg.patience:
                             stop_reason = (f"early stop: no validation improvement in "
                                            f"{bad_evals} evaluations (--patience)")
-                    got_signal = signals.received is not None
-                    if info.enabled:  # every rank must stop at the same step
-                        f = torch.tensor([float(got_signal)], device=device)
-                        dist.all_reduce(f, op=dist.ReduceOp.MAX)
-                        got_signal = bool(f.item())
                     if got_signal:
-                        stop_reason = f"stopped by {signals.received or 'a signal'}"
+                        stop_reason = ("stopped by "
+                                       + (signals.received or "a signal to another rank"))
                     elif out_of_time and not last:
                         stop_reason = f"stopped by the time budget (--max_time {cfg.max_time})"
                     save_pos = (epoch + 1, 0) if epoch_done else (epoch, pos)

@@ -44,6 +44,22 @@ def get_logger(name: str = "chitchat", log_path: str | os.PathLike | None = None
     return logger
 
 
+@contextlib.contextmanager
+def out_of_memory_advice(device, doing: str, advice):
+    """Turn a CUDA out-of-memory error inside the block into a ChitchatError that says what
+    ran out, on which device, doing what, and what to change. `advice` is a string or a
+    callable returning one (called only on failure, so it can name the latest state)."""
+    import torch
+
+    try:
+        yield
+    except torch.OutOfMemoryError as e:
+        text = advice() if callable(advice) else advice
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ChitchatError(f"out of memory on {device} {doing}. {text} (torch: {first})") \
+            from e
+
+
 def run_cli(main, argv=None) -> int:
     """Run an entry point: ChitchatError becomes a one-line message and exit status 2."""
     try:
