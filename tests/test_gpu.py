@@ -263,6 +263,8 @@ def test_resume_saved_with_4_gpus_on_1_gpu_is_exact(monkeypatch, sample_store, t
     machine) resumes with one GPU visible, and gives the uninterrupted run's weights:
     dropout is reseeded every step, so CUDA generator states are not needed."""
     from safetensors.torch import load_file
+
+    from chitchat.checkpoint import write_manifest
     config = tmp_path / "drop.json"
     config.write_text(json.dumps({"model_type": "gpt2", "n_positions": 64, "n_embd": 64,
                                   "n_head": 2, "n_layer": 2, "attn_pdrop": 0.1,
@@ -275,6 +277,7 @@ def test_resume_saved_with_4_gpus_on_1_gpu_is_exact(monkeypatch, sample_store, t
     tensors = torch.load(ck / training.TENSORS_FILE, weights_only=True)
     tensors["rng"]["cuda"] = [torch.zeros(16, dtype=torch.uint8) for _ in range(4)]
     torch.save(tensors, ck / training.TENSORS_FILE)
+    write_manifest(ck)  # as the older version would have written it: an intact checkpoint
 
     def set_rng_state_all(states):  # the real one: one generator per saved state
         for i, _ in enumerate(states):
