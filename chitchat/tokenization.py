@@ -35,6 +35,43 @@ SPEAKER_TOKENS = ("[speaker1]", "[speaker2]")
 # Tokens that must never be generated as reply text.
 NEVER_GENERATE = (PAD, UNK, CLS, MASK)
 
+# The chat template saved with every model folder (chat_template.jinja), so that
+# transformers' apply_chat_template, pipelines, vLLM and TGI build the prompt exactly as
+# chitchat.chat.build_context does for a history that fits (tests/test_hf_folder.py). Its
+# messages rules are serve.py's (chitchat.server.to_history), so the same request gives the
+# same ids. Literal special-token text in a message is split ("[SEP]" -> "[ SEP ]", which
+# tokenizes to the same plain-text ids) because HF tokenizers would read it as the token.
+CHAT_TEMPLATE = """\
+{#- chitchat dialogue format: [CLS] u1 [SEP] u2 [SEP] ... un [SEP].
+    The reply begins right after the last [SEP], so add_generation_prompt adds nothing.
+    user and assistant messages are the utterances; consecutive messages of one role form
+    one utterance (joined by a space); empty ones are dropped. system, developer and tool
+    messages are ignored: the model was never trained with instructions or a persona.
+    No trimming: the client keeps the last max_history_len utterances and fits the prompt
+    plus max_new_tokens into n_positions (chitchat's own Chatbot and serve.py do this). -#}
+{%- set ns = namespace(role=none) -%}
+{{- '[CLS]' -}}
+{%- for message in messages -%}
+    {%- set content = message['content'] or '' -%}
+    {%- if content is not string -%}
+        {%- set content = content | selectattr('type', 'equalto', 'text')
+                                  | map(attribute='text') | join(' ') -%}
+    {%- endif -%}
+    {%- if message['role'] in ['user', 'assistant'] and content | trim -%}
+        {%- if ns.role is not none -%}
+            {{- ' ' if message['role'] == ns.role else '[SEP]' -}}
+        {%- endif -%}
+        {{- content | replace('[PAD]', '[ PAD ]') | replace('[UNK]', '[ UNK ]')
+                    | replace('[CLS]', '[ CLS ]') | replace('[SEP]', '[ SEP ]')
+                    | replace('[MASK]', '[ MASK ]') -}}
+        {%- set ns.role = message['role'] -%}
+    {%- endif -%}
+{%- endfor -%}
+{%- if ns.role is not none -%}
+    {{- '[SEP]' -}}
+{%- endif -%}
+"""
+
 
 def read_vocab(path: str | os.PathLike) -> list[str]:
     """Tokens in id order, read exactly as BERT's ``load_vocab`` reads them.
@@ -286,13 +323,18 @@ class ChatTokenizer:
         atomic_write_text(path, "".join(t + "\n" for t in self.tokens))
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
-        """Write vocab.txt plus the files `transformers.AutoTokenizer` loads offline."""
+        """Write vocab.txt plus the files `transformers.AutoTokenizer` loads offline, with
+        the chat template (chat_template.jinja)."""
         from transformers import BertTokenizerFast
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
+        # No token_type_ids: BERT's all-zero types would add the [PAD] embedding to every
+        # position of a GPT-2 (it embeds token types with wte) in generate() and pipelines.
         hf = BertTokenizerFast(vocab=dict(self.vocab), do_lower_case=True,
-                               tokenize_chinese_chars=True)
+                               tokenize_chinese_chars=True,
+                               model_input_names=["input_ids", "attention_mask"])
+        hf.chat_template = CHAT_TEMPLATE
         hf.save_pretrained(str(directory))
         self.save_vocab(directory / "vocab.txt")  # exact line order, duplicates included
         specials = {"unk_token": UNK, "sep_token": SEP, "pad_token": PAD, "cls_token": CLS}
