@@ -319,6 +319,23 @@ class ChatTokenizer:
                        if not (skip_special and self.tokens[i] in SPECIAL_TOKENS))
 
     # ---- saving -------------------------------------------------------------------------
+    @staticmethod
+    def _hf_decoder():
+        """A `tokenizers` decoder that spaces text as `Detokenizer` does, for engines that
+        decode with tokenizer.json (pipelines, vLLM, TGI): BERT's WordPiece decoder puts a
+        space between every two tokens ("你 好"). After it, a space survives only between
+        two word-like characters, or after , . ! ? ; : that follow a word and precede a
+        Latin letter. Unlike Detokenizer it has no address rule ("a@b. com")."""
+        from tokenizers import Regex
+
+        word = r"[0-9A-Za-z\u00C0-\u024F\u0370-\u03FF\u0400-\u04FF\uAC00-\uD7AF]"
+        keep = "\u0001"  # marks the spaces after punctuation that must stay
+        return decoders.Sequence([
+            decoders.WordPiece(prefix="##", cleanup=False), decoders.Fuse(),
+            decoders.Replace(Regex(f"(?<={word} [,.!?;:]) (?=[A-Za-z\u00C0-\u024F])"), keep),
+            decoders.Replace(Regex(f"(?<!{word}) | (?!{word})"), ""),
+            decoders.Replace(keep, " ")])
+
     def save_vocab(self, path: str | os.PathLike) -> None:
         atomic_write_text(path, "".join(t + "\n" for t in self.tokens))
 
@@ -331,13 +348,24 @@ class ChatTokenizer:
         directory.mkdir(parents=True, exist_ok=True)
         # No token_type_ids: BERT's all-zero types would add the [PAD] embedding to every
         # position of a GPT-2 (it embeds token types with wte) in generate() and pipelines.
+        # bos/eos name [CLS]/[SEP] for engines that read the stop token from the tokenizer.
         hf = BertTokenizerFast(vocab=dict(self.vocab), do_lower_case=True,
-                               tokenize_chinese_chars=True,
+                               tokenize_chinese_chars=True, bos_token=CLS, eos_token=SEP,
                                model_input_names=["input_ids", "attention_mask"])
+        hf.backend_tokenizer.decoder = self._hf_decoder()
         hf.chat_template = CHAT_TEMPLATE
         hf.save_pretrained(str(directory))
+        # BertTokenizer would rebuild its pipeline from vocab.txt, decoder included; the
+        # generic class loads tokenizer.json as written (transformers 4.x and 5.x). The
+        # template is also kept in tokenizer_config.json for versions that do not read
+        # chat_template.jinja.
+        cfg_path = directory / "tokenizer_config.json"
+        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+        cfg.update(tokenizer_class="PreTrainedTokenizerFast", chat_template=CHAT_TEMPLATE)
+        atomic_write_text(cfg_path, json.dumps(cfg, ensure_ascii=False, indent=2) + "\n")
         self.save_vocab(directory / "vocab.txt")  # exact line order, duplicates included
-        specials = {"unk_token": UNK, "sep_token": SEP, "pad_token": PAD, "cls_token": CLS}
+        specials = {"unk_token": UNK, "sep_token": SEP, "pad_token": PAD, "cls_token": CLS,
+                    "bos_token": CLS, "eos_token": SEP}
         if self.mask_id is not None:
             specials["mask_token"] = MASK
         atomic_write_text(directory / "special_tokens_map.json",
