@@ -1,9 +1,11 @@
 """Build, load and save GPT-2 LM models.
 
 A model folder is a plain transformers folder (config.json, model.safetensors,
-generation_config.json, tokenizer files), so `AutoModelForCausalLM.from_pretrained` and
-`AutoTokenizer.from_pretrained` load it offline. Old GPT2-chitchat folders (config.json +
-pytorch_model.bin, no tokenizer) load too, with the vocab from --vocab_path.
+generation_config.json, tokenizer files with the chat template), so
+`AutoModelForCausalLM.from_pretrained` and `AutoTokenizer.from_pretrained` load it offline,
+and vLLM or TGI can serve it. Old GPT2-chitchat folders (config.json + pytorch_model.bin, no
+tokenizer) load too, with the vocab from --vocab_path; `convert_folder` (convert.py) turns
+one into a complete modern folder.
 """
 from __future__ import annotations
 
