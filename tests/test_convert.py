@@ -125,3 +125,13 @@ def test_a_pickle_that_is_not_plain_tensors_is_refused(old, tmp_path):
     with pytest.raises(ChitchatError, match="weights_only=True"):
         convert_folder(folder, tmp_path / "new", vocab_path=vocab)
     assert not (tmp_path / "new").exists()
+
+
+def test_a_speaker_model_converts_with_a_note(tmp_path, tiny_model_dir):
+    tok = ChatTokenizer.from_dir(tiny_model_dir)
+    folder = gpt2_chitchat_folder(tmp_path / "spk", tok.vocab_size,
+                                  speaker_token_ids=list(tok.speaker_ids()))
+    notes = convert_folder(folder, tmp_path / "new", vocab_path=tiny_model_dir / "vocab.txt")
+    assert any("speaker token types" in n for n in notes)
+    config = json.loads((tmp_path / "new" / "config.json").read_text())
+    assert config["speaker_token_ids"] == list(tok.speaker_ids())
