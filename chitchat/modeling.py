@@ -19,7 +19,7 @@ from transformers import GenerationConfig, GPT2Config, GPT2LMHeadModel
 
 from .config import DecodingOptions
 from .tokenization import ChatTokenizer
-from .utils import ChitchatError
+from .utils import ChitchatError, atomic_dir, write_json
 
 # GPT2Config fields a model config json may set; anything else is a typo and fails loudly.
 _CONFIG_KEYS = set(GPT2Config().to_dict()) | {"architectures", "model_type", "output_past",
@@ -224,8 +224,6 @@ def convert_folder(src: str | os.PathLike, out: str | os.PathLike,
     pytorch_model.bin + separate vocab, or any folder `load_model` reads): config.json with
     the vocab's special ids, model.safetensors, the tokenizer with the chat template, and
     generation_config.json. The folder appears whole or not at all. Returns report lines."""
-    from .utils import atomic_dir, write_json
-
     src, out = Path(src), Path(out)
     _check_convert_output(out, src)
     model, tok = load_model(src, vocab_path=vocab_path)

@@ -328,11 +328,13 @@ class ChatTokenizer:
         Latin letter. Unlike Detokenizer it has no address rule ("a@b. com")."""
         from tokenizers import Regex
 
-        word = r"[0-9A-Za-z\u00C0-\u024F\u0370-\u03FF\u0400-\u04FF\uAC00-\uD7AF]"
+        # _is_wordish and the Latin letters of Detokenizer, in Oniguruma's syntax.
+        word = r"[[\p{L}\p{N}]&&[\x{0}-\x{2FFF}\x{AC00}-\x{D7AF}]]"
+        latin = r"[\p{L}&&[\x{0}-\x{24F}]]"
         keep = "\u0001"  # marks the spaces after punctuation that must stay
         return decoders.Sequence([
             decoders.WordPiece(prefix="##", cleanup=False), decoders.Fuse(),
-            decoders.Replace(Regex(f"(?<={word} [,.!?;:]) (?=[A-Za-z\u00C0-\u024F])"), keep),
+            decoders.Replace(Regex(f"(?<={word} [,.!?;:]) (?={latin})"), keep),
             decoders.Replace(Regex(f"(?<!{word}) | (?!{word})"), ""),
             decoders.Replace(keep, " ")])
 
