@@ -417,3 +417,21 @@ class EvaluateConfig(MMIOptions, ModelOptions):
         return DecodingOptions(max_len=self.reply_len, max_history_len=self.max_history_len,
                                temperature=self.temperature, topk=self.topk, topp=self.topp,
                                repetition_penalty=self.repetition_penalty)
+
+
+# ---- convert.py -----------------------------------------------------------------------------
+@dataclass
+class ConvertConfig:
+    model_path: str | None = opt(None, "folder to convert: an old GPT2-chitchat folder "
+                                 "(config.json + pytorch_model.bin, then also --vocab_path) or "
+                                 "any model folder interact.py loads")
+    vocab_path: str | None = opt(None, "the vocab.txt the model was trained with (GPT2-chitchat "
+                                 "folders have none); default: the folder's vocab.txt")
+    output_path: str | None = opt(None, "new folder to write: config.json, model.safetensors, "
+                                  "tokenizer files with the chat template, "
+                                  "generation_config.json. An existing folder must be empty or "
+                                  "one convert.py wrote")
+
+    def __post_init__(self):
+        check(self.model_path is not None, "--model_path is required: the folder to convert")
+        check(self.output_path is not None, "--output_path is required: the new folder to write")

@@ -1,9 +1,11 @@
 """Build, load and save GPT-2 LM models.
 
 A model folder is a plain transformers folder (config.json, model.safetensors,
-generation_config.json, tokenizer files), so `AutoModelForCausalLM.from_pretrained` and
-`AutoTokenizer.from_pretrained` load it offline. Old GPT2-chitchat folders (config.json +
-pytorch_model.bin, no tokenizer) load too, with the vocab from --vocab_path.
+generation_config.json, tokenizer files with the chat template), so
+`AutoModelForCausalLM.from_pretrained` and `AutoTokenizer.from_pretrained` load it offline,
+and vLLM or TGI can serve it. Old GPT2-chitchat folders (config.json + pytorch_model.bin, no
+tokenizer) load too, with the vocab from --vocab_path; `convert_folder` (convert.py) turns
+one into a complete modern folder.
 """
 from __future__ import annotations
 
@@ -15,8 +17,9 @@ from pathlib import Path
 import torch
 from transformers import GenerationConfig, GPT2Config, GPT2LMHeadModel
 
+from .config import DecodingOptions
 from .tokenization import ChatTokenizer
-from .utils import ChitchatError
+from .utils import ChitchatError, atomic_dir, check_replaceable, write_json
 
 # GPT2Config fields a model config json may set; anything else is a typo and fails loudly.
 _CONFIG_KEYS = set(GPT2Config().to_dict()) | {"architectures", "model_type", "output_past",
@@ -119,10 +122,13 @@ def load_model(path: str | os.PathLike, vocab_path: str | os.PathLike | None = N
         try:
             state = torch.load(path / "pytorch_model.bin", map_location="cpu",
                                weights_only=True)
-        except pickle.UnpicklingError as e:
-            raise ChitchatError(f"{path}/pytorch_model.bin holds more than tensors (objects "
-                                "that would run code when loaded); refusing to load it. Only "
-                                f"use model files from a source you trust. ({e})") from None
+        except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
+            # Only plain tensors are read: unpickling arbitrary objects could run code.
+            raise ChitchatError(
+                f"{path}/pytorch_model.bin cannot be read as plain tensors (weights_only=True"
+                f"): {str(e).splitlines()[0]}. Refusing to load it. Re-save its state_dict "
+                "with torch.save, or convert it to model.safetensors where it was made.") \
+                from None
         # Old transformers saved attention-mask buffers (attn.bias, attn.masked_bias);
         # they are not weights.
         state = {k: v for k, v in state.items()
@@ -161,15 +167,31 @@ def check_same_vocab(want: ChatTokenizer, want_file, got: ChatTokenizer, got_fil
     raise ChitchatError(f"the vocab {got_file} differs from {want_file} ({detail}). {fix}")
 
 
+def generation_config(tokenizer: ChatTokenizer,
+                      options: DecodingOptions | None = None) -> GenerationConfig:
+    """transformers' GenerationConfig for chitchat's decoding options (default: those of
+    interact.py and serve.py), so generate(), pipelines, vLLM and TGI stop at [SEP] and
+    sample as chitchat does. The tokens chitchat never generates are bad_words_ids."""
+    o = options or DecodingOptions()
+    sample = not o.greedy and o.temperature > 0 and o.num_beams == 1
+    kw = dict(bos_token_id=tokenizer.cls_id, eos_token_id=tokenizer.sep_id,
+              pad_token_id=tokenizer.pad_id, max_new_tokens=o.max_len,
+              min_new_tokens=o.min_len, repetition_penalty=o.repetition_penalty,
+              no_repeat_ngram_size=o.no_repeat_ngram_size, num_beams=o.num_beams,
+              do_sample=sample, bad_words_ids=[[i] for i in tokenizer.banned_ids])
+    if sample:
+        # chitchat's "0: off" is transformers' top_k 0 and top_p 1.0.
+        kw.update(temperature=o.temperature, top_k=o.topk, top_p=o.topp or 1.0)
+    return GenerationConfig(**kw)
+
+
 def save_model(model, tokenizer: ChatTokenizer, directory: str | os.PathLike) -> None:
-    """Write a complete HF folder: weights, config, generation config, tokenizer files."""
+    """Write a complete HF folder: weights, config, generation config, tokenizer files
+    with the chat template."""
     directory = Path(directory)
     model = getattr(model, "module", model)  # DDP
     model = getattr(model, "_orig_mod", model)  # torch.compile
-    model.generation_config = GenerationConfig(
-        bos_token_id=tokenizer.cls_id, eos_token_id=tokenizer.sep_id,
-        pad_token_id=tokenizer.pad_id, do_sample=True, top_k=8, top_p=0.9, temperature=1.0,
-        max_new_tokens=25, bad_words_ids=[[i] for i in tokenizer.banned_ids])
+    model.generation_config = generation_config(tokenizer)
     model.save_pretrained(directory, safe_serialization=True)
     tokenizer.save_pretrained(directory)
 
@@ -266,3 +288,59 @@ def load_dtype(dtype: torch.dtype | None) -> torch.dtype:
     in half precision.
     """
     return torch.float32 if dtype is None else dtype
+
+
+# ---- convert.py: old folders -> complete modern folders ----------------------------------
+# The converter writes this file into every folder it creates; its presence is what lets a
+# later run replace that folder (any other non-empty folder is the user's and is refused).
+CONVERT_MARKER = "chitchat_convert.json"
+# Keys of GPT2-chitchat's config.json that transformers 5 no longer reads.
+_LEGACY_CONFIG_KEYS = ("n_ctx", "output_past")
+
+
+def _is_converted(path: Path) -> bool:
+    return (path / CONVERT_MARKER).is_file()
+
+
+def _check_convert_output(out: Path, src: Path) -> None:
+    check_replaceable(out, _is_converted, "a folder written by convert.py")
+    if out.resolve() == src.resolve() and not _is_converted(src):
+        raise ChitchatError(f"--output_path is the model folder itself ({src}); name a new "
+                            "folder")
+
+
+def convert_folder(src: str | os.PathLike, out: str | os.PathLike,
+                   vocab_path: str | os.PathLike | None = None) -> list[str]:
+    """Write a complete, modern model folder from an old one (GPT2-chitchat's config.json +
+    pytorch_model.bin + separate vocab, or any folder `load_model` reads): config.json with
+    the vocab's special ids, model.safetensors, the tokenizer with the chat template, and
+    generation_config.json. The folder appears whole or not at all. Returns report lines."""
+    src, out = Path(src), Path(out)
+    _check_convert_output(out, src)
+    model, tok = load_model(src, vocab_path=vocab_path)
+    config = model.config
+    notes = []
+    specials = {"bos_token_id": tok.cls_id, "eos_token_id": tok.sep_id,
+                "pad_token_id": tok.pad_id}
+    for key, want in specials.items():
+        # GPT2-chitchat's configs may carry GPT-2's 50256, an id its vocab lacks.
+        have = getattr(config, key, None)
+        if have is not None and have != want:
+            notes.append(f"config.json: {key} {have} -> {want} (from the vocab)")
+        setattr(config, key, want)
+    for key in _LEGACY_CONFIG_KEYS:
+        if hasattr(config, key):
+            delattr(config, key)
+    config.architectures = ["GPT2LMHeadModel"]
+    with atomic_dir(out, _is_converted, "a folder written by convert.py") as tmp:
+        save_model(model, tok, tmp)
+        write_json(tmp / CONVERT_MARKER, {
+            "written_by": "chitchat convert.py", "source": src.name,
+            "vocab": Path(vocab_path).name if vocab_path else "vocab.txt"})
+    notes.append(f"wrote {out}: {config.n_layer} layers, {config.n_embd} wide, vocab "
+                 f"{tok.vocab_size}, n_positions {config.n_positions}")
+    if speaker_token_ids(config):
+        notes.append("note: this model was trained with speaker token types, which the chat "
+                     "template cannot carry; other engines will run it without them "
+                     "(docs/serving.md, Beyond one machine)")
+    return notes

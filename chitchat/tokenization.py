@@ -35,6 +35,43 @@ SPEAKER_TOKENS = ("[speaker1]", "[speaker2]")
 # Tokens that must never be generated as reply text.
 NEVER_GENERATE = (PAD, UNK, CLS, MASK)
 
+# The chat template saved with every model folder (chat_template.jinja), so that
+# transformers' apply_chat_template, pipelines, vLLM and TGI build the prompt exactly as
+# chitchat.chat.build_context does for a history that fits (tests/test_hf_folder.py). Its
+# messages rules are serve.py's (chitchat.server.to_history), so the same request gives the
+# same ids. Literal special-token text in a message is split ("[SEP]" -> "[ SEP ]", which
+# tokenizes to the same plain-text ids) because HF tokenizers would read it as the token.
+CHAT_TEMPLATE = """\
+{#- chitchat dialogue format: [CLS] u1 [SEP] u2 [SEP] ... un [SEP].
+    The reply begins right after the last [SEP], so add_generation_prompt adds nothing.
+    user and assistant messages are the utterances; consecutive messages of one role form
+    one utterance (joined by a space); empty ones are dropped. system, developer and tool
+    messages are ignored: the model was never trained with instructions or a persona.
+    No trimming: the client keeps the last max_history_len utterances and fits the prompt
+    plus max_new_tokens into n_positions (chitchat's own Chatbot and serve.py do this). -#}
+{%- set ns = namespace(role=none) -%}
+{{- '[CLS]' -}}
+{%- for message in messages -%}
+    {%- set content = message['content'] or '' -%}
+    {%- if content is not string -%}
+        {%- set content = content | selectattr('type', 'equalto', 'text')
+                                  | map(attribute='text') | join(' ') -%}
+    {%- endif -%}
+    {%- if message['role'] in ['user', 'assistant'] and content | trim -%}
+        {%- if ns.role is not none -%}
+            {{- ' ' if message['role'] == ns.role else '[SEP]' -}}
+        {%- endif -%}
+        {{- content | replace('[PAD]', '[ PAD ]') | replace('[UNK]', '[ UNK ]')
+                    | replace('[CLS]', '[ CLS ]') | replace('[SEP]', '[ SEP ]')
+                    | replace('[MASK]', '[ MASK ]') -}}
+        {%- set ns.role = message['role'] -%}
+    {%- endif -%}
+{%- endfor -%}
+{%- if ns.role is not none -%}
+    {{- '[SEP]' -}}
+{%- endif -%}
+"""
+
 
 def read_vocab(path: str | os.PathLike) -> list[str]:
     """Tokens in id order, read exactly as BERT's ``load_vocab`` reads them.
@@ -274,20 +311,55 @@ class ChatTokenizer:
                        if not (skip_special and self.tokens[i] in SPECIAL_TOKENS))
 
     # ---- saving -------------------------------------------------------------------------
+    @staticmethod
+    def _hf_decoder():
+        """A `tokenizers` decoder that spaces text as `Detokenizer` does, for engines that
+        decode with tokenizer.json (pipelines, vLLM, TGI): BERT's WordPiece decoder puts a
+        space between every two tokens ("你 好"). After it, a space survives only between
+        two word-like characters, or after , . ! ? ; : that follow a word and precede a
+        Latin letter. Unlike Detokenizer it has no address rule ("a@b. com")."""
+        from tokenizers import Regex
+
+        # _is_wordish and the Latin letters of Detokenizer, in Oniguruma's syntax.
+        word = r"[[\p{L}\p{N}]&&[\x{0}-\x{2FFF}\x{AC00}-\x{D7AF}]]"
+        latin = r"[\p{L}&&[\x{0}-\x{24F}]]"
+        keep = "\u0001"  # marks the spaces after punctuation that must stay
+        return decoders.Sequence([
+            decoders.WordPiece(prefix="##", cleanup=False), decoders.Fuse(),
+            decoders.Replace(Regex(f"(?<={word} [,.!?;:]) (?={latin})"), keep),
+            decoders.Replace(Regex(f"(?<!{word}) | (?!{word})"), ""),
+            decoders.Replace(keep, " ")])
+
     def save_vocab(self, path: str | os.PathLike) -> None:
         atomic_write_text(path, "".join(t + "\n" for t in self.tokens))
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
-        """Write vocab.txt plus the files `transformers.AutoTokenizer` loads offline."""
+        """Write vocab.txt plus the files `transformers.AutoTokenizer` loads offline, with
+        the chat template (chat_template.jinja)."""
         from transformers import BertTokenizerFast
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
+        # No token_type_ids: BERT's all-zero types would add the [PAD] embedding to every
+        # position of a GPT-2 (it embeds token types with wte) in generate() and pipelines.
+        # bos/eos name [CLS]/[SEP] for engines that read the stop token from the tokenizer.
         hf = BertTokenizerFast(vocab=dict(self.vocab), do_lower_case=True,
-                               tokenize_chinese_chars=True)
+                               tokenize_chinese_chars=True, bos_token=CLS, eos_token=SEP,
+                               model_input_names=["input_ids", "attention_mask"])
+        hf.backend_tokenizer.decoder = self._hf_decoder()
+        hf.chat_template = CHAT_TEMPLATE
         hf.save_pretrained(str(directory))
+        # BertTokenizer would rebuild its pipeline from vocab.txt, decoder included; the
+        # generic class loads tokenizer.json as written (transformers 4.x and 5.x). The
+        # template is also kept in tokenizer_config.json for versions that do not read
+        # chat_template.jinja.
+        cfg_path = directory / "tokenizer_config.json"
+        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+        cfg.update(tokenizer_class="PreTrainedTokenizerFast", chat_template=CHAT_TEMPLATE)
+        atomic_write_text(cfg_path, json.dumps(cfg, ensure_ascii=False, indent=2) + "\n")
         self.save_vocab(directory / "vocab.txt")  # exact line order, duplicates included
-        specials = {"unk_token": UNK, "sep_token": SEP, "pad_token": PAD, "cls_token": CLS}
+        specials = {"unk_token": UNK, "sep_token": SEP, "pad_token": PAD, "cls_token": CLS,
+                    "bos_token": CLS, "eos_token": SEP}
         if self.mask_id is not None:
             specials["mask_token"] = MASK
         atomic_write_text(directory / "special_tokens_map.json",

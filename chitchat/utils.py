@@ -154,9 +154,9 @@ def check_replaceable(final: Path, ours: Callable[[Path], bool], what: str) -> N
         raise ChitchatError(f"{final} exists and is not a folder; it would be replaced by "
                             f"{what}. Choose another output path.")
     if final.is_dir() and any(final.iterdir()) and not ours(final):
-        raise ChitchatError(f"{final} is a folder that holds other files, not {what}; "
-                            "refusing to replace it (nothing was changed). Choose a new or "
-                            "empty output path.")
+        raise ChitchatError(f"{final} is a non-empty folder that is not {what}; refusing "
+                            "to replace it (nothing was changed). Choose a new or empty "
+                            "output path.")
 
 
 @contextlib.contextmanager

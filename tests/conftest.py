@@ -61,3 +61,27 @@ def tiny_model_dir(tmp_path_factory, sample_store, tiny_config_path) -> Path:
     out = tmp_path_factory.mktemp("model") / "tiny"
     save_model(model, tok, out)
     return out
+
+
+def gpt2_chitchat_folder(path, vocab_size: int, **config):
+    """A folder laid out as GPT2-chitchat saved its models: config.json (with n_ctx; extra
+    keys from `config`) and pytorch_model.bin holding the old attention-mask buffers; no
+    tokenizer files."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=vocab_size, n_positions=64, n_embd=32, n_layer=2, n_head=2)
+    model = GPT2LMHeadModel(cfg)
+    path.mkdir()
+    raw = {"architectures": ["GPT2LMHeadModel"], "activation_function": "gelu_new",
+           "initializer_range": 0.02, "layer_norm_epsilon": 1e-05, "n_ctx": 64, "n_embd": 32,
+           "n_head": 2, "n_layer": 2, "n_positions": 64, "output_past": True,
+           "vocab_size": vocab_size, "model_type": "gpt2", **config}
+    (path / "config.json").write_text(json.dumps(raw))
+    state = model.state_dict()
+    for i in range(2):
+        state[f"transformer.h.{i}.attn.bias"] = torch.tril(torch.ones(64, 64)).view(1, 1, 64, 64)
+        state[f"transformer.h.{i}.attn.masked_bias"] = torch.tensor(-1e4)
+    torch.save(state, path / "pytorch_model.bin")
+    return path

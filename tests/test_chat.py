@@ -14,7 +14,7 @@ from chitchat.modeling import load_model, set_speaker_token_ids
 from chitchat.tokenization import ChatTokenizer
 from chitchat.utils import ChitchatError
 
-from conftest import shared_path
+from conftest import gpt2_chitchat_folder, shared_path
 
 
 @pytest.fixture(scope="module")
@@ -224,28 +224,6 @@ def test_loads_an_hf_folder_with_pytorch_model_bin(tiny_model_dir, tmp_path):
     a = Chatbot.from_pretrained(d, greedy=True).generate(["你好"])
     b = Chatbot.from_pretrained(tiny_model_dir, greedy=True).generate(["你好"])
     assert a.token_ids == b.token_ids
-
-
-def gpt2_chitchat_folder(path, vocab_size: int):
-    """A folder laid out as GPT2-chitchat saved its models: config.json (with n_ctx) and
-    pytorch_model.bin holding the old attention-mask buffers; no tokenizer files."""
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(0)
-    cfg = GPT2Config(vocab_size=vocab_size, n_positions=64, n_embd=32, n_layer=2, n_head=2)
-    model = GPT2LMHeadModel(cfg)
-    path.mkdir()
-    raw = {"architectures": ["GPT2LMHeadModel"], "activation_function": "gelu_new",
-           "initializer_range": 0.02, "layer_norm_epsilon": 1e-05, "n_ctx": 64, "n_embd": 32,
-           "n_head": 2, "n_layer": 2, "n_positions": 64, "output_past": True,
-           "vocab_size": vocab_size, "model_type": "gpt2"}
-    (path / "config.json").write_text(json.dumps(raw))
-    state = model.state_dict()
-    for i in range(2):
-        state[f"transformer.h.{i}.attn.bias"] = torch.tril(torch.ones(64, 64)).view(1, 1, 64, 64)
-        state[f"transformer.h.{i}.attn.masked_bias"] = torch.tensor(-1e4)
-    torch.save(state, path / "pytorch_model.bin")
-    return path
 
 
 def test_loads_a_gpt2_chitchat_folder_with_vocab_path(tmp_path):

@@ -8,7 +8,7 @@ from chitchat.server import ServeConfig
 from conftest import ROOT
 
 TOOLS = [config.PreprocessConfig, config.TrainConfig, config.InteractConfig,
-         config.EvaluateConfig, ServeConfig]
+         config.EvaluateConfig, ServeConfig, config.ConvertConfig]
 
 
 @pytest.mark.parametrize("cls", TOOLS, ids=lambda c: c.__name__)

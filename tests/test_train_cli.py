@@ -77,7 +77,7 @@ def test_run_folder_layout(reference_run):
     run, _ = reference_run
     for f in ("config.json", "model.safetensors", "generation_config.json", "vocab.txt",
               "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-              "train.log", "metrics.jsonl"):
+              "chat_template.jinja", "train.log", "metrics.jsonl"):
         assert (run / f).is_file(), f
     ckpts = sorted(p.name for p in (run / "checkpoints").iterdir())
     assert ckpts == ["step-00000080", "step-00000090", "step-00000100"]  # --keep 3
