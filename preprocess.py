@@ -9,11 +9,12 @@ train.txt holds dialogues separated by blank lines, one utterance per line.
 import sys
 
 from chitchat.config import PreprocessConfig, parse_config
-from chitchat.preprocessing import preprocess
 from chitchat.utils import run_cli
 
 
 def main(argv=None):
+    from chitchat.preprocessing import preprocess
+
     preprocess(parse_config(PreprocessConfig, argv, description=__doc__))
 
 

@@ -91,9 +91,10 @@ class TimeBudget:
         self.seconds_per_step = per
         left = max(0.0, self.seconds - elapsed)
         self.total = max(done + 1, min(self.cap, done + int(left / per)))
-        if self.warmup_steps is None and done < self.warmup:
-            # Never behind the current step: a warmup that ended in the past would make
-            # the lr jump.
+        if self.warmup_steps is None and 2 <= done < self.warmup:
+            # From the second step on (the first alone is all warm-up cost), and never
+            # behind the current step: a warmup that ended in the past would make the lr
+            # jump.
             self.warmup = max(1, int(self.warmup_fraction * self.total), done)
 
     def factor(self, done: int, kind: str) -> float:

@@ -54,12 +54,20 @@ def _decode_error(path: Path, encoding: str) -> ChitchatError:
                 # CR-only files have no b"\n": count lone CRs as line ends too.
                 line_no += head.count(b"\r") - head.count(b"\r\n")
                 bad = raw[e.start:e.end].hex(" ")
-                hint = ("If the file is GBK/GB18030 (common for Chinese corpora), pass "
-                        "--encoding gbk (or gb18030), or convert it first: "
-                        "iconv -f gbk -t utf-8 in.txt > out.txt"
-                        if codecs.lookup(encoding).name in ("utf-8", "utf-8-sig") else
-                        f"Check that the file really is {encoding}, or convert it to UTF-8 "
-                        "with iconv.")
+                name = codecs.lookup(encoding).name
+                if name in ("utf-8", "utf-8-sig"):
+                    hint = ("If the file is GBK/GB18030 (common for Chinese corpora), pass "
+                            "--encoding gbk (or gb18030), or convert it first: "
+                            "iconv -f gbk -t utf-8 in.txt > out.txt")
+                elif name in ("gbk", "gb2312"):
+                    # GB18030 extends GBK: rare characters, emoji and 4-byte sequences
+                    # that GBK cannot decode.
+                    hint = ("GB18030 is a superset of GBK: pass --encoding gb18030. If that "
+                            "fails too, check the file's encoding, or convert it to UTF-8 "
+                            "with iconv.")
+                else:
+                    hint = (f"Check that the file really is {encoding}, or convert it to "
+                            "UTF-8 with iconv.")
                 return ChitchatError(
                     f"{path}:{line_no}: byte offset {offset + e.start}: bytes {bad} are not "
                     f"valid {encoding} ({e.reason}). {hint}")

@@ -10,9 +10,12 @@ so scripts can read replies line by line.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 import json
 import os
+import signal
 import sys
 import uuid
 from datetime import datetime, timezone
@@ -279,6 +282,43 @@ def format_candidates(reply: Reply) -> str:
     return "\n".join(lines) + "\n"
 
 
+@contextlib.contextmanager
+def terminal_foreground(stream: TextIO):
+    """Take the terminal's foreground in a process group of our own, for the chat.
+
+    Started by a program that does no job control (make, a script), the chat shares that
+    program's process group, so Ctrl-C reaches both: the chat handles it, but make reports
+    "*** Interrupt" and stops. Alone in the foreground, the chat is the only one that gets
+    it. Started from an interactive shell it already leads its own group: nothing changes.
+    """
+    try:
+        fd = stream.fileno()
+        mine = os.getpgrp() == os.getpid() or not os.isatty(fd) or \
+            os.tcgetpgrp(fd) != os.getpgrp()
+    except (OSError, ValueError, io.UnsupportedOperation):
+        mine = True
+    if mine:
+        yield
+        return
+    old_group = os.getpgrp()
+    # A background group may not set the foreground unless SIGTTOU is ignored meanwhile.
+    old_ttou = signal.signal(signal.SIGTTOU, signal.SIG_IGN)
+    try:
+        os.setpgid(0, 0)
+        os.tcsetpgrp(fd, os.getpgrp())
+    except OSError:
+        signal.signal(signal.SIGTTOU, old_ttou)
+        yield
+        return
+    try:
+        yield
+    finally:
+        try:
+            os.tcsetpgrp(fd, old_group)
+        finally:
+            signal.signal(signal.SIGTTOU, old_ttou)
+
+
 def interact(cfg: InteractConfig) -> int:
     """interact.py: load the model, then chat until the user leaves."""
     import torch
@@ -311,7 +351,8 @@ def interact(cfg: InteractConfig) -> int:
             settings.update(num_candidates=cfg.num_candidates, mmi_weight=cfg.mmi_weight)
         transcript = Transcript(cfg.save_samples_path, settings)
     try:
-        return Repl(bot, stream=cfg.stream, transcript=transcript, debug=cfg.debug).run()
+        with terminal_foreground(sys.stdin):
+            return Repl(bot, stream=cfg.stream, transcript=transcript, debug=cfg.debug).run()
     except BrokenPipeError:
         # The reader went away (`... | head -1`): stop quietly, as Unix tools do. stdout is
         # pointed at /dev/null so that the interpreter's final flush does not fail again.

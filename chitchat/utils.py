@@ -67,12 +67,37 @@ def run_cli(main, argv=None) -> int:
     except ChitchatError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except ModuleNotFoundError as e:
+        if (e.name or "").split(".")[0] not in REQUIRED_MODULES:
+            raise
+        print(f"error: {missing_module_message(e.name)}", file=sys.stderr)
+        return 1
     except OSError as e:
         if e.errno not in _OS_HINTS:
             raise  # not a fault of the disk or of permissions: keep the traceback
         print(f"error: {os_error_message(e)}", file=sys.stderr)
         return 1
     return 0 if rc is None else int(rc)
+
+
+# Top-level modules of requirements.txt: a script that misses one was started outside the
+# project's environment.
+REQUIRED_MODULES = {"torch", "transformers", "tokenizers", "safetensors", "numpy", "tqdm",
+                    "fastapi", "uvicorn"}
+
+
+def missing_module_message(name: str) -> str:
+    """One line that says how to get into the environment where the module is installed."""
+    venv = Path(__file__).resolve().parents[1] / ".venv"
+    try:
+        shown = venv.relative_to(Path.cwd().resolve())
+    except ValueError:
+        shown = venv
+    fix = (f"activate the project's environment first: . {shown}/bin/activate (or run the "
+           f"script with {shown}/bin/python)" if (venv / "bin" / "python").exists() else
+           "set up the environment first: make setup, then . .venv/bin/activate (or pip "
+           "install torch==2.13.0 && pip install -r requirements.txt)")
+    return f"this Python ({sys.executable}) has no module {name!r}: {fix}"
 
 
 _OS_HINTS = {

@@ -6,6 +6,7 @@ import io
 import json
 import os
 import select
+import signal
 import subprocess
 import sys
 import time
@@ -181,6 +182,9 @@ class Terminal:
             import termios
             os.setsid()
             fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+            # A suite run as a background job (or by some CI wrappers) inherits an ignored
+            # SIGINT, and Python keeps it ignored: Ctrl-C would do nothing.
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
 
         self.proc = subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=slave, cwd=ROOT,
                                      env=ENV, preexec_fn=setup, close_fds=True)
@@ -205,6 +209,21 @@ class Terminal:
         i = self.buf.index(text) + len(text)
         seen, self.buf = self.buf[:i], self.buf[i:]
         return seen
+
+    def read_some(self, timeout: float = 60) -> str:
+        """Wait for at least one more byte of output (anything after the last expect)."""
+        end = time.monotonic() + timeout
+        while not self.buf:
+            left = end - time.monotonic()
+            if left <= 0:
+                raise AssertionError("timed out waiting for output")
+            r, _, _ = select.select([self.master], [], [], left)
+            if r:
+                data = os.read(self.master, 4096)
+                if not data:
+                    raise AssertionError("EOF waiting for output")
+                self.buf += data.decode("utf-8", "replace")
+        return self.buf
 
     def send(self, text: str) -> None:
         os.write(self.master, text.encode("utf-8"))
@@ -234,7 +253,7 @@ def test_terminal_ctrl_c_stops_a_reply_then_ctrl_c_at_the_prompt_exits(tiny_mode
         t.expect("user: ")
         t.send("你好\r")
         t.expect("chatbot: ")
-        time.sleep(0.3)
+        t.read_some()  # the first piece of the reply: it is under way (40 steps of 50 ms)
         t.send("\x03")  # Ctrl-C mid-reply
         t.expect("[stopped]")
         t.expect("user: ")
