@@ -919,10 +919,10 @@ def _train(cfg: TrainConfig, info: DistInfo, device: torch.device) -> Path:
                     elif info.enabled:
                         got_signal = False  # voted on at the next logged step
 
-                    if (epoch_done or last
+                    if (epoch_done or last or out_of_time
                             or (cfg.eval_interval and step % cfg.eval_interval == 0)):
                         run_eval(epoch, "epoch end" if epoch_done else
-                                 "end" if last else "interval")
+                                 "end" if last or out_of_time else "interval")
                         if cfg.patience and bad_evals >= cfg.patience:
                             stop_reason = (f"early stop: no validation improvement in "
                                            f"{bad_evals} evaluations (--patience)")
