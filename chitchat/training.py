@@ -449,6 +449,8 @@ def make_model(cfg: TrainConfig, tok: ChatTokenizer, store: TokenStore, log):
         has_vocab = (path / "vocab.txt").is_file()
         model, model_tok = load_model(path, None if has_vocab else store.vocab_path)
         n_emb = model.get_input_embeddings().weight.shape[0]
+        # A folder without vocab.txt was loaded with the store's vocab: load_model checked
+        # the sizes, so the fix below is for folders with their own vocab.
         fix = (f"Preprocess the corpus with the model's vocab: python preprocess.py "
                f"--train_path <train.txt> --pretrained_model {path} --save_path "
                f"{store.path} --force")
