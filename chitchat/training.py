@@ -453,7 +453,7 @@ def make_model(cfg: TrainConfig, tok: ChatTokenizer, store: TokenStore, log):
         # the sizes, so the fix below is for folders with their own vocab.
         fix = (f"Preprocess the corpus with the model's vocab: python preprocess.py "
                f"--train_path <train.txt> --pretrained_model {path} --save_path "
-               f"{store.path} --force")
+               f"{store.path}")
         if n_emb != tok.vocab_size:
             raise ChitchatError(f"vocab size mismatch: the model at {path} has {n_emb} token "
                                 f"embeddings but the data at {store.path} has a vocab of "
