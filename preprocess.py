@@ -2,6 +2,7 @@
 
     python preprocess.py --train_path data/train.txt --save_path data/train
     python preprocess.py --train_path data/train.txt --vocab_path my/vocab.txt
+    python preprocess.py --train_path data/train.txt --pretrained_model pretrained/gpt2-chinese
     python preprocess.py --train_path corpus.jsonl --encoding gbk --val_num 1000
 
 train.txt holds dialogues separated by blank lines, one utterance per line.

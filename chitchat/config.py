@@ -82,6 +82,8 @@ class PreprocessConfig:
                                 "(default: the corpus path without its extension, e.g. data/train)")
     vocab_path: str | None = opt(None, "existing BERT-style vocab.txt to use as is; without it a "
                                  "WordPiece vocab is built from the corpus")
+    pretrained_model: str | None = opt(None, "model folder you will fine-tune (train.py "
+                                       "--pretrained_model): encode with its vocab.txt")
     vocab_size: int = opt(13000, "size of the vocab built from the corpus (no --vocab_path)")
     min_frequency: int = opt(2, "minimum count for a WordPiece merge when building the vocab")
     encoding: str = opt("utf-8", "text encoding of the corpus, e.g. gbk or gb18030")

@@ -18,7 +18,7 @@ import torch
 from transformers import GenerationConfig, GPT2Config, GPT2LMHeadModel
 
 from .config import DecodingOptions
-from .tokenization import ChatTokenizer
+from .tokenization import ChatTokenizer, check_same_vocab
 from .utils import ChitchatError, atomic_dir, check_replaceable, write_json
 
 # GPT2Config fields a model config json may set; anything else is a typo and fails loudly.
@@ -45,8 +45,7 @@ def load_config(path: str | os.PathLike, tokenizer: ChatTokenizer) -> GPT2Config
         raise ChitchatError(f"{path}: unknown GPT-2 config key(s) {', '.join(unknown)}")
     _check_sizes(raw, path)
     raw = {k: v for k, v in raw.items() if k not in ("architectures", "output_past")}
-    raw.update(vocab_size=tokenizer.vocab_size, bos_token_id=tokenizer.cls_id,
-               eos_token_id=tokenizer.sep_id, pad_token_id=tokenizer.pad_id)
+    raw.update(vocab_size=tokenizer.vocab_size, **special_ids(tokenizer))
     config = GPT2Config(**raw)
     config.architectures = ["GPT2LMHeadModel"]
     return config
@@ -111,10 +110,7 @@ def load_model(path: str | os.PathLike, vocab_path: str | os.PathLike | None = N
     else:
         raise ChitchatError(f"{path} has no vocab.txt (an old GPT2-chitchat folder?); pass "
                             "the vocab it was trained with: --vocab_path vocab.txt")
-    try:
-        config = GPT2Config.from_pretrained(path)
-    except (OSError, ValueError) as e:
-        raise ChitchatError(f"{path}/config.json: cannot read it as a GPT-2 config: {e}")
+    config, _ = read_config(path, tokenizer)
     if (path / "model.safetensors").is_file():
         model = GPT2LMHeadModel.from_pretrained(path, config=config, dtype=load_dtype(dtype))
     else:
@@ -144,6 +140,48 @@ def load_model(path: str | os.PathLike, vocab_path: str | os.PathLike | None = N
     return model.to(device).eval(), tokenizer
 
 
+def special_ids(tokenizer: ChatTokenizer) -> dict[str, int]:
+    """The config's special ids: chitchat's dialogues start with [CLS] and end with [SEP]."""
+    return {"bos_token_id": tokenizer.cls_id, "eos_token_id": tokenizer.sep_id,
+            "pad_token_id": tokenizer.pad_id}
+
+
+# Keys of downloaded and GPT2-chitchat configs that transformers 5 no longer reads, and the
+# source's tokenizer class (uer's folders name BertTokenizer; the folders chitchat writes
+# carry their own tokenizer files, which name theirs).
+_LEGACY_CONFIG_KEYS = ("n_ctx", "output_past", "gradient_checkpointing", "task_specific_params",
+                       "tokenizer_class")
+
+
+def read_config(path: Path, tokenizer: ChatTokenizer) -> tuple[GPT2Config, list[str]]:
+    """A model folder's config.json as chitchat runs it, and notes of what was changed.
+
+    The special ids come from the vocab: Chinese GPT-2s with a BERT vocab (uer's) and
+    GPT2-chitchat's folders name GPT-2's 50256, an id their vocab lacks, which transformers
+    warns about on every load and which a fine-tuned or converted folder must not inherit.
+    They are set before the config is built, so loading such a folder warns about nothing.
+    """
+    try:
+        raw, _ = GPT2Config.get_config_dict(path)
+    except (OSError, ValueError) as e:
+        raise ChitchatError(f"{path}/config.json: cannot read it as a GPT-2 config: {e}")
+    notes = []
+    for key, want in special_ids(tokenizer).items():
+        have = raw.get(key)
+        if have is not None and have != want:
+            notes.append(f"config.json: {key} {have} -> {want} (from the vocab)")
+        raw[key] = want
+    for key in _LEGACY_CONFIG_KEYS:
+        raw.pop(key, None)
+    raw["architectures"] = ["GPT2LMHeadModel"]
+    try:
+        config = GPT2Config.from_dict(raw)
+    except (TypeError, ValueError) as e:
+        raise ChitchatError(f"{path}/config.json: cannot read it as a GPT-2 config: {e}")
+    config.name_or_path = str(path)
+    return config, notes
+
+
 def check_vocab(model: GPT2LMHeadModel, tokenizer: ChatTokenizer, where) -> None:
     n_emb = model.get_input_embeddings().weight.shape[0]
     if n_emb != tokenizer.vocab_size:
@@ -154,19 +192,6 @@ def check_vocab(model: GPT2LMHeadModel, tokenizer: ChatTokenizer, where) -> None
             "(python preprocess.py --vocab_path <model>/vocab.txt).")
 
 
-def check_same_vocab(want: ChatTokenizer, want_file, got: ChatTokenizer, got_file,
-                     fix: str) -> None:
-    """The one vocab check: the ids of `got_file` must be those of `want_file`."""
-    if want.tokens == got.tokens:
-        return
-    if want.vocab_size != got.vocab_size:
-        detail = f"{want.vocab_size} vs {got.vocab_size} tokens"
-    else:
-        i = next(i for i, (a, b) in enumerate(zip(want.tokens, got.tokens)) if a != b)
-        detail = f"same size, but id {i} is {want.tokens[i]!r} vs {got.tokens[i]!r}"
-    raise ChitchatError(f"the vocab {got_file} differs from {want_file} ({detail}). {fix}")
-
-
 def generation_config(tokenizer: ChatTokenizer,
                       options: DecodingOptions | None = None) -> GenerationConfig:
     """transformers' GenerationConfig for chitchat's decoding options (default: those of
@@ -174,8 +199,7 @@ def generation_config(tokenizer: ChatTokenizer,
     sample as chitchat does. The tokens chitchat never generates are bad_words_ids."""
     o = options or DecodingOptions()
     sample = not o.greedy and o.temperature > 0 and o.num_beams == 1
-    kw = dict(bos_token_id=tokenizer.cls_id, eos_token_id=tokenizer.sep_id,
-              pad_token_id=tokenizer.pad_id, max_new_tokens=o.max_len,
+    kw = dict(**special_ids(tokenizer), max_new_tokens=o.max_len,
               min_new_tokens=o.min_len, repetition_penalty=o.repetition_penalty,
               no_repeat_ngram_size=o.no_repeat_ngram_size, num_beams=o.num_beams,
               do_sample=sample, bad_words_ids=[[i] for i in tokenizer.banned_ids])
@@ -294,8 +318,6 @@ def load_dtype(dtype: torch.dtype | None) -> torch.dtype:
 # The converter writes this file into every folder it creates; its presence is what lets a
 # later run replace that folder (any other non-empty folder is the user's and is refused).
 CONVERT_MARKER = "chitchat_convert.json"
-# Keys of GPT2-chitchat's config.json that transformers 5 no longer reads.
-_LEGACY_CONFIG_KEYS = ("n_ctx", "output_past")
 
 
 def _is_converted(path: Path) -> bool:
@@ -319,19 +341,7 @@ def convert_folder(src: str | os.PathLike, out: str | os.PathLike,
     _check_convert_output(out, src)
     model, tok = load_model(src, vocab_path=vocab_path)
     config = model.config
-    notes = []
-    specials = {"bos_token_id": tok.cls_id, "eos_token_id": tok.sep_id,
-                "pad_token_id": tok.pad_id}
-    for key, want in specials.items():
-        # GPT2-chitchat's configs may carry GPT-2's 50256, an id its vocab lacks.
-        have = getattr(config, key, None)
-        if have is not None and have != want:
-            notes.append(f"config.json: {key} {have} -> {want} (from the vocab)")
-        setattr(config, key, want)
-    for key in _LEGACY_CONFIG_KEYS:
-        if hasattr(config, key):
-            delattr(config, key)
-    config.architectures = ["GPT2LMHeadModel"]
+    notes = read_config(src, tok)[1]  # what load_model changed, for the report
     with atomic_dir(out, _is_converted, "a folder written by convert.py") as tmp:
         save_model(model, tok, tmp)
         write_json(tmp / CONVERT_MARKER, {

@@ -20,7 +20,7 @@ from tqdm import tqdm
 from .config import PreprocessConfig
 from .corpus import Dialogue, ReadStats, read_dialogues
 from .data import FORMAT_VERSION, STORE_KIND, TokenStore, is_token_store, split_mask, token_dtype, validation_size
-from .tokenization import ChatTokenizer
+from .tokenization import ChatTokenizer, check_same_vocab
 from .utils import ChitchatError, atomic_dir, get_logger, sha256_file, write_json
 
 
@@ -39,6 +39,28 @@ def check_output_path(src: Path, save: Path) -> None:
         raise ChitchatError(f"--save_path {save} would replace the corpus {src} (the output "
                             "folder is replaced whole). Choose an output folder that does not "
                             f"hold the corpus, e.g. --save_path {default_save_path(str(src))}")
+
+
+def given_vocab(cfg: PreprocessConfig) -> Path | None:
+    """The vocab to encode with: --vocab_path, or the vocab.txt of --pretrained_model (the
+    ids must be the model's, or fine-tuning would start from shuffled embeddings)."""
+    if cfg.pretrained_model is None:
+        return Path(cfg.vocab_path) if cfg.vocab_path else None
+    folder = Path(cfg.pretrained_model)
+    vocab = folder / "vocab.txt"
+    if not folder.is_dir():
+        raise ChitchatError(f"--pretrained_model {folder}: no such folder. Give the local model "
+                            "folder you will fine-tune (see the README: Fine-tune a pretrained "
+                            "Chinese GPT-2)")
+    if not vocab.is_file():
+        raise ChitchatError(f"--pretrained_model {folder} has no vocab.txt, so its token ids are "
+                            "unknown. Pass the vocab the model was trained with instead: "
+                            "--vocab_path <vocab.txt> (without --pretrained_model)")
+    if cfg.vocab_path is not None:
+        check_same_vocab(ChatTokenizer.from_vocab_file(vocab), vocab,
+                         ChatTokenizer.from_vocab_file(cfg.vocab_path), cfg.vocab_path,
+                         "Drop --vocab_path: --pretrained_model uses the model's own vocab.")
+    return vocab
 
 
 def _batches(it: Iterator[Dialogue], n: int) -> Iterator[list[Dialogue]]:
@@ -72,7 +94,8 @@ def preprocess(cfg: PreprocessConfig) -> Path:
     # Fail on a missing or unreadable file before hashing or touching the output.
     next(iter(read_dialogues(src, cfg.encoding, stats)), None)
     source_hash = sha256_file(src)
-    vocab_hash = sha256_file(cfg.vocab_path) if cfg.vocab_path else None
+    vocab_path = given_vocab(cfg)
+    vocab_hash = sha256_file(vocab_path) if vocab_path else None
     settings = _settings(cfg, source_hash, vocab_hash)
     if (save / "meta.json").is_file() and not cfg.force:
         try:
@@ -85,9 +108,9 @@ def preprocess(cfg: PreprocessConfig) -> Path:
             return save
 
     show = not cfg.quiet and sys.stderr.isatty()
-    if cfg.vocab_path:
-        tok = ChatTokenizer.from_vocab_file(cfg.vocab_path)
-        log.info(f"vocab: {cfg.vocab_path} ({tok.vocab_size} tokens)")
+    if vocab_path:
+        tok = ChatTokenizer.from_vocab_file(vocab_path)
+        log.info(f"vocab: {vocab_path} ({tok.vocab_size} tokens)")
     else:
         utts = (u for d in tqdm(read_dialogues(src, cfg.encoding), desc="vocab", unit=" dlg",
                                 disable=not show) for u in d.utterances)

@@ -98,6 +98,19 @@ def read_vocab(path: str | os.PathLike) -> list[str]:
     return tokens
 
 
+def check_same_vocab(want: ChatTokenizer, want_file, got: ChatTokenizer, got_file,
+                     fix: str) -> None:
+    """The one vocab check: the ids of `got_file` must be those of `want_file`."""
+    if want.tokens == got.tokens:
+        return
+    if want.vocab_size != got.vocab_size:
+        detail = f"{want.vocab_size} vs {got.vocab_size} tokens"
+    else:
+        i = next(i for i, (a, b) in enumerate(zip(want.tokens, got.tokens)) if a != b)
+        detail = f"same size, but id {i} is {want.tokens[i]!r} vs {got.tokens[i]!r}"
+    raise ChitchatError(f"the vocab {got_file} differs from {want_file} ({detail}). {fix}")
+
+
 _CJK_BMP = ((0x4E00, 0x9FFF), (0x3400, 0x4DBF), (0xF900, 0xFAFF))
 
 

@@ -47,6 +47,7 @@ from .config import TrainConfig
 from .data import (ReversedStore, TokenStore, WindowTable, build_windows, collate_rows,
                    epoch_rows, plan_steps, resplit)
 from .modeling import (build_model, check_same_vocab, is_reverse, load_config, load_model,
+                       read_config,
                        resolve_device, save_model, set_reverse, set_speaker_token_ids, speaker_token_ids)
 from .tokenization import ChatTokenizer
 from .utils import (ChitchatError, atomic_dir, atomic_write_text, get_logger,
@@ -448,8 +449,10 @@ def make_model(cfg: TrainConfig, tok: ChatTokenizer, store: TokenStore, log):
         has_vocab = (path / "vocab.txt").is_file()
         model, model_tok = load_model(path, None if has_vocab else store.vocab_path)
         n_emb = model.get_input_embeddings().weight.shape[0]
+        # A folder without vocab.txt was loaded with the store's vocab: load_model checked
+        # the sizes, so the fix below is for folders with their own vocab.
         fix = (f"Preprocess the corpus with the model's vocab: python preprocess.py "
-               f"--train_path <train.txt> --vocab_path {path / 'vocab.txt'} --save_path "
+               f"--train_path <train.txt> --pretrained_model {path} --save_path "
                f"{store.path}")
         if n_emb != tok.vocab_size:
             raise ChitchatError(f"vocab size mismatch: the model at {path} has {n_emb} token "
@@ -458,7 +461,11 @@ def make_model(cfg: TrainConfig, tok: ChatTokenizer, store: TokenStore, log):
         if has_vocab:
             check_same_vocab(model_tok, path / "vocab.txt", tok, store.vocab_path, fix)
         model.train()
-        log.info(f"fine-tuning {path}")
+        log.info(f"fine-tuning {path} ({model.num_parameters():,} parameters, n_positions "
+                 f"{model.config.n_positions})")
+        # load_model took the special ids from the vocab; say so when the folder had others.
+        for note in read_config(path, model_tok)[1]:
+            log.info(f"  {note}")
     else:
         torch.manual_seed(cfg.seed)
         model = build_model(load_config(cfg.model_config, tok))

@@ -319,7 +319,7 @@ def test_pretrained_vocab_mismatch_names_both_sizes(sample_store, tiny_config_pa
         train(cfg)
     msg = str(e.value)
     assert str(tok.vocab_size + 3) in msg and str(tok.vocab_size) in msg
-    assert "--vocab_path" in msg
+    assert f"preprocess.py --train_path <train.txt> --pretrained_model {tmp_path / 'm'}" in msg
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(sample_store, tiny_model_dir, tmp_path):
