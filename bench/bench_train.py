@@ -9,6 +9,9 @@
     # token budget (tiny config, one epoch of the corpus, both through train.py)
     python bench/bench_train.py --mode quality
 
+    # profile: the top operators of one optimizer step, per dtype
+    python bench/bench_train.py --mode profile --dtypes fp32,bf16 --steps 2
+
 --train_path takes a train.txt (preprocessed once into --work) or a token store.
 The classic loop: fp32, batches of 8 dialogues cut to --max_len and padded to the longest,
 labels -100 on padding, loss = mean over the batch, clip every micro-batch, loss.item()
@@ -228,10 +231,57 @@ def quality(args):
           f"classic {p - c:+.4f}, seed noise {abs(c2 - c):.4f} nats/token")
 
 
+def profile(args):
+    """The top operators of one optimizer step of the fast path, per dtype (torch.profiler,
+    self CPU time), after --steps warm-up steps: where the time of a step goes."""
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    from chitchat.training import make_optimizer, TrainConfig
+
+    work = Path(args.work)
+    store = get_store(args.train_path, work)
+    cfg = ROOT / "config" / args.config
+    tok = store.tokenizer()
+    print(f"corpus {store.path}, {args.config}, {torch.get_num_threads()} threads, torch "
+          f"{torch.__version__}, AMX {torch.cpu._is_amx_tile_supported()}, avx512_bf16 "
+          f"{torch.cpu._is_avx512_bf16_supported()}")
+    table = build_windows(store, store.train_indices(), args.max_len)
+    for dtype in args.dtypes.split(","):
+        torch.manual_seed(0)
+        model = build_model(load_config(cfg, tok)).train()
+        opt = make_optimizer(model, TrainConfig(), torch.device("cpu"))
+        runner = LossModel(model)
+        rng = np.random.default_rng(0)
+        rows = pack_rows(rng.permutation(len(table)), table.lengths, args.pack_len)
+        amp = autocast_ctx(dtype, torch.device("cpu"))
+
+        def step(k):
+            micro = [collate_rows(store, table, rows[k * args.fast_batch:
+                                                     (k + 1) * args.fast_batch],
+                                  tok.pad_id, args.pack_len)]
+            train_step(runner, None, model, opt, micro, len(micro[0]["target_ids"]), 1, amp,
+                       None, 2.0, torch.device("cpu"))
+
+        for k in range(args.steps):
+            step(k)
+        with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+            step(args.steps)
+        total = sum(e.self_cpu_time_total for e in prof.key_averages())
+        print(f"\n{dtype}: one step of {args.fast_batch} packed rows of {args.pack_len}, "
+              f"{total / 1e6:.2f} s of operator time")
+        print(f"{'operator':40s} {'self s':>8s} {'share':>7s} {'calls':>6s}")
+        for e in sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:args.top]:
+            print(f"{e.key[:40]:40s} {e.self_cpu_time_total / 1e6:8.3f} "
+                  f"{e.self_cpu_time_total / total:7.1%} {e.count:6d}")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--mode", choices=["speed", "quality"], default="speed")
+    ap.add_argument("--mode", choices=["speed", "quality", "profile"], default="speed")
+    ap.add_argument("--config", default="model_config_dialogue_small.json",
+                    help="profile: the model config (in config/)")
+    ap.add_argument("--top", type=int, default=15, help="profile: operators shown")
     ap.add_argument("--train_path", default=str(DEFAULT_CORPUS))
     ap.add_argument("--work", default="/tmp/chitchat-bench", help="cache of token stores")
     ap.add_argument("--max_len", type=int, default=150, help="window / classic cut length")
@@ -245,7 +295,7 @@ def main():
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--epochs_q", type=float, default=1.0, help="quality: token budget")
     args = ap.parse_args()
-    (speed if args.mode == "speed" else quality)(args)
+    {"speed": speed, "quality": quality, "profile": profile}[args.mode](args)
 
 
 if __name__ == "__main__":
