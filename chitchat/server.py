@@ -128,6 +128,9 @@ class ServeConfig(ServerOptions, DecodingOptions, MMIOptions, ModelOptions):
         check(self.max_len <= self.max_tokens_limit,
               f"--max_len {self.max_len} (the default max_tokens) is above --max_tokens_limit "
               f"{self.max_tokens_limit}")
+        check(self.max_context is None or self.max_context >= self.max_len + 3,
+              f"--max_context {self.max_context} leaves no room for a context with --max_len "
+              f"{self.max_len}")
 
     def server_options(self) -> ServerOptions:
         return ServerOptions(**{f.name: getattr(self, f.name)
