@@ -236,7 +236,9 @@ def main(argv=None):
                     help="seconds over which the clients start")
     ap.add_argument("--max_batch", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=1, help="runs per setting (median kept)")
-    ap.add_argument("--time_limit", type=float, default=300, help="seconds per run, at most")
+    ap.add_argument("--time_limit", type=float, default=120,
+                    help="seconds per client count and run, at most (then the larger client "
+                         "counts of that run are skipped)")
     ap.add_argument("--threads", type=int, help="serve.py --threads")
     args = ap.parse_args(argv)
     lo, hi = args.lengths
@@ -250,7 +252,7 @@ def main(argv=None):
     extra = ["--threads", str(args.threads)] if args.threads else []
     engines = [("this", ROOT)]
     if args.baseline_rev:
-        engines.insert(0, (args.baseline_rev, export_rev(args.baseline_rev, work)))
+        engines.append((args.baseline_rev, export_rev(args.baseline_rev, work)))
     rng = random.Random(0)
     lengths = {c: [[rng.randint(lo, hi) for _ in range(args.requests)] for _ in range(c)]
                for c in args.clients}
@@ -265,7 +267,16 @@ def main(argv=None):
             server = Server(tree, model, hi, args.max_batch, extra)
             with server as url:
                 for c in args.clients:
-                    res = asyncio.run(drive(url, lengths[c], args.spread, args.time_limit))
+                    try:
+                        res = asyncio.run(drive(url, lengths[c], args.spread,
+                                                args.time_limit))
+                    except asyncio.TimeoutError:
+                        # More clients would take longer still: this server is done.
+                        print(f"  run {rep + 1} {name} {c} clients: not finished in "
+                              f"{args.time_limit:g} s", flush=True)
+                        for more in args.clients[args.clients.index(c):]:
+                            rows.setdefault((name, more), []).append(None)
+                        break
                     res["rss_mb"] = server.rss_mb()
                     rows.setdefault((name, c), []).append(res)
                     print(f"  run {rep + 1} {name} {c} clients: first token p95 "
@@ -280,7 +291,11 @@ def print_table(rows, engines, clients, step8):
     print("|---|---|---|---|---|---|---|---|")
     for name, _ in engines:
         for c in clients:
-            runs = rows[(name, c)]
+            runs = [r for r in rows[(name, c)] if r is not None]
+            if len(runs) < len(rows[(name, c)]):
+                print(f"| {name} | {c} | not finished within --time_limit in "
+                      f"{len(rows[(name, c)]) - len(runs)} of {len(rows[(name, c)])} runs |")
+                continue
             m = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
             print(f"| {name} | {c} | {m['ttft_p50']:.3f} / {m['ttft_p95']:.3f} "
                   f"({m['ttft_max']:.2f}) s | "
@@ -290,7 +305,8 @@ def print_table(rows, engines, clients, step8):
     print(f"\ndecode step of 8 rows (this checkout): {step8 * 1000:.1f} ms")
     for name, _ in engines:
         med = {c: {k: statistics.median(r[k] for r in rows[(name, c)])
-                   for k in rows[(name, c)][0]} for c in clients}
+                   for k in rows[(name, c)][0]} for c in clients
+               if None not in rows[(name, c)]}
         if 1 in med and 8 in med:
             print(f"{name}: 8 clients: first-token p95 {med[8]['ttft_p95'] / med[1]['ttft_p95']:.2f}x "
                   f"a lone client's (target <= 3x, moonshot 1.5x); replies/s "

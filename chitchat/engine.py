@@ -123,8 +123,9 @@ class Engine:
                  max_context: int | None = None, start: bool = True):
         backend = bot.backend
         if not hasattr(backend, "row_cache"):
-            raise ChitchatError("the server decodes with the fast backend; --backend "
-                                f"{type(backend).__name__} cannot serve, use --backend fast")
+            raise ChitchatError("the server batches rows in the fast backend's KV cache; "
+                                f"{type(backend).__name__} (--backend hf) cannot serve: use "
+                                "--backend fast")
         self.bot = bot
         self.max_batch = max_batch
         self.max_queue = max_queue

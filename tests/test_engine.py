@@ -83,18 +83,18 @@ def make_job(bot, history, loop, **overrides) -> Job:
     return Job(bot.prepare(history, **overrides), loop, f"job-{len(history)}")
 
 
-def run_jobs(bot, requests, max_batch: int):
+def run_jobs(bot, requests, max_batch: int, engine: Engine | None = None):
     """Queue every request before the engine starts, then collect (text, Reply) of each."""
     async def main():
         loop = asyncio.get_running_loop()
-        engine = Engine(bot, max_batch=max_batch, start=False)
+        eng = engine or Engine(bot, max_batch=max_batch, start=False)
         jobs = [make_job(bot, h, loop, **o) for h, o in requests]
         for j in jobs:
-            engine.submit(j)
-        engine.start()
+            eng.submit(j)
+        eng.start()
         out = [await collect(j) for j in jobs]
-        engine.close()
-        return out, engine.steps
+        eng.close()
+        return out, eng.steps
     return asyncio.run(main())
 
 
@@ -145,7 +145,11 @@ def test_a_row_computes_the_logits_it_computes_alone(bot):
 
 def test_slots_are_reused_and_the_batch_never_exceeds_max_batch(bot):
     reqs = [(HISTORIES[k % 5], {**OPTIONS[k % 5], "max_len": 3 + 4 * k}) for k in range(7)]
-    out, steps = run_jobs(bot, reqs, max_batch=2)
+    engine = Engine(bot, max_batch=2, start=False)
+    k, v = engine.cache.k, engine.cache.v
+    assert k.shape[1] == 2 and k.shape[3] == bot.n_positions
+    out, steps = run_jobs(bot, reqs, max_batch=2, engine=engine)
+    assert engine.cache.k is k and engine.cache.v is v  # the one cache, reused
     assert max(steps) == 2
     for (h, o), (text, reply) in zip(reqs, out):
         assert_alone(bot, h, o, text, reply)
@@ -174,11 +178,14 @@ def test_a_new_request_joins_the_running_batch_at_the_next_step(gate):
     text_a, reply_a, text_b, reply_b = asyncio.run(main())
     assert_alone(bot, ["你好"], long, text_a, reply_a)
     assert_alone(bot, ["吃了吗", "吃了", "吃的什么"], short, text_b, reply_b)
-    # a alone for 3 steps; b joined at the 4th and decoded its 5 remaining tokens beside a;
-    # then a alone again: b waited for no reply to end.
-    assert gate.rows[:3] == [1, 1, 1]
-    assert gate.rows[3:8] == [2] * 5
-    assert set(gate.rows[8:]) == {1}
+    # a alone for 3 steps; b joined at the next step that began after it came (the 4th, or
+    # the 5th if the engine had already started the 4th and was waiting for its permit),
+    # decoded its 5 remaining tokens beside a, and left: b waited for no reply to end.
+    assert len(gate.rows) == 19 and gate.rows[:3] == [1, 1, 1]
+    joined = gate.rows.index(2)
+    assert joined in (3, 4)
+    assert gate.rows[joined:joined + 5] == [2] * 5
+    assert set(gate.rows[joined + 5:]) == {1}
 
 
 def test_a_cancelled_row_leaves_at_once_and_the_others_are_unaffected(gate):
@@ -187,11 +194,12 @@ def test_a_cancelled_row_leaves_at_once_and_the_others_are_unaffected(gate):
 
     async def main():
         loop = asyncio.get_running_loop()
-        engine = Engine(bot, max_batch=4)
+        engine = Engine(bot, max_batch=4, start=False)
         a = make_job(bot, ["你好"], loop, **opts)
         b = make_job(bot, ["出去玩吗"], loop, **opts)
         engine.submit(a)
         engine.submit(b)
+        engine.start()  # both are admitted together
         gate.release(2)
         await wait_pieces(a, 3)
         a.cancel()
@@ -206,6 +214,14 @@ def test_a_cancelled_row_leaves_at_once_and_the_others_are_unaffected(gate):
     assert 3 <= len(reply_a.token_ids) <= 4  # the step under way when it was cancelled
     assert_alone(bot, ["出去玩吗"], opts, text_b, reply_b)
     assert len(gate.rows) == 19 and gate.rows.count(2) <= 3  # b went on alone
+
+
+def test_the_hf_backend_cannot_serve(tiny_model_dir):
+    from chitchat.utils import ChitchatError
+
+    hf = Chatbot.from_pretrained(tiny_model_dir, device="cpu", backend="hf")
+    with pytest.raises(ChitchatError, match="--backend fast"):
+        Engine(hf, start=False)
 
 
 def test_queue_limit_and_drain(bot):

@@ -227,7 +227,7 @@ def test_requests_in_progress_are_limited_but_health_is_not(tiny_model_dir):
     bot = slow_bot(tiny_model_dir)
     app = create_app(bot, ServerOptions(max_connections=2, max_batch=4))
     with LiveServer(app) as url:
-        streams = [StreamClient(url, "你好", 30) for _ in range(2)]
+        streams = [StreamClient(url, "你好", 60) for _ in range(2)]
         for c in streams:
             c.first.wait(60)
         r = httpx.post(f"{url}/v1/chat/completions", timeout=30,
@@ -275,15 +275,15 @@ def test_shutdown_finishes_running_replies_and_ends_the_rest(tiny_model_dir, cap
     """SIGTERM (issue 14): a reply that can finish within --shutdown_timeout does; a queued
     one and one too long for it end with a shutting_down error event and [DONE]; one log
     line per cut request, no tracebacks."""
-    bot = slow_bot(tiny_model_dir, seconds=0.1)
-    app = create_app(bot, ServerOptions(max_batch=2, shutdown_timeout=3))
+    bot = slow_bot(tiny_model_dir, seconds=0.2)
+    app = create_app(bot, ServerOptions(max_batch=2, shutdown_timeout=6))
     engine = lambda: app.state.chitchat.engine  # noqa: E731
     srv = LiveServer(app)
     url = srv.__enter__()
     try:
-        long = StreamClient(url, "你好", 60)  # 6 s of steps: more than the 3 s allowed
+        long = StreamClient(url, "你好", 60)  # 12 s of steps: more than the 6 s allowed
         long.first.wait(60)
-        short = StreamClient(url, "吃了吗", 4)
+        short = StreamClient(url, "吃了吗", 12)  # 2.4 s: ends in time, after `queued` came
         short.first.wait(60)
         queued = StreamClient(url, "出去玩吗", 4)
         queued.started_stream.wait(60)
