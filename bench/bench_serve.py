@@ -196,13 +196,16 @@ async def drive(url: str, lengths: list[list[int]], spread: float, limit: float)
             "itl_p95_worst_client": worst_client, "overtaken": overtaken}
 
 
-def step_time(model: Path, rows: int = 8, context: int = 20, steps: int = 30) -> float:
+def step_time(model: Path, rows: int = 8, context: int = 20, steps: int = 30,
+              threads: int | None = None) -> float:
     """Median seconds of one decode step of `rows` rows (this checkout's lean backend),
-    after a context of `context` tokens and halfway into a 60-token reply."""
+    after a context of `context` tokens, with serve.py's --threads."""
     import torch
 
     from chitchat.chat import Chatbot
 
+    if threads:
+        torch.set_num_threads(threads)
     bot = Chatbot.from_pretrained(model, device="cpu")
     be = bot.backend
     cache = be.row_cache(rows, context + 60)
@@ -259,7 +262,7 @@ def main(argv=None):
     print(f"model {model}, clients {args.clients}, {args.requests} replies each of {lo}-{hi} "
           f"tokens, starts over {args.spread} s, --max_batch {args.max_batch}, "
           f"{args.repeats} run(s)", flush=True)
-    step8 = step_time(model, rows=8)
+    step8 = step_time(model, rows=8, threads=args.threads)
     print(f"decode step of 8 rows: {step8 * 1000:.1f} ms", flush=True)
     rows: dict[tuple[str, int], dict] = {}
     for rep in range(args.repeats):
