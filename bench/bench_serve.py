@@ -1,23 +1,26 @@
-"""serve.py under load: N concurrent streaming clients against one client at a time.
+"""serve.py under load: streaming clients arriving over time, this engine beside another.
 
-    python bench/bench_serve.py                                   # quick look (~1 min)
-    python bench/bench_serve.py --clients 8 --requests 6 --max_len 40 --repeats 3  # final figures
-    python bench/bench_serve.py --model_path model/<run>/best     # a trained model
+    python bench/bench_serve.py                                      # quick look
+    python bench/bench_serve.py --baseline_rev 4655e33 --repeats 3   # figures in the docs
+    python bench/bench_serve.py --model_path model/<run>/best        # a trained model
 
-Each setting runs `python serve.py` as its own process on 127.0.0.1 (so the clients in this
-process do not share its interpreter), then the clients stream chat completions with httpx:
+Each engine is `python serve.py` as its own process on 127.0.0.1 (so the clients in this
+process do not share its interpreter): this checkout's, and with --baseline_rev the serve.py
+of that git revision (exported with `git archive`), run with the same flags one after the
+other in the same run. For each client count (--clients, default 1 4 8 16 32) the clients
+start at even intervals over --spread seconds, and each streams --requests replies back to
+back, of 10 to 60 tokens (--lengths; the same pseudo-random lengths for every engine; the
+server runs with --min_len 60, so a request for n tokens gets exactly n).
 
-    sequential   one client, `clients * requests` replies one after another (the baseline)
-    serialised   `clients` clients at once, --max_batch 1: one reply at a time on the model
-    batched      `clients` clients at once, --max_batch = clients: waiting requests decoded
-                 together as one padded batch
-
-Every reply is exactly --max_len tokens (the server runs with --min_len = --max_len), so the
-settings do the same work. Reported per setting: replies/s, p50/p95 of the whole reply's
-latency and of the time to the first token, and the ratios against `sequential`. Without
---model_path an untrained model of --model_config (default: GPT2-chitchat's small shape) is
-built on the sample corpus's vocab: speed does not depend on the weights. Everything is
-bounded: at most 64 clients and 50 requests each, and --time_limit seconds per setting.
+Reported per engine and client count (median of --repeats runs, each on a fresh server):
+first-token latency p50/p95, inter-token latency p50/p95 (gaps between a reply's chunks,
+all replies pooled) and the worst client's inter-token p95, replies/s and tokens/s, the
+longest wait for a first token against the wait the queue position implies, and the
+server's RSS after the setting. The decode step of a batch of 8 rows is timed in this
+process on the same model, for the inter-token target. Without --model_path an untrained
+model of --model_config (default: GPT2-chitchat's small shape) is built on the sample
+corpus's vocab: speed does not depend on the weights. Everything is bounded: at most 64
+clients and 20 requests each, and --time_limit seconds per setting.
 """
 from __future__ import annotations
 
@@ -25,6 +28,7 @@ import argparse
 import asyncio
 import json
 import os
+import random
 import re
 import signal
 import statistics
@@ -62,16 +66,28 @@ def build_model(config: str, work: Path) -> Path:
     return out
 
 
+def export_rev(rev: str, work: Path) -> Path:
+    """The tree of git revision `rev` in `work` (for its serve.py and chitchat package)."""
+    out = work / f"rev-{rev}"
+    if not (out / "serve.py").is_file():
+        out.mkdir(parents=True, exist_ok=True)
+        archive = subprocess.run(["git", "-C", str(ROOT), "archive", rev], check=True,
+                                 capture_output=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(out)], input=archive, check=True)
+    return out
+
+
 class Server:
     """serve.py in a subprocess on a free loopback port; stopped with SIGTERM."""
 
-    def __init__(self, model: Path, max_len: int, max_batch: int, extra: list[str]):
+    def __init__(self, tree: Path, model: Path, max_len: int, max_batch: int,
+                 extra: list[str]):
         self.proc = subprocess.Popen(
-            [sys.executable, str(ROOT / "serve.py"), "--model_path", str(model), "--port", "0",
+            [sys.executable, str(tree / "serve.py"), "--model_path", str(model), "--port", "0",
              "--max_len", str(max_len), "--min_len", str(max_len), "--max_batch", str(max_batch),
              "--max_tokens_limit", str(max(max_len, 256)), "--log_level", "warning",
-             "--device", "cpu", *extra],
-            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+             "--device", "cpu", "--max_connections", "256", *extra],
+            cwd=tree, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
             env={**os.environ, "PYTHONUNBUFFERED": "1"})
         self.url = None
         self.log: list[str] = []
@@ -108,12 +124,17 @@ class Server:
             self.proc.communicate()
             raise RuntimeError("serve.py did not stop within 30 s of SIGTERM")
 
+    def rss_mb(self) -> float:
+        with open(f"/proc/{self.proc.pid}/status") as f:
+            kb = next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+        return kb / 1024
 
-async def one_reply(client: httpx.AsyncClient, url: str, k: int, max_len: int) -> dict:
+
+async def one_reply(client: httpx.AsyncClient, url: str, k: int, n_tokens: int) -> dict:
     body = {"messages": [{"role": "user", "content": f"第{k}个问题：今天过得怎么样？"}],
-            "stream": True, "max_tokens": max_len, "stream_options": {"include_usage": True}}
+            "stream": True, "max_tokens": n_tokens, "stream_options": {"include_usage": True}}
     t0 = time.perf_counter()
-    first = None
+    times: list[float] = []  # arrival of each chunk with content
     usage = None
     async with client.stream("POST", url + "/v1/chat/completions", json=body) as r:
         if r.status_code != 200:
@@ -131,34 +152,72 @@ async def one_reply(client: httpx.AsyncClient, url: str, k: int, max_len: int) -
                 raise RuntimeError(chunk["error"]["message"])
             if chunk.get("usage"):
                 usage = chunk["usage"]
-            if first is None and chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
-                first = time.perf_counter() - t0
+            if chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+                times.append(time.perf_counter())
         if not done:
             raise RuntimeError("the stream ended without [DONE]")
-    if usage["completion_tokens"] != max_len:
-        raise RuntimeError(f"a reply of {usage['completion_tokens']} tokens, not {max_len}")
-    return {"latency": time.perf_counter() - t0, "ttft": first}
+    if usage["completion_tokens"] != n_tokens:
+        raise RuntimeError(f"a reply of {usage['completion_tokens']} tokens, not {n_tokens}")
+    return {"start": t0, "ttft": times[0] - t0, "end": time.perf_counter(),
+            "gaps": [b - a for a, b in zip(times, times[1:])], "tokens": n_tokens}
 
 
-async def drive(url: str, clients: int, requests: int, max_len: int, limit: float) -> dict:
-    """`clients` concurrent clients, each sending `requests` replies back to back."""
-    results: list[dict] = []
+async def drive(url: str, lengths: list[list[int]], spread: float, limit: float) -> dict:
+    """One client per list of `lengths`, started at even intervals over `spread` seconds,
+    each streaming its replies back to back."""
+    clients = len(lengths)
+    results: list[list[dict]] = [[] for _ in range(clients)]
 
     async def client_loop(c: int, client: httpx.AsyncClient):
-        for r in range(requests):
-            results.append(await one_reply(client, url, c * requests + r, max_len))
+        await asyncio.sleep(spread * c / clients)
+        for r, n in enumerate(lengths[c]):
+            results[c].append(await one_reply(client, url, c * 100 + r, n))
 
     limits = httpx.Limits(max_connections=clients)
     async with httpx.AsyncClient(timeout=limit, limits=limits) as client:
-        await one_reply(client, url, -1, max_len)  # warm-up, not timed
+        await one_reply(client, url, -1, 10)  # warm-up, not timed
         t0 = time.perf_counter()
         await asyncio.wait_for(asyncio.gather(*(client_loop(c, client)
                                                 for c in range(clients))), limit)
         wall = time.perf_counter() - t0
-    lat = sorted(r["latency"] for r in results)
-    ttft = sorted(r["ttft"] for r in results)
-    return {"replies_per_s": len(results) / wall, "p50": pct(lat, 50), "p95": pct(lat, 95),
-            "ttft_p50": pct(ttft, 50), "ttft_p95": pct(ttft, 95), "replies": len(results)}
+    replies = [r for rs in results for r in rs]
+    ttft = sorted(r["ttft"] for r in replies)
+    gaps = sorted(g for r in replies for g in r["gaps"])
+    # FIFO: a request that started clearly later but got its first token clearly earlier
+    # than one still waiting overtook it in the queue.
+    overtaken = sum(1 for a in replies for b in replies
+                    if b["start"] > a["start"] + 0.05
+                    and b["start"] + b["ttft"] < a["start"] + a["ttft"] - 0.05)
+    worst_client = max(pct(sorted(g for r in rs for g in r["gaps"]), 95) for rs in results)
+    return {"replies": len(replies), "replies_per_s": len(replies) / wall,
+            "tokens_per_s": sum(r["tokens"] for r in replies) / wall,
+            "ttft_p50": pct(ttft, 50), "ttft_p95": pct(ttft, 95), "ttft_max": ttft[-1],
+            "itl_p50": pct(gaps, 50), "itl_p95": pct(gaps, 95),
+            "itl_p95_worst_client": worst_client, "overtaken": overtaken}
+
+
+def step_time(model: Path, rows: int = 8, context: int = 20, steps: int = 30,
+              threads: int | None = None) -> float:
+    """Median seconds of one decode step of `rows` rows (this checkout's lean backend),
+    after a context of `context` tokens, with serve.py's --threads."""
+    import torch
+
+    from chitchat.chat import Chatbot
+
+    if threads:
+        torch.set_num_threads(threads)
+    bot = Chatbot.from_pretrained(model, device="cpu")
+    be = bot.backend
+    cache = be.row_cache(rows, context + 60)
+    times = []
+    with torch.inference_mode():
+        be.prefill(cache, 0, [[5] * context] * rows)
+        tokens = torch.full((rows,), 5, dtype=torch.long)
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            be.step_rows(cache, tokens)
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times[5:])
 
 
 def pct(xs: list[float], p: float) -> float:
@@ -171,43 +230,95 @@ def main(argv=None):
     ap.add_argument("--model_path", help="model folder (default: an untrained --model_config)")
     ap.add_argument("--model_config", default=str(ROOT / "config/model_config_dialogue_small.json"))
     ap.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "chitchat-bench-serve"))
-    ap.add_argument("--clients", type=int, default=4)
+    ap.add_argument("--baseline_rev", help="also run the serve.py of this git revision")
+    ap.add_argument("--clients", type=int, nargs="+", default=[1, 4, 8, 16, 32])
     ap.add_argument("--requests", type=int, default=3, help="replies per client")
-    ap.add_argument("--max_len", type=int, default=20, help="tokens per reply")
+    ap.add_argument("--lengths", type=int, nargs=2, default=[10, 60],
+                    help="reply lengths in tokens, drawn uniformly from this range")
+    ap.add_argument("--spread", type=float, default=2.0,
+                    help="seconds over which the clients start")
+    ap.add_argument("--max_batch", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=1, help="runs per setting (median kept)")
-    ap.add_argument("--time_limit", type=float, default=300, help="seconds per run, at most")
+    ap.add_argument("--time_limit", type=float, default=120,
+                    help="seconds per client count and run, at most (then the larger client "
+                         "counts of that run are skipped)")
     ap.add_argument("--threads", type=int, help="serve.py --threads")
     args = ap.parse_args(argv)
-    if not (1 <= args.clients <= 64 and 1 <= args.requests <= 50 and args.repeats >= 1):
-        ap.error("--clients must be 1..64, --requests 1..50, --repeats >= 1")
+    lo, hi = args.lengths
+    if not (all(1 <= c <= 64 for c in args.clients) and 1 <= args.requests <= 20
+            and args.repeats >= 1 and 1 <= lo <= hi <= 250):
+        ap.error("--clients must be 1..64, --requests 1..20, --repeats >= 1, "
+                 "--lengths 1 <= lo <= hi <= 250")
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     model = Path(args.model_path) if args.model_path else build_model(args.model_config, work)
     extra = ["--threads", str(args.threads)] if args.threads else []
-    n, r = args.clients, args.requests
-    settings = [("sequential", 1, 1, n * r), ("serialised", n, 1, r), ("batched", n, n, r)]
-    print(f"model {model}, {n} clients x {r} replies of {args.max_len} tokens, "
-          f"{args.repeats} run(s) per setting", flush=True)
-    rows = {}
-    for name, clients, max_batch, requests in settings:
-        runs = []
-        for _ in range(args.repeats):
-            with Server(model, args.max_len, max_batch, extra) as url:
-                runs.append(asyncio.run(drive(url, clients, requests, args.max_len,
-                                              args.time_limit)))
-        rows[name] = {k: statistics.median(run[k] for run in runs) for k in runs[0]}
-        print(f"  {name:<11} {rows[name]['replies_per_s']:6.2f} replies/s  "
-              f"p50 {rows[name]['p50']:.3f} s  p95 {rows[name]['p95']:.3f} s  "
-              f"first token p50 {rows[name]['ttft_p50']:.3f} s", flush=True)
-    base = rows["sequential"]
-    print("\n| setting | replies/s | p50 latency | p95 latency | first token p50 |")
-    print("|---|---|---|---|---|")
-    for name, row in rows.items():
-        print(f"| {name} ({'1 client' if name == 'sequential' else f'{n} clients'}) | "
-              f"{row['replies_per_s']:.2f} (x{row['replies_per_s'] / base['replies_per_s']:.2f}) | "
-              f"{row['p50']:.3f} s (x{row['p50'] / base['p50']:.2f}) | "
-              f"{row['p95']:.3f} s (x{row['p95'] / base['p95']:.2f}) | "
-              f"{row['ttft_p50']:.3f} s (x{row['ttft_p50'] / base['ttft_p50']:.2f}) |")
+    engines = [("this", ROOT)]
+    if args.baseline_rev:
+        engines.append((args.baseline_rev, export_rev(args.baseline_rev, work)))
+    rng = random.Random(0)
+    lengths = {c: [[rng.randint(lo, hi) for _ in range(args.requests)] for _ in range(c)]
+               for c in args.clients}
+    print(f"model {model}, clients {args.clients}, {args.requests} replies each of {lo}-{hi} "
+          f"tokens, starts over {args.spread} s, --max_batch {args.max_batch}, "
+          f"{args.repeats} run(s)", flush=True)
+    step8 = step_time(model, rows=8, threads=args.threads)
+    print(f"decode step of 8 rows: {step8 * 1000:.1f} ms", flush=True)
+    rows: dict[tuple[str, int], dict] = {}
+    for rep in range(args.repeats):
+        for name, tree in engines:
+            server = Server(tree, model, hi, args.max_batch, extra)
+            with server as url:
+                for c in args.clients:
+                    try:
+                        res = asyncio.run(drive(url, lengths[c], args.spread,
+                                                args.time_limit))
+                    except asyncio.TimeoutError:
+                        # More clients would take longer still: this server is done.
+                        print(f"  run {rep + 1} {name} {c} clients: not finished in "
+                              f"{args.time_limit:g} s", flush=True)
+                        for more in args.clients[args.clients.index(c):]:
+                            rows.setdefault((name, more), []).append(None)
+                        break
+                    res["rss_mb"] = server.rss_mb()
+                    rows.setdefault((name, c), []).append(res)
+                    print(f"  run {rep + 1} {name} {c} clients: first token p95 "
+                          f"{res['ttft_p95']:.3f} s, {res['replies_per_s']:.2f} replies/s",
+                          flush=True)
+    print_table(rows, engines, args.clients, step8)
+
+
+def print_table(rows, engines, clients, step8):
+    print("\n| engine | clients | first token p50 / p95 (max) | inter-token p50 / p95 (worst "
+          "client) | replies/s | tokens/s | overtaken | RSS |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, _ in engines:
+        for c in clients:
+            runs = [r for r in rows[(name, c)] if r is not None]
+            if len(runs) < len(rows[(name, c)]):
+                print(f"| {name} | {c} | not finished within --time_limit in "
+                      f"{len(rows[(name, c)]) - len(runs)} of {len(rows[(name, c)])} runs |")
+                continue
+            m = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+            print(f"| {name} | {c} | {m['ttft_p50']:.3f} / {m['ttft_p95']:.3f} "
+                  f"({m['ttft_max']:.2f}) s | "
+                  f"{m['itl_p50'] * 1000:.0f} / {m['itl_p95'] * 1000:.0f} "
+                  f"({m['itl_p95_worst_client'] * 1000:.0f}) ms | {m['replies_per_s']:.2f} | "
+                  f"{m['tokens_per_s']:.0f} | {m['overtaken']:.0f} | {m['rss_mb']:.0f} MB |")
+    print(f"\ndecode step of 8 rows (this checkout): {step8 * 1000:.1f} ms")
+    for name, _ in engines:
+        med = {c: {k: statistics.median(r[k] for r in rows[(name, c)])
+                   for k in rows[(name, c)][0]} for c in clients
+               if None not in rows[(name, c)]}
+        if 1 in med and 8 in med:
+            print(f"{name}: 8 clients: first-token p95 {med[8]['ttft_p95'] / med[1]['ttft_p95']:.2f}x "
+                  f"a lone client's (target <= 3x, moonshot 1.5x); replies/s "
+                  f"{med[8]['replies_per_s'] / med[1]['replies_per_s']:.2f}x sequential "
+                  f"(target >= 4x); worst client's inter-token p95 "
+                  f"{med[8]['itl_p95_worst_client'] / step8:.2f}x the 8-row step (target <= 2x)")
+        if 8 in med and 32 in med:
+            print(f"{name}: 32 clients: RSS {med[32]['rss_mb'] / med[8]['rss_mb']:.2f}x the "
+                  f"8-client RSS (target <= 1.2x), {med[32]['overtaken']:.0f} overtaken")
 
 
 if __name__ == "__main__":

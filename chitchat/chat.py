@@ -40,7 +40,7 @@ from typing import Iterator, Sequence
 import torch
 
 from .config import DecodingOptions, _base_type
-from .generation import Constraints, decode, decode_one
+from .generation import Constraints, Row, decode, decode_one
 from .inference import DTYPES, conv1d_to_linear, make_backend, quantize_int8
 from .tokenization import ChatTokenizer, Detokenizer
 from .utils import ChitchatError
@@ -88,6 +88,21 @@ class Context:
     reply_type: int | None
     utterances_used: int
     notice: str | None
+
+
+@dataclass
+class Prepared:
+    """A reply to decode row by row outside `Chatbot` (chitchat.engine batches the rows of
+    many requests into one model step): see `Chatbot.prepare`."""
+    history: list[str]
+    context: Context
+    options: DecodingOptions       # the reply's options (MMI: the candidates')
+    rows: list[Row]                # one; MMI: num_candidates candidates; beam search: none
+    overrides: dict
+
+    @property
+    def mmi(self) -> bool:
+        return len(self.rows) > 1
 
 
 def build_context(tokenizer: ChatTokenizer, history: Sequence[str], max_history_len: int,
@@ -344,6 +359,52 @@ class Chatbot:
             pass
         return rs.reply
 
+    def prepare(self, history: Sequence[str], *, max_context: int | None = None,
+                **overrides) -> Prepared:
+        """Validate a reply to `history` and set up its decoding rows, for a decoder that
+        drives the model itself (the server's engine): it feeds `context.ids`, then hands
+        each row's logits to `Row.choose` until the row is done, and builds the reply with
+        `ReplyStream` (one row) or `rank_candidates` (MMI).
+
+        Each row has its own generator: seeded from `seed` if given (a lone row then picks
+        the tokens `generate` picks with that seed), else the session's. `max_context`:
+        the positions a row may use (default n_positions); the history is trimmed to fit
+        it with the reply. num_beams > 1 gives no rows: decode it with `start`.
+        """
+        opts = self._options(overrides)
+        limit = min(self.n_positions, max_context or self.n_positions)
+        if limit - opts.max_len < 3:
+            raise ChitchatError(f"max_tokens {opts.max_len} leaves no room for a context in "
+                                f"the {limit} positions a reply may use")
+        seeded = "seed" in overrides
+        if self.mmi is not None:
+            opts = dataclasses.replace(opts, num_beams=1, min_len=max(1, opts.min_len))
+        ctx = build_context(self.tokenizer, history, opts.max_history_len, limit - opts.max_len,
+                            self.speaker_ids)
+        if ctx.notice:
+            log.warning("note: %s", ctx.notice)
+        if self.mmi is not None:
+            n = self.mmi.num_candidates
+            if seeded:  # independent candidates, reproducible from the one seed
+                seeds = torch.randint(2 ** 62, (n,), generator=self._generator(opts.seed))
+                gens = [self._generator(int(s)) for s in seeds]
+            else:
+                gens = [self._rng] * n
+            rows = [Row(opts, self.constraints, g, scores=True) for g in gens]
+        elif opts.num_beams > 1:
+            rows = []
+        else:
+            rows = [Row(opts, self.constraints,
+                        self._generator(opts.seed) if seeded else self._rng)]
+        return Prepared(list(history), ctx, opts, rows, dict(overrides))
+
+    def rank_candidates(self, prep: Prepared, candidates: Sequence[Reply]) -> Reply:
+        """MMI: the best of a prepared request's finished candidates (one Reply per row,
+        with token_logprobs), with every candidate and the fallback recorded on it."""
+        best, ranking = self._rank([prep.history], [prep.context], list(candidates))[0]
+        return dataclasses.replace(best, candidates=ranking.candidates,
+                                   mmi_fallback=ranking.fallback)
+
     def start_batch(self, histories: Sequence[Sequence[str]], *, copies: int = 1,
                     scores: bool = False, _raw: bool = False,
                     **overrides) -> list["ReplyStream"]:
@@ -422,9 +483,7 @@ class Chatbot:
 
     def _mmi_rank(self, histories, ctxs: list[Context], cand_opts: DecodingOptions, rng):
         """[(chosen candidate Reply, Ranking)] per history."""
-        from .mmi import mean_logprob, rerank
-
-        mmi, n = self.mmi, self.mmi.num_candidates
+        n = self.mmi.num_candidates
         if len(ctxs) == 1:
             streams = self._start_rows(ctxs, cand_opts, rng, n, scores=True)
         else:
@@ -433,7 +492,14 @@ class Chatbot:
         for rs in streams:
             for _ in rs:
                 pass
-        cands = [rs.reply for rs in streams]
+        return self._rank(histories, ctxs, [rs.reply for rs in streams])
+
+    def _rank(self, histories, ctxs: list[Context], cands: list[Reply]):
+        """[(chosen candidate Reply, Ranking)] per history; `cands`: num_candidates
+        finished candidates per history, in order, with their token_logprobs."""
+        from .mmi import mean_logprob, rerank
+
+        mmi, n = self.mmi, self.mmi.num_candidates
         forward = [mean_logprob((c.token_logprobs or []) +
                                 ([c.stop_logprob] if c.stop_logprob is not None else []))
                    for c in cands]

@@ -34,8 +34,8 @@ NEG_INF = float("-inf")
 
 __all__ = ["DecodingOptions", "Constraints", "Step", "apply_temperature", "top_k_filter",
            "top_p_filter", "apply_repetition_penalty", "ngram_bans", "phrase_bans",
-           "process_logits", "warp_logits", "sampling_distribution", "choose_tokens", "decode", "decode_one",
-           "beam_search"]
+           "process_logits", "warp_logits", "sampling_distribution", "choose_tokens", "decode",
+           "decode_one", "beam_search", "Row"]
 
 
 # ---- pure functions on logits (B, V) --------------------------------------------------------
@@ -302,6 +302,56 @@ def decode(backend, contexts: Sequence[Sequence[int]], opts: DecodingOptions,
                     seen = seen.index_select(0, index)
                 live = [live[i] for i in keep]
             logits = backend.step(state, toks)
+
+
+class Row:
+    """One reply decoded a token at a time by a caller that owns the model calls (the
+    server's engine batches many rows into one step). Each row has its own options,
+    generator, reply so far and repetition mask, so given the same logits it picks the
+    tokens `decode` picks for it alone: the same rules on a (1, V) row, the same generator.
+    """
+
+    def __init__(self, opts: DecodingOptions, cons: Constraints,
+                 generator: torch.Generator | None = None, scores: bool = False):
+        if opts.num_beams > 1:
+            raise ChitchatError("a Row samples or decodes greedily; num_beams must be 1")
+        self.opts, self.cons, self.generator = opts, cons, generator
+        self.tokens: list[int] = []
+        self.logprobs: list[float] | None = [] if scores else None
+        self.stop_logprob: float | None = None
+        self.finish_reason: str | None = None  # "stop" ([SEP]) or "length", once done
+        self._seen: torch.Tensor | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+    def choose(self, logits: torch.Tensor) -> int | None:
+        """The next token from this row's (1, V) or (V,) logits: a reply token, or None
+        once the reply has ended ([SEP] or max_len)."""
+        if self.done:
+            raise RuntimeError("the row has already ended")
+        opts = self.opts
+        logits = logits.view(1, -1)
+        with torch.inference_mode():
+            if self._seen is None and opts.repetition_penalty != 1.0:
+                self._seen = torch.zeros_like(logits, dtype=torch.bool)
+            processed = process_logits(logits, [self.tokens], len(self.tokens), opts,
+                                       self.cons, self._seen)
+            t = int(choose_tokens(processed, opts, self.generator)[0])
+            lp = float(logits.log_softmax(dim=-1)[0, t]) if self.logprobs is not None else None
+            if t != self.cons.sep_id and self._seen is not None:
+                self._seen[0, t] = True
+        if t == self.cons.sep_id:
+            self.stop_logprob = lp
+            self.finish_reason = "stop"
+            return None
+        self.tokens.append(t)
+        if self.logprobs is not None:
+            self.logprobs.append(lp)
+        if len(self.tokens) >= opts.max_len:
+            self.finish_reason = "length"
+        return t
 
 
 def decode_one(backend, context: Sequence[int], opts: DecodingOptions, cons: Constraints,

@@ -123,6 +123,16 @@ class DecodeState:
     reply_types: torch.Tensor | None = None  # (B,) speaker id of generated tokens
 
 
+@dataclass
+class RowCache:
+    """Keys and values (layers, rows, H, length, hd), and each row's filled length and
+    reply speaker id (FastGPT2.row_cache)."""
+    k: torch.Tensor
+    v: torch.Tensor
+    lens: torch.Tensor
+    types: torch.Tensor
+
+
 def left_pad(contexts: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, L) ids left-padded with `pad_id`, and (B,) pad counts."""
     if not contexts or any(len(c) == 0 for c in contexts):
@@ -329,7 +339,8 @@ class FastGPT2:
             mask = causal[None, None] & key_mask[..., :L]
             # A pad row would attend to nothing (NaN); let it see itself. Nothing reads it.
             mask |= torch.eye(L, dtype=torch.bool, device=self.device)[None, None]
-        return state, self._forward(ids, pos, state, mask, causal=not padded, types=types)
+        return state, self._forward(ids, pos, self._state_kv(state, L), mask,
+                                    causal=not padded, types=types, state=state)
 
     def step(self, state, tokens):
         t = state.length
@@ -339,23 +350,39 @@ class FastGPT2:
             torch.full((B, 1), t, dtype=torch.long, device=self.device)
         mask = state.key_mask[..., :t + 1] if state.key_mask is not None else None
         types = state.reply_types.view(B, 1) if state.reply_types is not None else None
-        return self._forward(tokens.view(B, 1), pos, state, mask, causal=False, types=types)
+        return self._forward(tokens.view(B, 1), pos, self._state_kv(state, 1), mask,
+                             causal=False, types=types, state=state)
+
+    @staticmethod
+    def _state_kv(state, S: int):
+        """Keys and values of the next S positions go to `state`'s cache after its filled
+        slots; attention sees every filled slot."""
+        t0, t1 = state.length, state.length + S
+
+        def kv(i, k, v):
+            kc, vc = state.cache[0][i], state.cache[1][i]  # (B, H, T, hd)
+            kc[:, :, t0:t1] = k
+            vc[:, :, t0:t1] = v
+            return kc[:, :, :t1], vc[:, :, :t1]
+        return kv
 
     def reorder(self, state, index):
         k, v = state.cache
         state.cache = (k.index_select(1, index), v.index_select(1, index))
         _reorder_rows(state, index)
 
-    def _forward(self, ids, pos, state, mask, causal: bool, types=None) -> torch.Tensor:
+    def _forward(self, ids, pos, kv, mask, causal: bool, types=None, state=None) -> torch.Tensor:
         # ids, pos: (B, S); returns float32 logits (B, V) of the last position.
-        x = self._blocks(ids, pos, state, mask, causal, types)
+        x = self._blocks(ids, pos, kv, mask, causal, types)
+        if state is not None:
+            state.length += ids.shape[1]
         return self.project(F.layer_norm(x[:, -1], (self.d,), *self.ln_f, self.eps))
 
-    def _blocks(self, ids, pos, state, mask, causal: bool, types=None) -> torch.Tensor:
+    def _blocks(self, ids, pos, kv, mask, causal: bool, types=None) -> torch.Tensor:
         """The transformer blocks over (B, S) ids; (B, S, D) before the final layer norm.
 
-        With a state, keys and values go to its cache after the `state.length` filled
-        slots; with None, the S positions attend only to each other.
+        `kv(layer, k, v)` stores the new keys and values (B, H, S, hd) in a cache and returns
+        those to attend to; with None, the S positions attend only to each other.
         """
         B, S = ids.shape
         if B >= _BLOCKED_MIN_ROWS:
@@ -363,8 +390,6 @@ class FastGPT2:
         layers, lin = self.layers, (self._lin_int8 if self.int8 else self._lin_float)
         if self._blocked_for(B * S):
             layers, lin = self.blocked[0], self._lin_blocked
-        t0 = state.length if state is not None else 0
-        t1 = t0 + S
         D, H, hd = self.d, self.n_head, self.head_dim
         x = F.embedding(ids, self.wte) + F.embedding(pos, self.wpe)  # (B, S, D)
         if types is not None:
@@ -373,20 +398,100 @@ class FastGPT2:
             h = F.layer_norm(x, (D,), w1, b1, self.eps)
             qkv = lin(h, qkv_p).view(B, S, 3, H, hd).permute(2, 0, 3, 1, 4)  # (3, B, H, S, hd)
             k, v = qkv[1], qkv[2]
-            if state is not None:
-                kc, vc = state.cache[0][i], state.cache[1][i]  # (B, H, T, hd)
-                kc[:, :, t0:t1] = k
-                vc[:, :, t0:t1] = v
-                k, v = kc[:, :, :t1], vc[:, :, :t1]
+            if kv is not None:
+                k, v = kv(i, k, v)
             a = F.scaled_dot_product_attention(qkv[0], k, v, attn_mask=mask,
                                                is_causal=causal and S > 1,
                                                scale=self.scales[i])  # (B, H, S, hd)
             x = x + lin(a.transpose(1, 2).reshape(B, S, D), o_p)
             h = F.layer_norm(x, (D,), w2, b2, self.eps)
             x = x + lin(self._up(h, fc_p, lin), pr_p)
-        if state is not None:
-            state.length = t1
         return x
+
+    # -- a pool of rows that join and leave one at a time (chitchat.engine) --
+    def row_cache(self, rows: int, length: int) -> "RowCache":
+        """A KV cache for up to `rows` rows of up to `length` positions, allocated once.
+
+        Unlike a DecodeState's batch, each row has its own length: its tokens sit at cache
+        positions 0.. of its row, with no padding, so it computes what it would alone.
+        The rows in use are 0..n-1; `move_row` keeps them packed when one leaves.
+        """
+        length = min(length, self.n_positions)
+        shape = (len(self.layers), rows, self.n_head, length, self.head_dim)
+        return RowCache(torch.zeros(shape, dtype=self.dtype, device=self.device),
+                        torch.zeros(shape, dtype=self.dtype, device=self.device),
+                        torch.zeros(rows, dtype=torch.long, device=self.device),
+                        torch.zeros(rows, dtype=torch.long, device=self.device))
+
+    def prefill(self, cache: "RowCache", first: int, contexts, token_types=None,
+                reply_types=None) -> torch.Tensor:
+        """Feed `contexts` into rows first, first+1, ...; their logits (k, V).
+
+        The contexts are right-padded into one batch: causal attention keeps every real
+        token from seeing the padding after it, so positions and keys are a lone row's.
+        """
+        k = len(contexts)
+        lens = torch.tensor([len(c) for c in contexts], dtype=torch.long, device=self.device)
+        S = int(lens.max())
+        _check_fits(S, cache.k.shape[3])
+        if first + k > cache.k.shape[1]:
+            raise ValueError(f"rows {first}..{first + k - 1} are beyond the cache's "
+                             f"{cache.k.shape[1]}")
+        ids = torch.full((k, S), self.pad_id, dtype=torch.long)
+        types = torch.zeros((k, S), dtype=torch.long) if token_types is not None else None
+        for i, c in enumerate(contexts):
+            ids[i, :len(c)] = torch.as_tensor(list(c), dtype=torch.long)
+            if types is not None:
+                types[i, :len(c)] = torch.as_tensor(list(token_types[i]), dtype=torch.long)
+        ids = ids.to(self.device)
+        if types is not None:
+            types = types.to(self.device)
+        rows = slice(first, first + k)
+
+        def kv(i, key, val):
+            cache.k[i, rows, :, :S] = key
+            cache.v[i, rows, :, :S] = val
+            return key, val
+
+        pos = torch.arange(S, device=self.device).expand(k, S)
+        x = self._blocks(ids, pos, kv, None, causal=True, types=types)
+        cache.lens[rows] = lens
+        if reply_types is not None:
+            cache.types[rows] = torch.as_tensor(list(reply_types), dtype=torch.long,
+                                                device=self.device)
+        last = x[torch.arange(k, device=self.device), lens - 1]  # (k, D)
+        return self.project(F.layer_norm(last, (self.d,), *self.ln_f, self.eps))
+
+    def step_rows(self, cache: "RowCache", tokens: torch.Tensor, types: bool = False
+                  ) -> torch.Tensor:
+        """Feed one token to each of rows 0..n-1 ((n,) tokens), each at its own next
+        position; their logits (n, V). `types`: add each row's reply speaker id."""
+        n = tokens.shape[0]
+        lens = cache.lens[:n]
+        T = int(lens.max()) + 1
+        _check_fits(T, cache.k.shape[3])
+        rows = torch.arange(n, device=self.device)
+        cols = torch.arange(T, device=self.device)
+        mask = (cols[None, :] <= lens[:, None]).view(n, 1, 1, T)
+
+        def kv(i, key, val):
+            kc, vc = cache.k[i], cache.v[i]  # (rows, H, length, hd)
+            kc[rows, :, lens] = key[:, :, 0]
+            vc[rows, :, lens] = val[:, :, 0]
+            return kc[:n, :, :T], vc[:n, :, :T]
+
+        x = self._blocks(tokens.view(n, 1), lens.view(n, 1), kv, mask, causal=False,
+                         types=cache.types[:n].view(n, 1) if types else None)
+        cache.lens[:n] += 1
+        return self.project(F.layer_norm(x[:, -1], (self.d,), *self.ln_f, self.eps))
+
+    def copy_row(self, cache: "RowCache", src: int, dst: int) -> None:
+        """Row dst becomes a copy of row src (its filled positions only)."""
+        n = int(cache.lens[src])
+        cache.k[:, dst, :, :n] = cache.k[:, src, :, :n]
+        cache.v[:, dst, :, :n] = cache.v[:, src, :, :n]
+        cache.lens[dst] = cache.lens[src]
+        cache.types[dst] = cache.types[src]
 
     # -- scoring whole sequences (MMI's reverse model) --
     def hidden(self, ids: torch.Tensor, types: torch.Tensor | None = None) -> torch.Tensor:

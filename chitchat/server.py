@@ -19,23 +19,26 @@ How a request becomes a reply:
   validated but ignored (OpenAI's additive penalties have no counterpart here; use
   repetition_penalty). Other OpenAI fields (tools, logprobs, user, ...) are ignored; n must
   be 1. The request's ``model`` is not checked: one model is served.
-* **Generation** runs on one worker thread that owns the model, so the event loop never waits
-  on torch and two generations never interleave on the model. Requests with the same
-  decoding options and no seed that are waiting together are decoded as one padded batch
-  (`--max_batch`); seeded and beam-search requests run alone, so a seed reproduces a reply.
-* **Errors** use OpenAI's JSON shape: 400 bad request, 401 bad key, 404/405, 413 body too
-  large, 503 loading or overloaded, 500 (logged) for bugs.
+* **Generation** runs on the engine's thread (chitchat/engine.py), which owns the model, so
+  the event loop never waits on torch. It batches continuously: a request joins the running
+  batch at the next decoding step and leaves it when its reply ends; a seed reproduces the
+  reply `Chatbot.generate` gives with it, whatever else is in the batch.
+* **Errors** use OpenAI's JSON shape: 400 bad request, 401 bad key, 404/405, 408 body too
+  slow, 413 body too large, 503 loading, overloaded or shutting down, 500 (logged) for bugs.
+* **Connections** are not requests: one that sends no complete request headers within
+  `--header_timeout` seconds is closed, a body must arrive within `--body_timeout`, and only
+  requests in progress count against `--max_connections`; /health is never refused.
+* **Shutdown** (SIGTERM, Ctrl-C): new requests get 503 shutting_down, running replies have
+  `--shutdown_timeout` seconds to finish, the rest end with an error event and [DONE].
 """
 from __future__ import annotations
 
 import asyncio
-import collections
 import dataclasses
 import hmac
 import ipaddress
 import json
 import logging
-import queue
 import signal
 import socket
 import threading
@@ -54,6 +57,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .config import DecodingOptions, MMIOptions, ModelOptions, check, opt
+from .engine import Engine, EngineError, Job
 from .utils import ChitchatError
 
 log = logging.getLogger("chitchat")
@@ -77,12 +81,18 @@ class ServerOptions:
     max_message_chars: int = opt(4000, "most characters per message")
     max_tokens_limit: int = opt(256, "largest max_tokens a request may ask for (also capped "
                                 "by the model's n_positions)")
-    max_batch: int = opt(8, "decode up to this many waiting requests together (1: one at "
-                         "a time)")
-    max_queue: int = opt(64, "requests waiting for the model; more get 503 'overloaded'")
-    max_connections: int = opt(128, "open connections before uvicorn answers 503")
+    max_batch: int = opt(8, "rows decoded together (the KV cache holds this many; an MMI "
+                         "request takes --num_candidates of them)")
+    max_context: int | None = opt(None, "KV cache positions per row (default: the model's "
+                                  "n_positions); histories are trimmed to fit with the reply")
+    max_queue: int = opt(64, "requests waiting for a free row; more get 503 'overloaded'")
+    max_connections: int = opt(128, "requests in progress at once (idle connections do not "
+                               "count); more get 503 'overloaded'. /health is always answered")
+    header_timeout: float = opt(10.0, "seconds a connection may take to send a request's "
+                                "headers (also between requests); then it is closed")
+    body_timeout: float = opt(30.0, "seconds to receive a request body; then 408")
     shutdown_timeout: float = opt(10.0, "seconds to let running replies finish after SIGTERM "
-                                  "or Ctrl-C")
+                                  "or Ctrl-C; the rest are ended with an error event")
     log_level: str = opt("info", "uvicorn log level",
                          choices=["critical", "error", "warning", "info", "debug"])
 
@@ -96,6 +106,10 @@ class ServerOptions:
         check(self.max_batch >= 1, "--max_batch must be at least 1")
         check(self.max_queue >= 1, "--max_queue must be at least 1")
         check(self.max_connections >= 1, "--max_connections must be at least 1")
+        check(self.max_context is None or self.max_context >= 8,
+              "--max_context must be at least 8")
+        check(self.header_timeout > 0, "--header_timeout must be > 0")
+        check(self.body_timeout > 0, "--body_timeout must be > 0")
         check(self.shutdown_timeout >= 0, "--shutdown_timeout must be >= 0")
 
 
@@ -115,6 +129,9 @@ class ServeConfig(ServerOptions, DecodingOptions, MMIOptions, ModelOptions):
         check(self.max_len <= self.max_tokens_limit,
               f"--max_len {self.max_len} (the default max_tokens) is above --max_tokens_limit "
               f"{self.max_tokens_limit}")
+        check(self.max_context is None or self.max_context >= self.max_len + 3,
+              f"--max_context {self.max_context} leaves no room for a context with --max_len "
+              f"{self.max_len}")
 
     def server_options(self) -> ServerOptions:
         return ServerOptions(**{f.name: getattr(self, f.name)
@@ -345,227 +362,6 @@ class StopMatcher:
         return out
 
 
-# ---- the generation worker ----------------------------------------------------------------------
-class Job:
-    """One request's generation. The worker thread emits events into `events` on the
-    request's event loop: ("piece", str), ("done", Reply) or ("error", Exception)."""
-
-    def __init__(self, history: list[str], overrides: dict, opts: DecodingOptions,
-                 loop: asyncio.AbstractEventLoop):
-        self.history = history
-        self.overrides = overrides
-        self.opts = opts
-        self.loop = loop
-        self.events: asyncio.Queue = asyncio.Queue()
-        self.cancelled = threading.Event()
-
-    def emit(self, kind: str, value) -> None:
-        try:
-            self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
-        except RuntimeError:
-            # The loop is closed (the server stopped): nobody will read this any more.
-            self.cancelled.set()
-
-    def cancel(self) -> None:
-        self.cancelled.set()
-
-    @property
-    def batchable(self) -> bool:
-        # A seed must give the reply a lone request gets; beams have their own loop.
-        return "seed" not in self.overrides and self.opts.num_beams == 1
-
-
-class _Feed:
-    """The token iterator behind a batched row's ReplyStream: the batch loop appends a token,
-    then pulls one piece; pulling with nothing appended ends the reply."""
-
-    def __init__(self):
-        self.tokens: collections.deque[int] = collections.deque()
-
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> int:
-        if self.tokens:
-            return self.tokens.popleft()
-        raise StopIteration
-
-
-class Engine:
-    """The only thread that runs the model. Jobs wait in a queue; compatible waiting jobs are
-    decoded together as one batch."""
-
-    def __init__(self, bot, max_batch: int = 8, max_queue: int = 64, start: bool = True):
-        self.bot = bot
-        self.max_batch = max_batch
-        self.max_queue = max_queue
-        self._queue: queue.Queue[Job | None] = queue.Queue()
-        self._held: collections.deque[Job] = collections.deque()  # worker thread only
-        self._waiting = 0
-        self._lock = threading.Lock()
-        self._closed = False
-        self.batches = collections.Counter()  # batch size -> count, for tests and logs
-        self._thread = threading.Thread(target=self._run, name="chitchat-generate",
-                                        daemon=True)
-        if start:
-            self.start()
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def submit(self, job: Job) -> None:
-        with self._lock:
-            if self._closed:
-                raise ApiError(503, "the server is shutting down", "server_error",
-                               code="shutting_down")
-            if self._waiting >= self.max_queue:
-                raise ApiError(503, f"{self._waiting} requests are already waiting for the "
-                               "model; retry shortly", "server_error", code="overloaded",
-                               headers={"Retry-After": "1"})
-            self._waiting += 1
-        self._queue.put(job)
-
-    def close(self, timeout: float = 5.0) -> None:
-        with self._lock:
-            self._closed = True
-        self._queue.put(None)
-        self._thread.join(timeout)
-        if self._thread.is_alive():
-            log.warning("the generation thread did not stop within %.0f s", timeout)
-
-    # -- worker thread --
-    def _run(self) -> None:
-        while True:
-            batch = self._take_batch()
-            if batch is None:
-                break
-            if not batch:
-                continue
-            self.batches[len(batch)] += 1
-            try:
-                if len(batch) == 1:
-                    self._generate_one(batch[0])
-                else:
-                    self._generate_batch(batch)
-            except Exception as e:  # reported to every client of the batch, and logged
-                log.exception("generation failed")
-                for job in batch:
-                    job.emit("error", e)
-        # Shutting down: whoever still waits gets an answer rather than a hang.
-        leftovers = list(self._held)
-        while True:
-            try:
-                job = self._queue.get_nowait()
-            except queue.Empty:
-                break
-            if job is not None:
-                leftovers.append(job)
-        for job in leftovers:
-            job.emit("error", ApiError(503, "the server is shutting down", "server_error",
-                                       code="shutting_down"))
-
-    def _take_batch(self) -> list[Job] | None:
-        if not self._held:
-            job = self._queue.get()
-            if job is None:
-                return None
-            self._held.append(job)
-        while True:  # everything waiting now is a candidate for this batch
-            try:
-                job = self._queue.get_nowait()
-            except queue.Empty:
-                break
-            if job is None:
-                self._queue.put(None)  # seen again once the held jobs are served
-                break
-            self._held.append(job)
-        first = self._held.popleft()
-        batch = [first]
-        # An MMI reply already decodes num_candidates rows; those requests run alone.
-        if first.batchable and self.max_batch > 1 and getattr(self.bot, "mmi", None) is None:
-            rest: collections.deque[Job] = collections.deque()
-            for job in self._held:
-                if len(batch) < self.max_batch and job.batchable and job.opts == first.opts:
-                    batch.append(job)
-                else:
-                    rest.append(job)
-            self._held = rest
-        with self._lock:
-            self._waiting -= len(batch)
-        return [j for j in batch if not j.cancelled.is_set()]
-
-    def _generate_one(self, job: Job) -> None:
-        rs = self.bot.start(job.history, **job.overrides)
-        try:
-            for piece in rs:
-                if job.cancelled.is_set():
-                    break
-                if piece:
-                    job.emit("piece", piece)
-        finally:
-            rs.close()
-        job.emit("done", rs.reply)
-
-    def _generate_batch(self, batch: list[Job]) -> None:
-        # Uses the Chatbot's parts directly: its public API decodes one history at a time
-        # (see the report on issue 6 for the API that would replace this).
-        from .chat import ReplyStream
-        from .generation import decode
-
-        bot, opts = self.bot, batch[0].opts
-        rows, streams, feeds, ctxs = [], [], [], []
-        for job in batch:
-            try:
-                ctx = bot.context(job.history, opts)
-            except ChitchatError as e:
-                job.emit("error", e)
-                continue
-            if ctx.notice:
-                log.warning("note: %s", ctx.notice)
-            feed = _Feed()
-            rows.append(job)
-            feeds.append(feed)
-            ctxs.append(ctx)
-            streams.append(ReplyStream(feed, bot.tokenizer, ctx, opts))
-        if not rows:
-            return
-        speakers = ctxs[0].token_types is not None
-        steps = decode(bot.backend, [c.ids for c in ctxs], opts, bot.constraints,
-                       getattr(bot, "_rng", None),
-                       token_types=[c.token_types for c in ctxs] if speakers else None,
-                       reply_types=[c.reply_type for c in ctxs] if speakers else None)
-        live = set(range(len(rows)))
-        sep = bot.tokenizer.sep_id
-
-        def finish(b: int) -> None:
-            live.discard(b)
-            for _ in streams[b]:  # the feed is empty: this ends the reply ("stop"/"length")
-                pass
-            rows[b].emit("done", streams[b].reply)
-
-        try:
-            for step in steps:
-                for b in sorted(live):
-                    job, t = rows[b], step.tokens[b]
-                    if job.cancelled.is_set():
-                        live.discard(b)
-                        streams[b].close()
-                        job.emit("done", streams[b].reply)
-                    elif t is None or t == sep:
-                        finish(b)
-                    else:
-                        feeds[b].tokens.append(t)
-                        piece = next(streams[b])
-                        if piece:
-                            job.emit("piece", piece)
-                if not live:
-                    break
-            for b in sorted(live):  # max_len reached
-                finish(b)
-        finally:
-            steps.close()
-
-
 # ---- responses ----------------------------------------------------------------------------------
 def _usage(reply) -> dict:
     n = len(reply.token_ids)
@@ -587,6 +383,9 @@ def _sse(obj) -> str:
 def _error_for(exc: BaseException) -> ApiError:
     if isinstance(exc, ApiError):
         return exc
+    if isinstance(exc, EngineError):
+        return ApiError(503, str(exc), "server_error", code=exc.code,
+                        headers={"Retry-After": "1"})
     if isinstance(exc, ChitchatError):
         return ApiError(400, str(exc))
     return ApiError(500, "the model failed to generate a reply; see the server log",
@@ -605,13 +404,22 @@ class _State:
 
     def ready(self, bot) -> None:
         self.bot = bot
-        self.engine = Engine(bot, self.options.max_batch, self.options.max_queue)
+        self.engine = Engine(bot, self.options.max_batch, self.options.max_queue,
+                             self.options.max_context)
         self.status = "ready"
         log.info("model ready: serving %r", self.options.model_name)
 
+    def begin_shutdown(self) -> None:
+        """Stop taking requests and give running replies --shutdown_timeout to finish."""
+        if self.status == "stopping":
+            return
+        self.status = "stopping"
+        if self.engine is not None:
+            self.engine.drain(self.options.shutdown_timeout)
+
     def load(self, loader: Callable[[], Any], on_error: Callable[[BaseException], None] | None):
         try:
-            bot = loader()
+            self.ready(loader())
         except BaseException as e:
             self.status, self.error = "failed", str(e)
             if isinstance(e, ChitchatError):
@@ -620,8 +428,6 @@ class _State:
                 log.exception("loading the model failed")
             if on_error is not None:
                 on_error(e)
-            return
-        self.ready(bot)
 
     def close(self) -> None:
         if self.engine is not None:
@@ -712,17 +518,23 @@ def create_app(bot=None, options: ServerOptions | None = None, *,
             if int(declared) > limit:
                 raise too_big
         chunks, size = [], 0
-        async for chunk in request.stream():  # also bounds chunked bodies with no length
-            size += len(chunk)
-            if size > limit:
-                raise too_big
-            chunks.append(chunk)
+        try:
+            async with asyncio.timeout(options.body_timeout):  # a half-sent body is not held
+                async for chunk in request.stream():  # also bounds chunked bodies
+                    size += len(chunk)
+                    if size > limit:
+                        raise too_big
+                    chunks.append(chunk)
+        except TimeoutError:
+            raise ApiError(408, f"the request body did not arrive within "
+                           f"{options.body_timeout:g} s (--body_timeout)",
+                           code="request_timeout", headers={"Connection": "close"}) from None
         return b"".join(chunks)
 
     # -- routes --
     @app.get("/health")
     async def health():
-        body = {"status": state.status, "model": options.model_name}
+        body = {"status": state.status, "model": options.model_name}  # ready | loading | ...
         if state.status == "failed":
             body["error"] = state.error
         return JSONResponse(body, status_code=200 if state.status == "ready" else 503)
@@ -744,15 +556,14 @@ def create_app(bot=None, options: ServerOptions | None = None, *,
         history = to_history(req.messages, options.max_messages, options.max_message_chars)
         overrides = to_overrides(req, options.max_tokens_limit, state.bot.options)
         stops = stop_strings(req)
+        rid = f"chatcmpl-{uuid.uuid4().hex}"
         try:
             # Validate here, so a bad request is a 400 before anything is queued.
-            opts = state.bot._options(overrides)
-            state.bot.context(history, opts)
+            prep = state.bot.prepare(history, max_context=options.max_context, **overrides)
+            job = Job(prep, asyncio.get_running_loop(), rid)
+            eng.submit(job)
         except ChitchatError as e:
-            raise ApiError(400, str(e)) from None
-        job = Job(history, overrides, opts, asyncio.get_running_loop())
-        eng.submit(job)
-        rid = f"chatcmpl-{uuid.uuid4().hex}"
+            raise _error_for(e) from None
         created = int(time.time())
         if req.stream:
             usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -760,9 +571,15 @@ def create_app(bot=None, options: ServerOptions | None = None, *,
                 _stream(job, rid, created, options.model_name, StopMatcher(stops), usage),
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        return await _complete(job, rid, created, options.model_name, StopMatcher(stops))
+        return await _complete(job, request, rid, created, options.model_name,
+                               StopMatcher(stops))
 
-    async def _complete(job: Job, rid, created, model, matcher: StopMatcher):
+    async def _complete(job: Job, request: Request, rid, created, model,
+                        matcher: StopMatcher):
+        # Nothing else listens to a plain request's connection while it waits for the
+        # model: without this watcher an abandoned reply would be generated to the end.
+        gone = asyncio.create_task(_disconnected(request))
+        gone.add_done_callback(lambda t: t.cancelled() or job.cancel())
         try:
             while True:
                 kind, value = await job.events.get()
@@ -776,7 +593,8 @@ def create_app(bot=None, options: ServerOptions | None = None, *,
                     reply = value
                     break
         finally:
-            job.cancel()  # the client may be gone (this task cancelled): stop the worker
+            gone.cancel()
+            job.cancel()  # the reply is complete, or the client is gone: stop the worker
         return {"id": rid, "object": "chat.completion", "created": created, "model": model,
                 "system_fingerprint": None,
                 "choices": [{"index": 0, "logprobs": None,
@@ -826,7 +644,45 @@ def create_app(bot=None, options: ServerOptions | None = None, *,
 
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     app.add_middleware(_PageHeaders)
+    app.add_middleware(_Admission, state=state, error_response=error_response)
     return app
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client hangs up (the body has been read: nothing else arrives)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+class _Admission:
+    """Counts the requests in progress against --max_connections, /health aside, and
+    refuses API requests once the server is stopping. Counting here rather than in uvicorn
+    (whose limit counts open connections) keeps idle connections from locking everyone out.
+    """
+
+    def __init__(self, app, state: "_State", error_response):
+        self.app, self.state, self.error_response = app, state, error_response
+        self.limit = state.options.max_connections
+        self.active = 0
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["path"] == "/health":
+            return await self.app(scope, receive, send)
+        err = None
+        if self.state.status == "stopping" and scope["path"].startswith("/v1/"):
+            err = ApiError(503, "the server is shutting down", "server_error",
+                           code="shutting_down")
+        elif self.active >= self.limit:
+            err = ApiError(503, f"{self.active} requests are in progress (--max_connections); "
+                           "retry shortly", "server_error", code="overloaded",
+                           headers={"Retry-After": "1"})
+        if err is not None:
+            return await self.error_response(err)(scope, receive, send)
+        self.active += 1
+        try:
+            return await self.app(scope, receive, send)
+        finally:
+            self.active -= 1
 
 
 class _PageHeaders:
@@ -858,6 +714,72 @@ class _PageHeaders:
 
 
 # ---- running it ---------------------------------------------------------------------------------
+def _guarded_protocol(header_timeout: float):
+    """uvicorn's h11 protocol, closing a connection that has not sent a complete request's
+    headers `header_timeout` seconds after it opened or after its last response (uvicorn
+    itself waits forever for the rest of a half-sent request line or header block)."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class GuardedH11Protocol(H11Protocol):
+        _header_timer = None
+
+        def connection_made(self, transport):
+            super().connection_made(transport)
+            self._arm()
+
+        def connection_lost(self, exc):
+            self._disarm()
+            super().connection_lost(exc)
+
+        def handle_events(self):
+            super().handle_events()
+            if self.cycle is not None and not self.cycle.response_complete:
+                self._disarm()  # a request is in progress: the body has its own timeout
+
+        def on_response_complete(self):
+            super().on_response_complete()
+            self._arm()
+
+        def _arm(self):
+            if self._header_timer is None:
+                self._header_timer = self.loop.call_later(header_timeout, self._expired)
+
+        def _disarm(self):
+            if self._header_timer is not None:
+                self._header_timer.cancel()
+                self._header_timer = None
+
+        def _expired(self):
+            self._header_timer = None
+            if (self.cycle is None or self.cycle.response_complete) and \
+                    not self.transport.is_closing():
+                self.transport.close()
+
+    return GuardedH11Protocol
+
+
+def make_server(app, log_level: str = "info"):
+    """The uvicorn.Server that serve.py runs `app` (from create_app) with: its limits come
+    from the app's ServerOptions. Tests run the same server."""
+    import uvicorn
+
+    state: _State = app.state.chitchat
+    options = state.options
+
+    class Server(uvicorn.Server):
+        async def shutdown(self, sockets=None):
+            state.begin_shutdown()
+            await super().shutdown(sockets)
+
+    # uvicorn cancels what still runs after its own timeout; the engine has ended every
+    # reply by then (error event, [DONE]), so the margin only covers sending those.
+    config = uvicorn.Config(app, log_level=log_level, lifespan="on", server_header=False,
+                            http=_guarded_protocol(options.header_timeout),
+                            timeout_keep_alive=min(5, options.header_timeout),
+                            timeout_graceful_shutdown=options.shutdown_timeout + 5)
+    return Server(config)
+
+
 def load_chatbot(cfg: ServeConfig):
     """The Chatbot described by `cfg` (model, device, precision, decoding defaults)."""
     from .chat import Chatbot, read_bad_words
@@ -912,10 +834,7 @@ def serve(cfg: ServeConfig) -> int:
 
     app = create_app(options=cfg.server_options(), loader=lambda: load_chatbot(cfg),
                      on_load_error=on_load_error)
-    server = uvicorn.Server(uvicorn.Config(
-        app, host=cfg.host, port=cfg.port, log_level=cfg.log_level,
-        limit_concurrency=cfg.max_connections, timeout_graceful_shutdown=cfg.shutdown_timeout,
-        lifespan="on", server_header=False))
+    server = make_server(app, log_level=cfg.log_level)
     # uvicorn turns SIGTERM/SIGINT into a graceful shutdown, then re-raises the signal to the
     # handler that was there before it, which by default would kill the process (SIGTERM) or
     # raise KeyboardInterrupt (SIGINT) after the clean stop. A logging handler there instead

@@ -9,19 +9,19 @@ import httpx
 
 
 class LiveServer:
-    """``with LiveServer(app) as url:`` runs `app` under uvicorn on 127.0.0.1 until the block
-    ends, then shuts it down the way SIGTERM would (graceful, lifespan shutdown)."""
+    """``with LiveServer(app) as url:`` runs `app` under the uvicorn server serve.py runs
+    (chitchat.server.make_server: its timeouts and limits) on 127.0.0.1 until the block ends,
+    then shuts it down the way SIGTERM does (`stop()`: graceful, lifespan shutdown)."""
 
     def __init__(self, app, startup_timeout: float = 20.0):
-        import uvicorn
+        from chitchat.server import make_server
 
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning",
-                                                    timeout_graceful_shutdown=5))
+        self.server = make_server(app, log_level="warning")
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]},
                                        daemon=True)
         self.startup_timeout = startup_timeout
@@ -35,9 +35,13 @@ class LiveServer:
             time.sleep(0.02)
         return self.url
 
-    def __exit__(self, *exc):
+    def stop(self) -> None:
+        """What SIGTERM does: uvicorn's signal handler sets should_exit."""
         self.server.should_exit = True
-        self.thread.join(15)
+
+    def __exit__(self, *exc):
+        self.stop()
+        self.thread.join(30)
         self.sock.close()
         assert not self.thread.is_alive(), "uvicorn did not stop"
 

@@ -382,14 +382,14 @@ def test_interact_set_changes_mmi_settings(tiny_model_dir, reverse_dir):
 
 
 # ---- serve.py ---------------------------------------------------------------------------------
-def test_server_runs_mmi_requests_alone(mmi_bot):
-    from test_serve import run_jobs
+def test_server_decodes_mmi_candidates_as_rows_of_its_batch(mmi_bot):
+    from test_engine import run_jobs
 
     from chitchat.server import ServeConfig
 
     hists = [["你好"], ["吃了吗"], ["今天天气不错", "是啊", "出去玩吗"]]
-    out, batches = run_jobs(mmi_bot, [(h, {}) for h in hists], max_batch=8)
-    assert batches == {1: 3}  # never batched: each MMI reply already decodes N rows
+    out, steps = run_jobs(mmi_bot, [(h, {}) for h in hists], max_batch=12)
+    assert max(steps) == 12  # two requests' 6 candidates each; the third waited for rows
     for text, reply in out:
         assert text == reply.text and reply.candidates
     assert ServeConfig(model_path="m", mmi_model_path="r").mmi_kwargs()["mmi_model_path"] == "r"

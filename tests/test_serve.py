@@ -1,11 +1,10 @@
-"""The OpenAI-compatible server: API shapes, options, errors, limits, fuzzing, batching.
+"""The OpenAI-compatible server: API shapes, options, errors, limits, fuzzing, shutdown.
 
 In-process through Starlette's TestClient on the tiny untrained model (replies are
 gibberish, which is all the API needs). test_serve_live.py covers a real uvicorn server.
 """
 from __future__ import annotations
 
-import asyncio
 import json
 import threading
 
@@ -15,7 +14,7 @@ pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
 from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
 
-from chitchat.server import (ApiError, Engine, Job, ServeConfig, ServerOptions,  # noqa: E402
+from chitchat.server import (ApiError, ServeConfig, ServerOptions,  # noqa: E402
                              StopMatcher, create_app, to_history, ChatRequest)
 from chitchat.utils import ChitchatError  # noqa: E402
 
@@ -362,70 +361,6 @@ def test_fuzz_never_500(client, body):
 def test_server_answers_after_fuzz(client):
     r = client.post(URL, json={"messages": [user("你好")], "max_tokens": 3})
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
-
-
-# ---- the worker ---------------------------------------------------------------------------------
-def run_jobs(bot, requests: list[tuple[list[str], dict]], max_batch: int):
-    """Queue every request before the worker looks, then collect (text, Reply) per request."""
-    async def main():
-        loop = asyncio.get_running_loop()
-        engine = Engine(bot, max_batch=max_batch, start=False)
-        jobs = [Job(h, o, bot._options(o), loop) for h, o in requests]
-        for j in jobs:
-            engine.submit(j)
-        engine.start()
-        out = []
-        for j in jobs:
-            text = ""
-            while True:
-                kind, value = await asyncio.wait_for(j.events.get(), 30)
-                if kind == "piece":
-                    text += value
-                elif kind == "done":
-                    out.append((text, value))
-                    break
-                else:
-                    raise value
-        engine.close()
-        return out, engine.batches
-    return asyncio.run(main())
-
-
-def test_batched_replies_equal_single_ones(tiny_bot):
-    hists = [["你好"], ["今天天气不错", "是啊", "出去玩吗"], ["hello world"], ["吃了吗"]]
-    greedy = {"greedy": True, "max_len": 20}
-    out, batches = run_jobs(tiny_bot, [(h, greedy) for h in hists], max_batch=3)
-    assert batches == {3: 1, 1: 1}
-    for h, (text, reply) in zip(hists, out):
-        alone = tiny_bot.generate(h, **greedy)
-        assert text == reply.text == alone.text, h
-        assert reply.token_ids == alone.token_ids
-        assert reply.prompt_tokens == alone.prompt_tokens
-        assert reply.finish_reason == alone.finish_reason
-
-
-def test_seeded_and_different_options_are_not_batched(tiny_bot):
-    reqs = [(["你好"], {"seed": 1}), (["你好"], {"seed": 1}), (["你好"], {"max_len": 5}),
-            (["你好"], {"max_len": 6})]
-    out, batches = run_jobs(tiny_bot, reqs, max_batch=8)
-    assert batches == {1: 4}
-    assert out[0][0] == out[1][0] == tiny_bot.generate(["你好"], seed=1).text
-
-
-def test_queue_limit_is_503(tiny_bot):
-    async def main():
-        engine = Engine(tiny_bot, max_queue=2, start=False)
-        loop = asyncio.get_running_loop()
-        job = lambda: Job(["hi"], {}, tiny_bot.options, loop)  # noqa: E731
-        engine.submit(job())
-        engine.submit(job())
-        with pytest.raises(ApiError) as e:
-            engine.submit(job())
-        engine.start()
-        engine.close()
-        return e.value
-    err = asyncio.run(main())
-    assert err.status == 503 and err.code == "overloaded"
 
 
 def test_sse_framing_survives_any_model_text():

@@ -6,6 +6,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -103,66 +104,219 @@ def test_concurrent_clients_all_get_complete_replies(server):
     assert max(r["seconds"] for r in results) < 30
 
 
-class SlowBot:
-    """The tiny bot with each token taking 50 ms, as a large model on a busy CPU would, and
-    every reply max_tokens long (min_len = max_len), so a generation's length is known."""
+def slow_bot(model_dir, seconds: float = 0.05, **options):
+    """A bot of its own whose every decoding step takes `seconds` more, as a large model on
+    a busy CPU would, and whose replies are max_tokens long (min_len follows max_tokens),
+    so a generation's length is known. `bot.steps` counts the steps."""
+    from chitchat.chat import Chatbot
 
-    def __init__(self, bot):
-        self.bot = bot
-        self.options = bot.options
+    bot = Chatbot.from_pretrained(model_dir, device="cpu", **{"max_len": 60, "min_len": 60,
+                                                                **options})
+    inner = bot.backend.step_rows
+    bot.steps = 0
 
-    def __getattr__(self, name):
-        return getattr(self.bot, name)
-
-    def start(self, history, **overrides):
-        max_len = overrides.get("max_len", self.bot.options.max_len)
-        rs = self.bot.start(history, **{**overrides, "min_len": max_len})
-
-        class Slow:
-            def __iter__(self):
-                return self
-
-            def __next__(self):
-                time.sleep(0.05)
-                return next(rs)
-
-            def close(self):
-                rs.close()
-
-            @property
-            def reply(self):
-                return rs.reply
-        return Slow()
+    def step_rows(*a, **kw):
+        bot.steps += 1
+        threading.Event().wait(seconds)
+        return inner(*a, **kw)
+    bot.backend.step_rows = step_rows
+    return bot
 
 
-def test_generation_does_not_block_the_event_loop(live_bot):
-    app = create_app(SlowBot(live_bot), ServerOptions(max_batch=1))
+def wait_for(predicate, what: str, timeout: float = 60.0) -> None:
+    """Until predicate() holds; the timeout only keeps a broken server from hanging."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"never happened: {what}")
+        time.sleep(0.01)
+
+
+def test_generation_does_not_block_the_event_loop(tiny_model_dir):
+    bot = slow_bot(tiny_model_dir)
+    app = create_app(bot, ServerOptions(max_batch=1))
     with LiveServer(app) as url:
         body = {"messages": [{"role": "user", "content": "你好"}], "max_tokens": 16}
         t = threading.Thread(target=lambda: httpx.post(f"{url}/v1/chat/completions",
                                                        json=body, timeout=30))
         t.start()
-        time.sleep(0.2)  # generation is now running on the worker thread
+        wait_for(lambda: bot.steps >= 1, "generation started")
         t0 = time.perf_counter()
         assert httpx.get(f"{url}/health", timeout=5).status_code == 200
         assert time.perf_counter() - t0 < 0.5
         t.join(30)
 
 
-def test_client_disconnect_stops_generation(live_bot):
-    slow = SlowBot(live_bot)
-    app = create_app(slow, ServerOptions(max_batch=1))
+def test_client_disconnect_stops_generation(tiny_model_dir):
+    bot = slow_bot(tiny_model_dir)
+    app = create_app(bot, ServerOptions(max_batch=1))
+    engine = lambda: app.state.chitchat.engine  # noqa: E731
     with LiveServer(app) as url:
         body = {"messages": [{"role": "user", "content": "你好"}], "stream": True,
                 "max_tokens": 40}
         with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=30) as r:
             next(r.iter_raw())  # the first chunk, then hang up
-        # The worker notices within a token and is free for the next request at once.
-        t0 = time.perf_counter()
+        wait_for(lambda: engine().active == 0, "the abandoned row left")
+        assert bot.steps < 39  # not the whole reply
+
+
+def send_raw(port: int, data: bytes) -> socket.socket:
+    s = socket.create_connection(("127.0.0.1", port), timeout=60)
+    s.sendall(data)
+    return s
+
+
+def read_until_closed(s: socket.socket) -> bytes:
+    """Everything the server sends until it closes the connection."""
+    out = b""
+    while True:
+        try:
+            chunk = s.recv(65536)
+        except ConnectionResetError:
+            return out
+        if not chunk:
+            return out
+        out += chunk
+
+
+def test_abandoned_plain_request_stops_generating(tiny_model_dir):
+    """A non-streaming request whose client hangs up stops at the next step (issue 14)."""
+    bot = slow_bot(tiny_model_dir)
+    app = create_app(bot, ServerOptions(max_batch=1))
+    engine = lambda: app.state.chitchat.engine  # noqa: E731
+    with LiveServer(app) as url:
+        body = json.dumps({"messages": [{"role": "user", "content": "你好"}],
+                           "max_tokens": 40}).encode()
+        s = send_raw(int(url.rsplit(":", 1)[1]),
+                     b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: "
+                     b"application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        wait_for(lambda: bot.steps >= 2, "generation started")
+        s.close()
+        wait_for(lambda: engine().active == 0, "the abandoned row left")
+        assert bot.steps < 39
+
+
+def test_idle_connections_do_not_lock_anyone_out(live_bot):
+    """More idle and half-sent connections than --max_connections: /health and real
+    requests are still answered, and the idle ones are closed (issue 14)."""
+    opts = ServerOptions(max_connections=4, header_timeout=1.0, body_timeout=1.0,
+                         api_key=KEY)
+    with LiveServer(create_app(live_bot, opts)) as url:
+        port = int(url.rsplit(":", 1)[1])
+        idle = [send_raw(port, b"GET /health HTTP/1.1\r\nHost: x\r\n") for _ in range(12)]
+        half = send_raw(port, b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+                              b"Authorization: Bearer " + KEY.encode() +
+                              b"\r\nContent-Length: 200\r\n\r\n{\"messages\"")
+        assert httpx.get(f"{url}/health", timeout=10).status_code == 200
         r = httpx.post(f"{url}/v1/chat/completions", timeout=30,
-                       json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
-        assert r.status_code == 200
-        assert time.perf_counter() - t0 < 1.5  # not the 40 * 50 ms of the abandoned reply
+                       headers={"Authorization": f"Bearer {KEY}"},
+                       json={"messages": [{"role": "user", "content": "你好"}],
+                             "max_tokens": 3})
+        assert r.status_code == 200, r.text
+        for s in idle:  # closed by the server, without an answer
+            assert read_until_closed(s) == b""
+            s.close()
+        answer = read_until_closed(half).decode()
+        half.close()
+        assert answer.startswith("HTTP/1.1 408"), answer
+        assert json.loads(answer.split("\r\n\r\n", 1)[1])["error"]["code"] == \
+            "request_timeout"
+
+
+def test_requests_in_progress_are_limited_but_health_is_not(tiny_model_dir):
+    bot = slow_bot(tiny_model_dir)
+    app = create_app(bot, ServerOptions(max_connections=2, max_batch=4))
+    with LiveServer(app) as url:
+        streams = [StreamClient(url, "你好", 60) for _ in range(2)]
+        for c in streams:
+            c.first.wait(60)
+        r = httpx.post(f"{url}/v1/chat/completions", timeout=30,
+                       json={"messages": [{"role": "user", "content": "hi"}]})
+        assert r.status_code == 503 and r.json()["error"]["code"] == "overloaded"
+        assert httpx.get(f"{url}/health", timeout=10).status_code == 200
+        for c in streams:
+            c.join()
+            assert c.events[-1] == "[DONE]"
+
+
+class StreamClient(threading.Thread):
+    """A streaming request in a thread: `events` (the SSE data, parsed unless [DONE]),
+    `first` set once a chunk with content arrived."""
+
+    def __init__(self, url: str, text: str, max_tokens: int):
+        super().__init__(daemon=True)
+        self.url, self.text, self.max_tokens = url, text, max_tokens
+        self.events: list = []
+        self.first = threading.Event()
+        self.started_stream = threading.Event()
+        self.start()
+
+    def run(self):
+        body = {"messages": [{"role": "user", "content": self.text}], "stream": True,
+                "max_tokens": self.max_tokens}
+        try:
+            with httpx.stream("POST", f"{self.url}/v1/chat/completions", json=body,
+                              timeout=60) as r:
+                for line in r.iter_lines():
+                    if not line.startswith("data: "):
+                        continue
+                    data = line[6:]
+                    self.events.append(data if data == "[DONE]" else json.loads(data))
+                    self.started_stream.set()
+                    if data != "[DONE]" and (self.events[-1].get("choices") or [{}])[0].get(
+                            "delta", {}).get("content"):
+                        self.first.set()
+        finally:
+            self.started_stream.set()
+            self.first.set()
+
+
+def test_shutdown_finishes_running_replies_and_ends_the_rest(tiny_model_dir, caplog):
+    """SIGTERM (issue 14): a reply that can finish within --shutdown_timeout does; a queued
+    one and one too long for it end with a shutting_down error event and [DONE]; one log
+    line per cut request, no tracebacks."""
+    bot = slow_bot(tiny_model_dir, seconds=0.2)
+    app = create_app(bot, ServerOptions(max_batch=2, shutdown_timeout=6))
+    engine = lambda: app.state.chitchat.engine  # noqa: E731
+    srv = LiveServer(app)
+    url = srv.__enter__()
+    try:
+        long = StreamClient(url, "你好", 60)  # 12 s of steps: more than the 6 s allowed
+        long.first.wait(60)
+        short = StreamClient(url, "吃了吗", 12)  # 2.4 s: ends in time, after `queued` came
+        short.first.wait(60)
+        queued = StreamClient(url, "出去玩吗", 4)
+        queued.started_stream.wait(60)
+        wait_for(lambda: engine().waiting == 1, "the third request queued")
+        with caplog.at_level("INFO"):
+            srv.stop()
+            for c in (long, short, queued):
+                c.join(60)
+    finally:
+        srv.__exit__(None, None, None)
+    assert short.events[-1] == "[DONE]"
+    assert short.events[-2]["choices"][0]["finish_reason"] == "length"
+    for c in (long, queued):
+        assert c.events[-1] == "[DONE]", c.events[-3:]
+        assert c.events[-2]["error"]["code"] == "shutting_down"
+    assert len(long.events) > 3  # it had been replying
+    cut = [r.getMessage() for r in caplog.records if "cut after" in r.getMessage()]
+    assert len(cut) == 2, cut
+    assert not [r for r in caplog.records if r.exc_info or "Cancel" in r.getMessage()]
+
+
+def test_stopping_server_refuses_new_requests(live_bot):
+    app = create_app(live_bot, ServerOptions())
+    with LiveServer(app) as url:
+        app.state.chitchat.begin_shutdown()
+        r = httpx.post(f"{url}/v1/chat/completions", timeout=10,
+                       json={"messages": [{"role": "user", "content": "hi"}]})
+        assert r.status_code == 503
+        assert r.json()["error"] == {"message": "the server is shutting down",
+                                     "type": "server_error", "param": None,
+                                     "code": "shutting_down"}
+        h = httpx.get(f"{url}/health", timeout=10)
+        assert h.status_code == 503 and h.json()["status"] == "stopping"
 
 
 # ---- serve.py ---------------------------------------------------------------------------------

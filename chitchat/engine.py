@@ -1,0 +1,351 @@
+"""The server's decoding engine: continuous batching over a preallocated KV cache.
+
+One thread owns the model and runs it one decoding step at a time over every active row:
+
+* A new request is prefilled (its context pass, batched with the other requests admitted at
+  the same moment) and joins the running batch at the next step. A row that ends ([SEP],
+  max_tokens), is cancelled (client gone, stop sequence hit) or is cut at shutdown leaves at
+  once; the last row moves into its cache slot, so the active rows stay packed in slots
+  0..n-1 and a step is a single model call on a view of the cache.
+* The cache (`FastGPT2.row_cache`) is allocated once: `max_batch` rows of `max_context`
+  positions. Memory stays flat however many clients come; requests beyond the free rows wait
+  in a FIFO queue (at most `max_queue`), and none overtakes another, so an MMI request that
+  needs num_candidates rows is not starved by single-row ones.
+* Every row keeps its own options, seed and reply so far (`generation.Row`): its own
+  positions and keys mean the model computes for it what it computes for it alone, and its
+  own generator makes its samples independent of its neighbours. A seeded request's reply
+  is the one `Chatbot.generate` gives with that seed (tests/test_engine.py).
+* MMI: a request's num_candidates candidates are rows of the batch (one context pass, copied
+  into their slots); when the last one ends they are reranked and the reply is sent at once.
+* Beam search (num_beams > 1) is not a row-by-row decode: such a request runs alone between
+  two steps, through `Chatbot.start`.
+
+Jobs report to the request's event loop through `Job.events`: ("piece", str), then
+("done", Reply) or ("error", Exception).
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import threading
+import time
+
+import torch
+
+from .chat import Prepared, ReplyStream
+from .utils import ChitchatError
+
+log = logging.getLogger("chitchat")
+
+
+class EngineError(ChitchatError):
+    """A request the engine refuses now (`code`: overloaded, shutting_down)."""
+
+    def __init__(self, message: str, code: str):
+        super().__init__(message)
+        self.code = code
+
+
+def shutting_down() -> EngineError:
+    return EngineError("the server is shutting down", "shutting_down")
+
+
+class Job:
+    """One request: what to decode, and the events of its reply on the request's loop."""
+
+    def __init__(self, prep: Prepared, loop: asyncio.AbstractEventLoop, id: str = ""):
+        self.prep = prep
+        self.id = id
+        self.loop = loop
+        self.events: asyncio.Queue = asyncio.Queue()
+        self.cancelled = threading.Event()
+        self.tokens_sent = 0
+        self.ended = False  # a "done" or "error" was emitted (engine thread only)
+
+    @property
+    def rows(self) -> int:
+        return max(1, len(self.prep.rows))
+
+    def emit(self, kind: str, value) -> None:
+        if kind != "piece":
+            self.ended = True
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
+        except RuntimeError:
+            # The loop is closed (the server stopped): nobody will read this any more.
+            self.cancelled.set()
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+
+class _Feed:
+    """The token iterator behind a row's ReplyStream: the engine appends a token, then
+    pulls one piece; pulling with nothing appended ends the reply. Carries the row's
+    scores for the Reply (MMI candidates)."""
+
+    def __init__(self, row):
+        self.row = row
+        self.tokens: collections.deque[int] = collections.deque()
+
+    @property
+    def logprobs(self):
+        return self.row.logprobs
+
+    @property
+    def stop_logprob(self):
+        return self.row.stop_logprob
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> int:
+        if self.tokens:
+            return self.tokens.popleft()
+        raise StopIteration
+
+
+class _Live:
+    """A row in the cache: its job, its decoding state, its reply stream."""
+
+    def __init__(self, job: Job, row, tokenizer):
+        self.job, self.row = job, row
+        self.feed = _Feed(row)
+        self.stream = ReplyStream(self.feed, tokenizer, job.prep.context, job.prep.options)
+        self.last: int | None = None  # the token to feed at the next step
+
+
+class Engine:
+    """The only thread that runs the model (see the module docstring)."""
+
+    def __init__(self, bot, max_batch: int = 8, max_queue: int = 64,
+                 max_context: int | None = None, start: bool = True):
+        backend = bot.backend
+        if not hasattr(backend, "row_cache"):
+            raise ChitchatError("the server batches rows in the fast backend's KV cache; "
+                                f"{type(backend).__name__} (--backend hf) cannot serve: use "
+                                "--backend fast")
+        self.bot = bot
+        self.max_batch = max_batch
+        self.max_queue = max_queue
+        self.max_context = min(max_context or bot.n_positions, bot.n_positions)
+        mmi = getattr(bot, "mmi", None)
+        # An MMI request needs all its candidates' rows at once.
+        self.rows = max(max_batch, mmi.num_candidates if mmi is not None else 1)
+        self.cache = backend.row_cache(self.rows, self.max_context)
+        backend.prepare(self.rows)
+        self._cond = threading.Condition()
+        self._queue: collections.deque[Job] = collections.deque()
+        self._live: list[_Live] = []  # row i of the cache is _live[i] (engine thread only)
+        self._candidates: dict[Job, list] = {}  # MMI: finished candidates per job
+        self._closed = False
+        self._stop = False
+        self._deadline: float | None = None
+        self.steps = collections.Counter()  # rows in a step -> steps, for tests and logs
+        self._thread = threading.Thread(target=self._run, name="chitchat-generate",
+                                        daemon=True)
+        if start:
+            self.start()
+
+    # -- any thread --
+    def start(self) -> None:
+        self._thread.start()
+
+    @property
+    def waiting(self) -> int:
+        return len(self._queue)
+
+    @property
+    def active(self) -> int:
+        return len(self._live)
+
+    def submit(self, job: Job) -> None:
+        if job.rows > self.rows:
+            raise ChitchatError(f"a request of {job.rows} rows cannot fit {self.rows} rows")
+        with self._cond:
+            if self._closed:
+                raise shutting_down()
+            if len(self._queue) >= self.max_queue:
+                raise EngineError(f"{len(self._queue)} requests are already waiting for the "
+                                  "model; retry shortly", "overloaded")
+            self._queue.append(job)
+            self._cond.notify()
+
+    def drain(self, timeout: float) -> None:
+        """Stop taking requests; end the queued ones now and the running ones if they have
+        not finished in `timeout` seconds, each with a shutting_down error."""
+        with self._cond:
+            self._closed = True
+            queued = list(self._queue)
+            self._queue.clear()
+            self._deadline = time.monotonic() + timeout
+            self._cond.notify()
+        for job in queued:
+            self._cut(job)
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Stop the thread; whoever still waits gets a shutting_down error."""
+        with self._cond:
+            self._closed = self._stop = True
+            self._cond.notify()
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            log.warning("the generation thread did not stop within %.0f s", timeout)
+
+    # -- the engine thread --
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not (self._queue or self._live or self._stop):
+                    self._cond.wait()
+                if self._stop:
+                    leftovers = list(self._queue)
+                    self._queue.clear()
+                    break
+                admitted = self._admit()
+            cut = self._deadline is not None and time.monotonic() >= self._deadline
+            try:
+                if cut:
+                    for job in {lv.job: None for lv in self._live}:
+                        self._cut(job)
+                    self._live.clear()
+                    self._candidates.clear()
+                    continue
+                self._leave([i for i, lv in enumerate(self._live) if lv.job.cancelled.is_set()])
+                beams = [j for j in admitted if not j.prep.rows]
+                for job in beams:
+                    self._run_alone(job)
+                rows = [j for j in admitted if j.prep.rows and not j.cancelled.is_set()]
+                if rows:
+                    self._prefill(rows)
+                if self._live:
+                    self._step()
+            except Exception as e:  # reported to every client in the batch, and logged
+                log.exception("generation failed")
+                for job in {lv.job: None for lv in self._live}.keys() | set(admitted):
+                    if not job.ended:
+                        job.emit("error", e)
+                self._live.clear()
+                self._candidates.clear()
+        for job in {lv.job: None for lv in self._live}.keys() | set(leftovers):
+            self._cut(job)
+        self._live.clear()
+
+    def _admit(self) -> list[Job]:
+        """Queued jobs whose rows fit now, first come first served (with the lock held)."""
+        free = self.rows - len(self._live)
+        out = []
+        while self._queue and self._queue[0].rows <= free:
+            job = self._queue.popleft()
+            if job.cancelled.is_set():
+                continue
+            free -= job.rows
+            out.append(job)
+        return out
+
+    def _cut(self, job: Job) -> None:
+        if job.ended:
+            return
+        log.warning("shutdown: request %s cut after %d tokens", job.id or "?",
+                    job.tokens_sent)
+        job.emit("error", shutting_down())
+
+    def _run_alone(self, job: Job) -> None:
+        p = job.prep
+        rs = self.bot.start(p.history, **p.overrides)
+        try:
+            for piece in rs:
+                if job.cancelled.is_set():
+                    break
+                if piece:
+                    job.tokens_sent += 1
+                    job.emit("piece", piece)
+        finally:
+            rs.close()
+        job.emit("done", rs.reply)
+
+    def _prefill(self, jobs: list[Job]) -> None:
+        backend, cache = self.bot.backend, self.cache
+        first = len(self._live)
+        ctxs = [j.prep.context for j in jobs]
+        speakers = ctxs[0].token_types is not None
+        with torch.inference_mode():
+            logits = backend.prefill(cache, first, [c.ids for c in ctxs],
+                                     token_types=[c.token_types for c in ctxs] if speakers
+                                     else None,
+                                     reply_types=[c.reply_type for c in ctxs] if speakers
+                                     else None)
+        tok = self.bot.tokenizer
+        heads = [_Live(j, j.prep.rows[0], tok) for j in jobs]
+        self._live.extend(heads)
+        extra = []
+        for i, j in enumerate(jobs):  # MMI: the other candidates share the context pass
+            for row in j.prep.rows[1:]:
+                backend.copy_row(cache, first + i, first + len(jobs) + len(extra))
+                extra.append((_Live(j, row, tok), i))
+        self._live.extend(lv for lv, _ in extra)
+        chosen = [(lv, logits[i]) for i, lv in enumerate(heads)]
+        chosen += [(lv, logits[i]) for lv, i in extra]
+        self._choose([(first + k, lv, lg) for k, (lv, lg) in enumerate(chosen)])
+
+    def _step(self) -> None:
+        n = len(self._live)
+        self.steps[n] += 1
+        tokens = torch.tensor([lv.last for lv in self._live], dtype=torch.long,
+                              device=self.cache.lens.device)
+        with torch.inference_mode():
+            logits = self.bot.backend.step_rows(
+                self.cache, tokens, types=self._live[0].job.prep.context.reply_type is not None)
+        self._choose([(i, lv, logits[i]) for i, lv in enumerate(self._live)])
+
+    def _choose(self, rows) -> None:
+        """Each row's next token from its logits; rows that end leave the batch."""
+        leaving = []
+        for i, lv, logits in rows:
+            t = lv.row.choose(logits)
+            lv.last = t
+            job = lv.job
+            if t is not None:
+                lv.feed.tokens.append(t)
+                piece = next(lv.stream)
+                if piece and not job.prep.mmi:
+                    job.tokens_sent += 1
+                    job.emit("piece", piece)
+            if lv.row.done:
+                for _ in lv.stream:  # the feed is empty: this ends the reply
+                    pass
+                leaving.append(i)
+                self._finished(lv)
+        self._leave(leaving)
+
+    def _finished(self, lv: _Live) -> None:
+        job = lv.job
+        if not job.prep.mmi:
+            job.emit("done", lv.stream.reply)
+            return
+        cands = self._candidates.setdefault(job, [])
+        cands.append((job.prep.rows.index(lv.row), lv.stream.reply))
+        if len(cands) == len(job.prep.rows):
+            del self._candidates[job]
+            reply = self.bot.rank_candidates(job.prep, [r for _, r in sorted(
+                cands, key=lambda c: c[0])])
+            if reply.text:
+                job.tokens_sent = len(reply.token_ids)
+                job.emit("piece", reply.text)
+            job.emit("done", reply)
+
+    def _leave(self, indices) -> None:
+        """Rows `indices` leave; the last rows move into their slots."""
+        for i in sorted(indices, reverse=True):
+            lv = self._live[i]
+            if lv.job.cancelled.is_set() and not lv.job.ended:
+                # Whoever still waits (a stop sequence was hit) gets what was produced.
+                self._candidates.pop(lv.job, None)
+                lv.stream.close()
+                lv.job.emit("done", lv.stream.reply)
+            last = len(self._live) - 1
+            if i != last:
+                self.bot.backend.copy_row(self.cache, last, i)
+                self._live[i] = self._live[last]
+            self._live.pop()

@@ -1,0 +1,299 @@
+"""The continuous-batching engine (chitchat/engine.py) on the tiny model: rows joining and
+leaving a running batch, cancellation, per-row options and seeds, and every row's reply
+equal to the one it gets decoded alone.
+
+Tests that need a row to be mid-reply when something happens hold the engine with a `Gate`
+on the model's step: the engine runs exactly the steps the test releases, so no test
+depends on timing.
+"""
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+import torch
+
+from chitchat.chat import Chatbot
+from chitchat.engine import Engine, EngineError, Job
+
+
+@pytest.fixture(scope="module")
+def bot(tiny_model_dir):
+    return Chatbot.from_pretrained(tiny_model_dir, device="cpu", max_len=12)
+
+
+class Gate:
+    """Wraps bot.backend.step_rows: each step waits for a permit from the test, and the row
+    count of every step is recorded."""
+
+    def __init__(self, bot):
+        self.backend = bot.backend
+        self.inner = self.backend.step_rows
+        self.permits = threading.Semaphore(0)
+        self.rows: list[int] = []
+        self.backend.step_rows = self.step_rows
+
+    def step_rows(self, cache, tokens, types=False):
+        assert self.permits.acquire(timeout=60), "the test never released this step"
+        self.rows.append(tokens.shape[0])
+        return self.inner(cache, tokens, types)
+
+    def release(self, n: int = 1000) -> None:
+        for _ in range(n):
+            self.permits.release()
+
+    def remove(self) -> None:
+        del self.backend.step_rows  # the instance attribute: back to the class's method
+
+
+@pytest.fixture
+def gate(tiny_model_dir):
+    """A bot of its own whose steps the test releases."""
+    b = Chatbot.from_pretrained(tiny_model_dir, device="cpu", max_len=12)
+    g = Gate(b)
+    g.bot = b
+    yield g
+    g.release()
+
+
+async def collect(job: Job) -> tuple[str, object]:
+    """(text of the pieces, the Reply) of a job, or raise its error."""
+    text = ""
+    while True:
+        kind, value = await asyncio.wait_for(job.events.get(), 60)
+        if kind == "piece":
+            text += value
+        elif kind == "done":
+            return text, value
+        else:
+            raise value
+
+
+async def wait_pieces(job: Job, n: int) -> list[str]:
+    got = []
+    while len(got) < n:
+        kind, value = await asyncio.wait_for(job.events.get(), 60)
+        assert kind == "piece", (kind, value)
+        got.append(value)
+    return got
+
+
+def make_job(bot, history, loop, **overrides) -> Job:
+    return Job(bot.prepare(history, **overrides), loop, f"job-{len(history)}")
+
+
+def run_jobs(bot, requests, max_batch: int, engine: Engine | None = None):
+    """Queue every request before the engine starts, then collect (text, Reply) of each."""
+    async def main():
+        loop = asyncio.get_running_loop()
+        eng = engine or Engine(bot, max_batch=max_batch, start=False)
+        jobs = [make_job(bot, h, loop, **o) for h, o in requests]
+        for j in jobs:
+            eng.submit(j)
+        eng.start()
+        out = [await collect(j) for j in jobs]
+        eng.close()
+        return out, eng.steps
+    return asyncio.run(main())
+
+
+HISTORIES = [["你好"], ["今天天气不错", "是啊", "出去玩吗"], ["hello world"], ["吃了吗"],
+             ["我想去北京看看", "好啊", "一起去吧", "什么时候"]]
+OPTIONS = [{"greedy": True, "max_len": 20},
+           {"seed": 7, "topk": 5, "temperature": 0.9},
+           {"seed": 3, "topp": 0.8, "max_len": 9, "repetition_penalty": 1.3},
+           {"seed": 11, "topk": 0, "temperature": 1.4, "min_len": 6},
+           {"greedy": True, "max_len": 5, "no_repeat_ngram_size": 2}]
+
+
+def assert_alone(bot, history, options, text, reply):
+    alone = bot.generate(history, **options)
+    assert text == reply.text == alone.text, (history, options)
+    assert reply.token_ids == alone.token_ids
+    assert reply.prompt_tokens == alone.prompt_tokens
+    assert reply.finish_reason == alone.finish_reason
+
+
+def test_rows_with_own_options_and_seeds_equal_lone_decoding(bot):
+    reqs = list(zip(HISTORIES, OPTIONS))
+    out, steps = run_jobs(bot, reqs, max_batch=8)
+    assert max(steps) == len(reqs)  # all five decoded in one batch
+    for (h, o), (text, reply) in zip(reqs, out):
+        assert_alone(bot, h, o, text, reply)
+
+
+def test_a_row_computes_the_logits_it_computes_alone(bot):
+    """Rows of different lengths prefilled together and stepped together: each row's
+    logits are its lone decode's (the backend alone, no sampling)."""
+    be = bot.backend
+    ctxs = [bot.context(h).ids for h in HISTORIES[:4]]
+    cache = be.row_cache(4, 64)
+    with torch.inference_mode():
+        got = [be.prefill(cache, 0, ctxs)]
+        toks = torch.tensor([5, 6, 7, 8])
+        for _ in range(3):
+            got.append(be.step_rows(cache, toks))
+        for r, ids in enumerate(ctxs):
+            state, logits = be.start([ids], capacity=64)
+            want = [logits]
+            for _ in range(3):
+                want.append(be.step(state, toks[r:r + 1]))
+            for g, w in zip(got, want):
+                torch.testing.assert_close(g[r:r + 1], w, rtol=1e-5, atol=1e-5)
+
+
+def test_slots_are_reused_and_the_batch_never_exceeds_max_batch(bot):
+    reqs = [(HISTORIES[k % 5], {**OPTIONS[k % 5], "max_len": 3 + 4 * k}) for k in range(7)]
+    engine = Engine(bot, max_batch=2, start=False)
+    k, v = engine.cache.k, engine.cache.v
+    assert k.shape[1] == 2 and k.shape[3] == bot.n_positions
+    out, steps = run_jobs(bot, reqs, max_batch=2, engine=engine)
+    assert engine.cache.k is k and engine.cache.v is v  # the one cache, reused
+    assert max(steps) == 2
+    for (h, o), (text, reply) in zip(reqs, out):
+        assert_alone(bot, h, o, text, reply)
+
+
+def test_a_new_request_joins_the_running_batch_at_the_next_step(gate):
+    bot = gate.bot
+    long = {"seed": 1, "max_len": 20, "min_len": 20}
+    short = {"seed": 2, "max_len": 6, "min_len": 6}
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        engine = Engine(bot, max_batch=4)
+        a = make_job(bot, ["你好"], loop, **long)
+        engine.submit(a)
+        gate.release(3)
+        first = await wait_pieces(a, 4)  # its first token (prefill) and three steps
+        b = make_job(bot, ["吃了吗", "吃了", "吃的什么"], loop, **short)
+        engine.submit(b)
+        gate.release()
+        text_a, reply_a = await collect(a)
+        text_b, reply_b = await collect(b)
+        engine.close()
+        return "".join(first) + text_a, reply_a, text_b, reply_b
+
+    text_a, reply_a, text_b, reply_b = asyncio.run(main())
+    assert_alone(bot, ["你好"], long, text_a, reply_a)
+    assert_alone(bot, ["吃了吗", "吃了", "吃的什么"], short, text_b, reply_b)
+    # a alone for 3 steps; b joined at the next step that began after it came (the 4th, or
+    # the 5th if the engine had already started the 4th and was waiting for its permit),
+    # decoded its 5 remaining tokens beside a, and left: b waited for no reply to end.
+    assert len(gate.rows) == 19 and gate.rows[:3] == [1, 1, 1]
+    joined = gate.rows.index(2)
+    assert joined in (3, 4)
+    assert gate.rows[joined:joined + 5] == [2] * 5
+    assert set(gate.rows[joined + 5:]) == {1}
+
+
+def test_a_cancelled_row_leaves_at_once_and_the_others_are_unaffected(gate):
+    bot = gate.bot
+    opts = {"seed": 4, "max_len": 20, "min_len": 20}
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        engine = Engine(bot, max_batch=4, start=False)
+        a = make_job(bot, ["你好"], loop, **opts)
+        b = make_job(bot, ["出去玩吗"], loop, **opts)
+        engine.submit(a)
+        engine.submit(b)
+        engine.start()  # both are admitted together
+        gate.release(2)
+        await wait_pieces(a, 3)
+        a.cancel()
+        gate.release()
+        _, reply_a = await collect(a)
+        text_b, reply_b = await collect(b)
+        engine.close()
+        return reply_a, text_b, reply_b
+
+    reply_a, text_b, reply_b = asyncio.run(main())
+    assert reply_a.finish_reason == "interrupted"
+    assert 3 <= len(reply_a.token_ids) <= 4  # the step under way when it was cancelled
+    assert_alone(bot, ["出去玩吗"], opts, text_b, reply_b)
+    assert len(gate.rows) == 19 and gate.rows.count(2) <= 3  # b went on alone
+
+
+def test_the_hf_backend_cannot_serve(tiny_model_dir):
+    from chitchat.utils import ChitchatError
+
+    hf = Chatbot.from_pretrained(tiny_model_dir, device="cpu", backend="hf")
+    with pytest.raises(ChitchatError, match="--backend fast"):
+        Engine(hf, start=False)
+
+
+def test_queue_limit_and_drain(bot):
+    async def main():
+        loop = asyncio.get_running_loop()
+        engine = Engine(bot, max_queue=2, start=False)
+        jobs = [make_job(bot, ["hi"], loop) for _ in range(2)]
+        for j in jobs:
+            engine.submit(j)
+        with pytest.raises(EngineError) as full:
+            engine.submit(make_job(bot, ["hi"], loop))
+        engine.drain(5)  # before the engine starts: both are still queued
+        with pytest.raises(EngineError) as closed:
+            engine.submit(make_job(bot, ["hi"], loop))
+        engine.start()
+        errors = [await jobs[0].events.get(), await jobs[1].events.get()]
+        engine.close()
+        return full.value, closed.value, errors
+
+    full, closed, errors = asyncio.run(main())
+    assert full.code == "overloaded" and closed.code == "shutting_down"
+    assert [(k, e.code) for k, e in errors] == [("error", "shutting_down")] * 2
+
+
+def test_drain_lets_running_rows_finish_then_cuts_them(gate, caplog):
+    bot = gate.bot
+    opts = {"seed": 4, "max_len": 20, "min_len": 20}
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        engine = Engine(bot, max_batch=4)
+        a = make_job(bot, ["你好"], loop, **opts)
+        engine.submit(a)
+        gate.release(2)
+        await wait_pieces(a, 3)
+        engine.drain(0)  # the deadline has passed at the next step
+        gate.release()
+        while True:
+            kind, value = await asyncio.wait_for(a.events.get(), 60)
+            if kind != "piece":
+                break
+        engine.close()
+        return kind, value
+
+    with caplog.at_level("WARNING", logger="chitchat"):
+        kind, value = asyncio.run(main())
+    assert kind == "error" and value.code == "shutting_down"
+    cut = [r for r in caplog.records if "cut after" in r.getMessage()]
+    assert len(cut) == 1 and "job-1" in cut[0].getMessage()
+
+
+@pytest.fixture(scope="module")
+def mmi_bot(tiny_model_dir, tmp_path_factory, sample_store, tiny_config_path):
+    from chitchat.data import TokenStore
+    from chitchat.modeling import build_model, load_config, save_model, set_reverse
+
+    torch.manual_seed(1)
+    tok = TokenStore(sample_store).tokenizer()
+    model = build_model(load_config(tiny_config_path, tok))
+    set_reverse(model.config, True)
+    rev = tmp_path_factory.mktemp("model") / "tiny-reverse"
+    save_model(model, tok, rev)
+    return Chatbot.from_pretrained(tiny_model_dir, mmi_model_path=rev, num_candidates=4,
+                                   mmi_weight=0.5, max_len=10)
+
+
+def test_mmi_request_decodes_its_candidates_beside_other_rows(mmi_bot):
+    reqs = [(["你好"], {"seed": 5}), (["吃了吗"], {"seed": 6}), (["你好"], {"seed": 5})]
+    out, steps = run_jobs(mmi_bot, reqs, max_batch=8)
+    assert max(steps) == 8  # two requests' 4 candidates in one step; the third waited
+    (t0, r0), (t1, r1), (t2, r2) = out
+    assert len(r0.candidates) == 4 and sum(c.chosen for c in r0.candidates) == 1
+    chosen = next(c for c in r0.candidates if c.chosen)
+    assert t0 == r0.text == chosen.text
+    assert (t2, r2.token_ids) == (t0, r0.token_ids)  # the seed reproduces the reply
