@@ -20,12 +20,13 @@ and stops cleanly on SIGTERM or Ctrl-C.
 """
 import sys
 
-from chitchat.server import ServeConfig, serve
 from chitchat.config import parse_config
 from chitchat.utils import run_cli
 
 
 def main(argv=None):
+    from chitchat.server import ServeConfig, serve
+
     return serve(parse_config(ServeConfig, argv, description=__doc__))
 
 
