@@ -218,8 +218,8 @@ class Engine:
                     self._run_alone(job)
                 rows = [j for j in admitted if j.prep.rows and not j.cancelled.is_set()]
                 if rows:
-                    self._prefill(rows)
-                if self._live:
+                    self._join(rows)  # the running rows take their step in the same pass
+                elif self._live:
                     self._step()
             except Exception as e:  # reported to every client in the batch, and logged
                 log.exception("generation failed")
@@ -265,38 +265,51 @@ class Engine:
             rs.close()
         job.emit("done", rs.reply)
 
-    def _prefill(self, jobs: list[Job]) -> None:
+    def _join(self, jobs: list[Job]) -> None:
+        """Prefill `jobs` into the rows after the running ones, and step the running rows,
+        in one pass over the weights (a separate context pass would stall every running
+        row for a whole extra step: on a CPU a step costs mostly the reading of the
+        weights). Each new row gets its first token, each running row its next."""
         backend, cache = self.bot.backend, self.cache
-        first = len(self._live)
+        n = len(self._live)
         ctxs = [j.prep.context for j in jobs]
         speakers = ctxs[0].token_types is not None
+        kw = dict(token_types=[c.token_types for c in ctxs] if speakers else None,
+                  reply_types=[c.reply_type for c in ctxs] if speakers else None)
         with torch.inference_mode():
-            logits = backend.prefill(cache, first, [c.ids for c in ctxs],
-                                     token_types=[c.token_types for c in ctxs] if speakers
-                                     else None,
-                                     reply_types=[c.reply_type for c in ctxs] if speakers
-                                     else None)
+            if n:
+                self.steps[n] += 1
+                step_logits, logits = backend.step_and_prefill(
+                    cache, self._last_tokens(), self._live[0].job.prep.context.reply_type
+                    is not None, [c.ids for c in ctxs], **kw)
+            else:
+                step_logits, logits = None, backend.prefill(cache, 0, [c.ids for c in ctxs],
+                                                            **kw)
+        running = [(i, lv, step_logits[i]) for i, lv in enumerate(self._live)]
         tok = self.bot.tokenizer
         heads = [_Live(j, j.prep.rows[0], tok) for j in jobs]
         self._live.extend(heads)
         extra = []
         for i, j in enumerate(jobs):  # MMI: the other candidates share the context pass
             for row in j.prep.rows[1:]:
-                backend.copy_row(cache, first + i, first + len(jobs) + len(extra))
+                backend.copy_row(cache, n + i, n + len(jobs) + len(extra))
                 extra.append((_Live(j, row, tok), i))
         self._live.extend(lv for lv, _ in extra)
         chosen = [(lv, logits[i]) for i, lv in enumerate(heads)]
         chosen += [(lv, logits[i]) for lv, i in extra]
-        self._choose([(first + k, lv, lg) for k, (lv, lg) in enumerate(chosen)])
+        self._choose(running + [(n + k, lv, lg) for k, (lv, lg) in enumerate(chosen)])
+
+    def _last_tokens(self) -> torch.Tensor:
+        return torch.tensor([lv.last for lv in self._live], dtype=torch.long,
+                            device=self.cache.lens.device)
 
     def _step(self) -> None:
         n = len(self._live)
         self.steps[n] += 1
-        tokens = torch.tensor([lv.last for lv in self._live], dtype=torch.long,
-                              device=self.cache.lens.device)
         with torch.inference_mode():
             logits = self.bot.backend.step_rows(
-                self.cache, tokens, types=self._live[0].job.prep.context.reply_type is not None)
+                self.cache, self._last_tokens(),
+                types=self._live[0].job.prep.context.reply_type is not None)
         self._choose([(i, lv, logits[i]) for i, lv in enumerate(self._live)])
 
     def _choose(self, rows) -> None:

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Protocol, Sequence
+from typing import Callable, Protocol, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -121,6 +121,18 @@ class DecodeState:
     key_mask: torch.Tensor | None  # (B, 1, 1, T) bool, True = attend; None: no padding (fast)
     cache: object = None
     reply_types: torch.Tensor | None = None  # (B,) speaker id of generated tokens
+
+
+@dataclass
+class _Segment:
+    """One batch of FastGPT2._blocks_of: (B, S) ids and positions, the cache callback,
+    the attention mask and causality, optional token types."""
+    ids: torch.Tensor
+    pos: torch.Tensor
+    kv: Callable | None
+    mask: torch.Tensor | None
+    causal: bool
+    types: torch.Tensor | None
 
 
 @dataclass
@@ -384,29 +396,49 @@ class FastGPT2:
         `kv(layer, k, v)` stores the new keys and values (B, H, S, hd) in a cache and returns
         those to attend to; with None, the S positions attend only to each other.
         """
-        B, S = ids.shape
-        if B >= _BLOCKED_MIN_ROWS:
-            self.prepare(B)
+        return self._blocks_of([_Segment(ids, pos, kv, mask, causal, types)])[0]
+
+    def _blocks_of(self, segments: list["_Segment"]) -> list[torch.Tensor]:
+        """The blocks over several batches at once, each with its own attention (cache,
+        mask, causality): every matrix product runs once over all their tokens, so the
+        weights are read once (what a step costs on a CPU) however many batches there are.
+        Returns each segment's (B, S, D)."""
+        shapes = [s.ids.shape for s in segments]
+        rows = sum(B for B, _ in shapes)
+        if rows >= _BLOCKED_MIN_ROWS:
+            self.prepare(rows)
         layers, lin = self.layers, (self._lin_int8 if self.int8 else self._lin_float)
-        if self._blocked_for(B * S):
+        if self._blocked_for(sum(B * S for B, S in shapes)):
             layers, lin = self.blocked[0], self._lin_blocked
         D, H, hd = self.d, self.n_head, self.head_dim
-        x = F.embedding(ids, self.wte) + F.embedding(pos, self.wpe)  # (B, S, D)
-        if types is not None:
-            x = x + F.embedding(types, self.wte)  # speaker embeddings share wte, as in HF
+        xs = []
+        for sg in segments:
+            x = F.embedding(sg.ids, self.wte) + F.embedding(sg.pos, self.wpe)  # (B, S, D)
+            if sg.types is not None:
+                x = x + F.embedding(sg.types, self.wte)  # speaker embeddings share wte, as HF
+            xs.append(x.reshape(-1, D))
+        x = xs[0] if len(xs) == 1 else torch.cat(xs)  # (N, D): every token of every segment
         for i, (w1, b1, qkv_p, o_p, w2, b2, fc_p, pr_p) in enumerate(layers):
             h = F.layer_norm(x, (D,), w1, b1, self.eps)
-            qkv = lin(h, qkv_p).view(B, S, 3, H, hd).permute(2, 0, 3, 1, 4)  # (3, B, H, S, hd)
-            k, v = qkv[1], qkv[2]
-            if kv is not None:
-                k, v = kv(i, k, v)
-            a = F.scaled_dot_product_attention(qkv[0], k, v, attn_mask=mask,
-                                               is_causal=causal and S > 1,
-                                               scale=self.scales[i])  # (B, H, S, hd)
-            x = x + lin(a.transpose(1, 2).reshape(B, S, D), o_p)
+            qkv = lin(h, qkv_p)  # (N, 3D)
+            outs, off = [], 0
+            for sg, (B, S) in zip(segments, shapes):
+                q, k, v = qkv[off:off + B * S].view(B, S, 3, H, hd).permute(2, 0, 3, 1, 4)
+                off += B * S
+                if sg.kv is not None:
+                    k, v = sg.kv(i, k, v)
+                a = F.scaled_dot_product_attention(q, k, v, attn_mask=sg.mask,
+                                                   is_causal=sg.causal and S > 1,
+                                                   scale=self.scales[i])  # (B, H, S, hd)
+                outs.append(a.transpose(1, 2).reshape(B * S, D))
+            x = x + lin(outs[0] if len(outs) == 1 else torch.cat(outs), o_p)
             h = F.layer_norm(x, (D,), w2, b2, self.eps)
             x = x + lin(self._up(h, fc_p, lin), pr_p)
-        return x
+        out, off = [], 0
+        for B, S in shapes:
+            out.append(x[off:off + B * S].view(B, S, D))
+            off += B * S
+        return out
 
     # -- a pool of rows that join and leave one at a time (chitchat.engine) --
     def row_cache(self, rows: int, length: int) -> "RowCache":
@@ -425,11 +457,36 @@ class FastGPT2:
 
     def prefill(self, cache: "RowCache", first: int, contexts, token_types=None,
                 reply_types=None) -> torch.Tensor:
-        """Feed `contexts` into rows first, first+1, ...; their logits (k, V).
+        """Feed `contexts` into rows first, first+1, ...; their logits (k, V)."""
+        seg, done = self._prefill_segment(cache, first, contexts, token_types, reply_types)
+        return done(self._blocks_of([seg])[0])
 
-        The contexts are right-padded into one batch: causal attention keeps every real
-        token from seeing the padding after it, so positions and keys are a lone row's.
-        """
+    def step_rows(self, cache: "RowCache", tokens: torch.Tensor, types: bool = False
+                  ) -> torch.Tensor:
+        """Feed one token to each of rows 0..n-1 ((n,) tokens), each at its own next
+        position; their logits (n, V). `types`: add each row's reply speaker id."""
+        seg, done = self._step_segment(cache, tokens, types)
+        return done(self._blocks_of([seg])[0])
+
+    def step_and_prefill(self, cache: "RowCache", tokens: torch.Tensor, types: bool,
+                         contexts, token_types=None, reply_types=None
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`step_rows` for rows 0..n-1 and `prefill` of `contexts` into rows n, n+1, ... in
+        one pass over the weights: a request joining a running batch costs its context's
+        compute, not a second read of every matrix. Logits (n, V) and (k, V)."""
+        n = tokens.shape[0]
+        step, step_done = self._step_segment(cache, tokens, types)
+        pre, pre_done = self._prefill_segment(cache, n, contexts, token_types, reply_types)
+        xs, xp = self._blocks_of([step, pre])
+        return step_done(xs), pre_done(xp)
+
+    def _final(self, h: torch.Tensor) -> torch.Tensor:
+        return self.project(F.layer_norm(h, (self.d,), *self.ln_f, self.eps))
+
+    def _prefill_segment(self, cache, first, contexts, token_types, reply_types):
+        """The contexts right-padded into one batch (causal attention keeps every real token
+        from seeing the padding after it, so positions and keys are a lone row's), and what
+        to do with its output: set the rows' lengths, return the last tokens' logits."""
         k = len(contexts)
         lens = torch.tensor([len(c) for c in contexts], dtype=torch.long, device=self.device)
         S = int(lens.max())
@@ -453,21 +510,19 @@ class FastGPT2:
             cache.v[i, rows, :, :S] = val
             return key, val
 
-        pos = torch.arange(S, device=self.device).expand(k, S)
-        x = self._blocks(ids, pos, kv, None, causal=True, types=types)
-        cache.lens[rows] = lens
-        if reply_types is not None:
-            cache.types[rows] = torch.as_tensor(list(reply_types), dtype=torch.long,
-                                                device=self.device)
-        last = x[torch.arange(k, device=self.device), lens - 1]  # (k, D)
-        return self.project(F.layer_norm(last, (self.d,), *self.ln_f, self.eps))
+        def done(x):  # (k, S, D)
+            cache.lens[rows] = lens
+            if reply_types is not None:
+                cache.types[rows] = torch.as_tensor(list(reply_types), dtype=torch.long,
+                                                    device=self.device)
+            return self._final(x[torch.arange(k, device=self.device), lens - 1])
 
-    def step_rows(self, cache: "RowCache", tokens: torch.Tensor, types: bool = False
-                  ) -> torch.Tensor:
-        """Feed one token to each of rows 0..n-1 ((n,) tokens), each at its own next
-        position; their logits (n, V). `types`: add each row's reply speaker id."""
+        pos = torch.arange(S, device=self.device).expand(k, S)
+        return _Segment(ids, pos, kv, None, True, types), done
+
+    def _step_segment(self, cache, tokens, types: bool):
         n = tokens.shape[0]
-        lens = cache.lens[:n]
+        lens = cache.lens[:n].clone()  # the prefill of other rows may set theirs meanwhile
         T = int(lens.max()) + 1
         _check_fits(T, cache.k.shape[3])
         rows = torch.arange(n, device=self.device)
@@ -480,10 +535,13 @@ class FastGPT2:
             vc[rows, :, lens] = val[:, :, 0]
             return kc[:n, :, :T], vc[:n, :, :T]
 
-        x = self._blocks(tokens.view(n, 1), lens.view(n, 1), kv, mask, causal=False,
-                         types=cache.types[:n].view(n, 1) if types else None)
-        cache.lens[:n] += 1
-        return self.project(F.layer_norm(x[:, -1], (self.d,), *self.ln_f, self.eps))
+        def done(x):  # (n, 1, D)
+            cache.lens[:n] += 1
+            return self._final(x[:, -1])
+
+        seg = _Segment(tokens.view(n, 1), lens.view(n, 1), kv, mask, False,
+                       cache.types[:n].view(n, 1) if types else None)
+        return seg, done
 
     def copy_row(self, cache: "RowCache", src: int, dst: int) -> None:
         """Row dst becomes a copy of row src (its filled positions only)."""

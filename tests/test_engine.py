@@ -24,27 +24,38 @@ def bot(tiny_model_dir):
 
 
 class Gate:
-    """Wraps bot.backend.step_rows: each step waits for a permit from the test, and the row
-    count of every step is recorded."""
+    """Wraps the backend's steps (step_rows, and step_and_prefill: a step of the running
+    rows that also prefills joining ones): each waits for a permit from the test, and the
+    running rows of every step are recorded, with the steps at which rows joined."""
 
     def __init__(self, bot):
         self.backend = bot.backend
         self.inner = self.backend.step_rows
+        self.inner_join = self.backend.step_and_prefill
         self.permits = threading.Semaphore(0)
         self.rows: list[int] = []
+        self.joins: list[int] = []
         self.backend.step_rows = self.step_rows
+        self.backend.step_and_prefill = self.step_and_prefill
 
     def step_rows(self, cache, tokens, types=False):
         assert self.permits.acquire(timeout=60), "the test never released this step"
         self.rows.append(tokens.shape[0])
         return self.inner(cache, tokens, types)
 
+    def step_and_prefill(self, cache, tokens, types, contexts, **kw):
+        assert self.permits.acquire(timeout=60), "the test never released this step"
+        self.joins.append(len(self.rows))
+        self.rows.append(tokens.shape[0])
+        return self.inner_join(cache, tokens, types, contexts, **kw)
+
     def release(self, n: int = 1000) -> None:
         for _ in range(n):
             self.permits.release()
 
     def remove(self) -> None:
-        del self.backend.step_rows  # the instance attribute: back to the class's method
+        del self.backend.step_rows  # the instance attributes: back to the class's methods
+        del self.backend.step_and_prefill
 
 
 @pytest.fixture
@@ -179,13 +190,15 @@ def test_a_new_request_joins_the_running_batch_at_the_next_step(gate):
     assert_alone(bot, ["你好"], long, text_a, reply_a)
     assert_alone(bot, ["吃了吗", "吃了", "吃的什么"], short, text_b, reply_b)
     # a alone for 3 steps; b joined at the next step that began after it came (the 4th, or
-    # the 5th if the engine had already started the 4th and was waiting for its permit),
-    # decoded its 5 remaining tokens beside a, and left: b waited for no reply to end.
+    # the 5th if the engine had already started the 4th and was waiting for its permit):
+    # prefilled in the same pass as a's step, then it decoded its 5 remaining tokens beside
+    # a, and left: b waited for no reply to end. a took its 19 steps, none skipped.
     assert len(gate.rows) == 19 and gate.rows[:3] == [1, 1, 1]
-    joined = gate.rows.index(2)
-    assert joined in (3, 4)
-    assert gate.rows[joined:joined + 5] == [2] * 5
-    assert set(gate.rows[joined + 5:]) == {1}
+    assert len(gate.joins) == 1
+    joined = gate.joins[0]
+    assert joined in (3, 4) and gate.rows[joined] == 1
+    assert gate.rows[joined + 1:joined + 6] == [2] * 5
+    assert set(gate.rows[joined + 6:]) == {1}
 
 
 def test_a_cancelled_row_leaves_at_once_and_the_others_are_unaffected(gate):
@@ -297,3 +310,29 @@ def test_mmi_request_decodes_its_candidates_beside_other_rows(mmi_bot):
     chosen = next(c for c in r0.candidates if c.chosen)
     assert t0 == r0.text == chosen.text
     assert (t2, r2.token_ids) == (t0, r0.token_ids)  # the seed reproduces the reply
+
+
+def test_step_and_prefill_equals_a_step_then_a_prefill(bot):
+    """The one-pass join computes what the two passes compute: the running rows' logits,
+    the new rows' logits, and the same cache (keys, values, lengths)."""
+    import copy
+
+    backend = bot.backend
+    running = [[2, 40, 41, 3], [2, 50, 51, 52, 53, 3]]
+    joining = [[2, 60, 61, 3], [2, 70, 3, 71, 72, 73, 3]]
+    tokens = torch.tensor([80, 81])
+    with torch.inference_mode():
+        cache = backend.row_cache(6, 32)
+        backend.prefill(cache, 0, running)
+        twin = copy.deepcopy(cache)
+        step = backend.step_rows(cache, tokens)
+        pre = backend.prefill(cache, 2, joining)
+        step2, pre2 = backend.step_and_prefill(twin, tokens, False, joining)
+    torch.testing.assert_close(step2, step, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(pre2, pre, atol=1e-4, rtol=1e-4)
+    assert twin.lens[:4].tolist() == cache.lens[:4].tolist() == [5, 7, 4, 7]
+    for r, n in enumerate(cache.lens[:4].tolist()):
+        torch.testing.assert_close(twin.k[:, r, :, :n], cache.k[:, r, :, :n], atol=1e-4,
+                                   rtol=1e-4)
+        torch.testing.assert_close(twin.v[:, r, :, :n], cache.v[:, r, :, :n], atol=1e-4,
+                                   rtol=1e-4)
