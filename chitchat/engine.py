@@ -3,7 +3,8 @@
 One thread owns the model and runs it one decoding step at a time over every active row:
 
 * A new request is prefilled (its context pass, batched with the other requests admitted at
-  the same moment) and joins the running batch at the next step. A row that ends ([SEP],
+  the same moment, in the same pass over the weights as the running rows' step) and decodes
+  with the running batch from the next step on. A row that ends ([SEP],
   max_tokens), is cancelled (client gone, stop sequence hit) or is cut at shutdown leaves at
   once; the last row moves into its cache slot, so the active rows stay packed in slots
   0..n-1 and a step is a single model call on a view of the cache.
