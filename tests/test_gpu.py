@@ -231,9 +231,13 @@ def test_tf32_for_fp32_work_on_gpus_unless_exact():
 
 
 def test_resume_keeps_the_fused_optimizer(tiny_model_dir):
-    """A checkpoint written on a CPU (fused=None) resumed on a GPU (fused=True)."""
+    """A checkpoint whose optimizer ran unfused (fused=None: older CPU runs) resumed on a GPU
+    (fused=True)."""
     model, _ = load_model(tiny_model_dir)
     cpu_run = make_optimizer(model, TrainConfig(), cuda("cpu"))
+    assert [g["fused"] for g in cpu_run.param_groups] == [True, True]  # CPU: fused too
+    for g in cpu_run.param_groups:
+        g["fused"] = None  # as an older version's CPU run had it
     model(torch.tensor([[5, 6, 7]]), labels=torch.tensor([[5, 6, 7]])).loss.backward()
     cpu_run.step()
     saved = cpu_run.state_dict()
