@@ -12,6 +12,9 @@
     # profile: the top operators of one optimizer step, per dtype
     python bench/bench_train.py --mode profile --dtypes fp32,bf16 --steps 2
 
+    # dropout: attention dropout 0.1 vs 0 at the same token budget (validation loss)
+    python bench/bench_train.py --mode dropout --config model_config_dialogue_middle.json
+
 --train_path takes a train.txt (preprocessed once into --work) or a token store.
 The classic loop: fp32, batches of 8 dialogues cut to --max_len and padded to the longest,
 labels -100 on padding, loss = mean over the batch, clip every micro-batch, loss.item()
@@ -231,6 +234,47 @@ def quality(args):
           f"classic {p - c:+.4f}, seed noise {abs(c2 - c):.4f} nats/token")
 
 
+def dropout(args):
+    """Attention dropout 0.1 (the shipped configs) vs 0 with everything else equal (residual
+    and embedding dropout kept), through train.py as users run it, at the same token budget:
+    the validation loss curve of each, and the best. Decides whether attention dropout,
+    which costs its masks and the fused attention kernel, earns its time."""
+    work = Path(args.work)
+    store = get_store(args.train_path, work)
+    base = json.loads((ROOT / "config" / args.config).read_text())
+    runs = work / "dropout-runs"
+    curves, times = {}, {}
+    for p in (0.1, 0.0):
+        cfg = work / f"{Path(args.config).stem}-attn{p}.json"
+        cfg.write_text(json.dumps(dict(base, attn_pdrop=p)))
+        name = f"attn{p}"
+        out = runs / name
+        if out.exists():
+            import shutil
+            shutil.rmtree(out)
+        cmd = [sys.executable, str(ROOT / "train.py"), "--train_path", str(store.path),
+               "--model_config", str(cfg), "--save_model_path", str(runs), "--run_name", name,
+               "--epochs", str(max(1, round(args.epochs_q))), "--eval_interval",
+               str(args.eval_every),
+               "--save_interval", "100000", "--log_step", "50", "--quiet", "--seed", "42"]
+        t = time.perf_counter()
+        subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL)
+        times[name] = time.perf_counter() - t
+        recs = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+        curves[name] = [(r["step"], r["val_loss"]) for r in recs if r["event"] == "eval"]
+        print(f"{name}: {times[name]:.0f} s", flush=True)
+    print(f"\n{args.config}, {args.epochs_q} epoch(s) of {store.path.name}; validation loss by "
+          "optimizer step")
+    for name, pts in curves.items():
+        best = min(v for _, v in pts)
+        print(f"  {name:8s} best {best:.4f}  " + "  ".join(f"{s}:{v:.3f}" for s, v in pts))
+    b1, b0 = (min(v for _, v in curves[k]) for k in ("attn0.1", "attn0.0"))
+    print(f"best validation loss: attention dropout 0.1 {b1:.4f}, 0 {b0:.4f} (0 - 0.1: "
+          f"{b0 - b1:+.4f} nats/token); wall time 0 / 0.1: "
+          f"{times['attn0.0'] / times['attn0.1']:.2f}x")
+
+
 def profile(args):
     """The top operators of one optimizer step of the fast path, per dtype (torch.profiler,
     self CPU time), after --steps warm-up steps: where the time of a step goes."""
@@ -278,7 +322,9 @@ def profile(args):
 def main():
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--mode", choices=["speed", "quality", "profile"], default="speed")
+    ap.add_argument("--mode", choices=["speed", "quality", "profile", "dropout"],
+                    default="speed")
+    ap.add_argument("--eval_every", type=int, default=50, help="dropout: validation interval")
     ap.add_argument("--config", default="model_config_dialogue_small.json",
                     help="profile: the model config (in config/)")
     ap.add_argument("--top", type=int, default=15, help="profile: operators shown")
@@ -295,7 +341,7 @@ def main():
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--epochs_q", type=float, default=1.0, help="quality: token budget")
     args = ap.parse_args()
-    {"speed": speed, "quality": quality, "profile": profile}[args.mode](args)
+    {"speed": speed, "quality": quality, "profile": profile, "dropout": dropout}[args.mode](args)
 
 
 if __name__ == "__main__":

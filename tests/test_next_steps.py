@@ -37,15 +37,15 @@ def test_python_command_is_python_only_when_that_is_this_interpreter(monkeypatch
     assert python_command() == str(venv_py)
 
 
-@pytest.mark.parametrize("script", ["train.py", "preprocess.py", "interact.py", "evaluate.py"])
-def test_a_script_outside_its_environment_says_how_to_fix_it_in_one_line(script):
+@pytest.mark.parametrize("script,args", [
+    ("train.py", []), ("preprocess.py", []), ("interact.py", ["--model_path", "x"]),
+    ("evaluate.py", ["--model_path", "x", "--data_path", "y"]),
+    ("serve.py", ["--model_path", "x"]), ("convert.py", ["--model_path", "x",
+                                                         "--output_path", "y"])])
+def test_a_script_outside_its_environment_says_how_to_fix_it_in_one_line(script, args):
     # -S: no site-packages, as in a Python without the project's requirements
-    r = subprocess.run([sys.executable, "-S", script, "--model_path", "x", "--data_path", "y"]
-                       if script == "evaluate.py" else
-                       [sys.executable, "-S", script] + (["--model_path", "x"]
-                                                         if script == "interact.py" else []),
-                       cwd=ROOT, capture_output=True, text=True, timeout=60,
-                       env=dict(ENV, PYTHONPATH=""))
+    r = subprocess.run([sys.executable, "-S", script, *args], cwd=ROOT, capture_output=True,
+                       text=True, timeout=60, env=dict(ENV, PYTHONPATH=""))
     assert r.returncode == 1, r.stderr
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "has no module" in lines[0] and "Traceback" not in r.stderr
