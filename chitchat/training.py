@@ -394,6 +394,30 @@ def next_step_hint(cfg: TrainConfig, run_dir: Path) -> str:
     return f"Chat with it: {py} interact.py --model_path {model}"
 
 
+def attention_kernel(model, device: torch.device, amp) -> str:
+    """The SDPA kernel that training's attention runs, found by running one small call
+    shaped like it (a boolean block mask, the model's attention dropout, its head size,
+    forward and backward) under the profiler: kernel choices differ by device, dtype, mask
+    and dropout, and a silent fall to the math path costs a large share of a step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cfg = model.config
+    hd = cfg.n_embd // cfg.n_head
+    q = torch.randn(1, cfg.n_head, 16, hd, device=device, requires_grad=True)
+    k, v = torch.randn(2, 1, cfg.n_head, 16, hd, device=device)
+    mask = torch.ones(1, 1, 16, 16, dtype=torch.bool, device=device).tril()
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        with amp:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                                 dropout_p=cfg.attn_pdrop)
+        out.float().sum().backward()
+    names = sorted({e.key for e in prof.key_averages()
+                    if e.key.startswith("aten::_scaled_dot_product_")
+                    and not e.key.endswith("_backward")})
+    return ", ".join(n.removeprefix("aten::") for n in names) or "unknown"
+
+
 def check_same_data(state: dict, now: dict, ckpt: Path, store) -> None:
     """A resumed run must see the vocab and token ids its checkpoint was trained on."""
     saved = state.get("data")
@@ -735,6 +759,15 @@ def _train(cfg: TrainConfig, info: DistInfo, device: torch.device) -> Path:
                     "decay fitted to the measured speed)" if budget else
                     f"{total_steps} steps; warmup {warmup}")
                  + ("; REVERSED utterance order (MMI reverse model)" if cfg.reverse else ""))
+    if info.main and model.config._attn_implementation == "sdpa":
+        kernel = attention_kernel(model, device, amp)
+        if "math" in kernel:
+            log.warning(f"attention: {kernel}, SDPA's unfused path"
+                        + (f" (attn_pdrop {model.config.attn_pdrop} has no fused kernel "
+                           "here; with attn_pdrop 0 the fused one runs, see "
+                           "docs/benchmarks.md)" if model.config.attn_pdrop > 0 else ""))
+        else:
+            log.info(f"attention: {kernel}")
     metrics = _Metrics(run_dir, info.main, log)
 
     last_ckpt = ckpt if info.main else None  # the newest intact checkpoint

@@ -366,3 +366,21 @@ def test_val_num_resplits_deterministically(sample_store, tiny_config_path, tmp_
     assert (va0 == store.valid_indices()).all()
     with pytest.raises(ChitchatError, match="--val_num"):
         resplit(store, len(store), None, 7)
+
+
+@pytest.mark.parametrize("p", [0.0, 0.1])
+def test_the_attention_kernel_is_found_and_dropout_decides_it(sample_store, tmp_path, p):
+    """train.py logs the SDPA kernel its attention runs: on a CPU, attention dropout forces
+    the unfused math path, and without it the fused kernel runs (torch 2.x)."""
+    from chitchat.modeling import build_model, load_config
+    from chitchat.training import attention_kernel, autocast_ctx
+
+    cfg = tmp_path / "c.json"
+    cfg.write_text(json.dumps({"model_type": "gpt2", "n_positions": 64, "n_embd": 64,
+                               "n_head": 2, "n_layer": 2, "attn_pdrop": p}))
+    model = build_model(load_config(cfg, TokenStore(sample_store).tokenizer()))
+    cpu = torch.device("cpu")
+    for dtype in ("fp32", "bf16"):
+        kernel = attention_kernel(model, cpu, autocast_ctx(dtype, cpu))
+        assert kernel.startswith("_scaled_dot_product_")
+        assert ("math" in kernel) == (p > 0), (dtype, kernel)
