@@ -47,8 +47,8 @@ from .config import TrainConfig
 from .data import (ReversedStore, TokenStore, WindowTable, build_windows, collate_rows,
                    epoch_rows, plan_steps, resplit)
 from .modeling import (build_model, check_same_vocab, is_reverse, load_config, load_model,
-                       read_config,
-                       resolve_device, save_model, set_reverse, set_speaker_token_ids, speaker_token_ids)
+                       read_config, resolve_device, save_model, set_reverse,
+                       set_speaker_token_ids, speaker_token_ids)
 from .tokenization import ChatTokenizer
 from .utils import (ChitchatError, atomic_dir, atomic_write_text, get_logger,
                     out_of_memory_advice, python_command, write_json)
