@@ -19,7 +19,8 @@ from tqdm import tqdm
 
 from .config import PreprocessConfig
 from .corpus import Dialogue, ReadStats, read_dialogues
-from .data import FORMAT_VERSION, STORE_KIND, TokenStore, is_token_store, split_mask, token_dtype, validation_size
+from .data import (FORMAT_VERSION, STORE_KIND, TokenStore, is_token_store, split_mask,
+                   token_dtype, validation_size)
 from .tokenization import ChatTokenizer, check_same_vocab
 from .utils import ChitchatError, atomic_dir, get_logger, sha256_file, write_json
 
