@@ -74,7 +74,6 @@ class TimeBudget:
     warmup_steps: int | None = None  # given by the user: never re-planned
     total: int = 0
     warmup: int = 1
-    seconds_per_step: float | None = None
 
     def __post_init__(self):
         self.total = self.cap
@@ -88,7 +87,6 @@ class TimeBudget:
             return
         per = (first_step_seconds if done == 1
                else max(1e-9, (elapsed - first_step_seconds) / (done - 1)))
-        self.seconds_per_step = per
         left = max(0.0, self.seconds - elapsed)
         self.total = max(done + 1, min(self.cap, done + int(left / per)))
         if self.warmup_steps is None and 2 <= done < self.warmup:
