@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from chitchat.budget import TimeBudget, format_duration, lr_factor, parse_duration
+from chitchat.budget import TimeBudget, format_duration, parse_duration
 from chitchat.config import TrainConfig
 from chitchat.utils import ChitchatError, python_command, run_cli
 from conftest import ROOT
@@ -177,10 +177,6 @@ def test_train_prints_size_tokens_per_epoch_and_the_estimate(sample_store, tiny_
     assert "params 0." in r.stderr and "tokens per epoch" in r.stderr
     assert "speed: " in r.stderr and "an epoch takes about" in r.stderr
     assert "| eta " in r.stderr
-
-
-def test_lr_factor_is_unchanged_without_a_budget():
-    assert [lr_factor(s, 4, 14) for s in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 0.9]
 
 
 # ---- encodings ---------------------------------------------------------------------------------
