@@ -3,7 +3,7 @@
     python bench/bench_blocked.py                 # widths 128..1024, 1 and 8 rows
     python bench/bench_blocked.py --rows 1 4 8 16 --repeats 7
 
-The fast backend (chitchat/inference.py) multiplies by the plain (out, in) weight with
+The fast backend (chitchat/backends/fast.py) multiplies by the plain (out, in) weight with
 F.linear (MKL) for one row, and, once it decodes batches of 4 or more rows, by a copy of
 the weight reordered into oneDNN's blocked layout. This times both on each matrix of a
 GPT-2 block (qkv D x 3D, MLP D x 4D and 4D x D) and on the LM head (13,317 x D) for several

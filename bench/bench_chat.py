@@ -237,7 +237,7 @@ def main(argv=None) -> int:
     from transformers.utils import logging as hf_logging
 
     from chitchat import Chatbot
-    from chitchat.inference import quantize_int8
+    from chitchat.backends import quantize_int8
 
     hf_logging.set_verbosity_error()
     tok, vocab_note = make_tokenizer()
@@ -249,7 +249,7 @@ def main(argv=None) -> int:
     context = bot32.context(HISTORY).ids
     paths = {}
     if args.mmi:
-        from chitchat.inference import conv1d_to_linear
+        from chitchat.backends import conv1d_to_linear
         from chitchat.modeling import set_reverse
 
         n_c = args.num_candidates

@@ -8,7 +8,7 @@
 store from preprocess.py (its validation split). Each dialogue is ``[CLS] u1 [SEP] ...``,
 cut to n_positions; every token after [CLS] is predicted (train.py's --loss_on all), and the
 perplexity is token-weighted: exp(total NLL / total predicted tokens). Both models run
-transformers' forward (the int8 one after chitchat.inference.quantize_int8), one dialogue
+transformers' forward (the int8 one after chitchat.backends.quantize_int8), one dialogue
 at a time, so nothing but the weights differs. Also reports how often the two agree on the
 most likely next token.
 """
@@ -70,7 +70,7 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from chitchat.inference import quantize_int8
+    from chitchat.backends import quantize_int8
     from chitchat.modeling import load_model
 
     model, tok = load_model(args.model_path, args.vocab_path)

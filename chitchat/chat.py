@@ -41,7 +41,7 @@ import torch
 
 from .config import DecodingOptions, _base_type
 from .generation import Constraints, Row, decode, decode_one
-from .inference import DTYPES, conv1d_to_linear, make_backend, quantize_int8
+from .backends import DTYPES, conv1d_to_linear, make_backend, quantize_int8
 from .tokenization import ChatTokenizer, Detokenizer
 from .utils import ChitchatError
 

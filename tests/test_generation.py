@@ -17,7 +17,7 @@ from chitchat.config import DecodingOptions
 from chitchat.generation import (
     Constraints, apply_repetition_penalty, beam_search, decode, decode_one, ngram_bans,
     phrase_bans, sampling_distribution, top_k_filter, top_p_filter, warp_logits)
-from chitchat.inference import DecodeState, FastGPT2, HFDecoder, conv1d_to_linear, quantize_int8
+from chitchat.backends import DecodeState, FastGPT2, HFDecoder, conv1d_to_linear, quantize_int8
 from chitchat.utils import ChitchatError
 
 V = 500
@@ -333,14 +333,14 @@ needs_onednn = pytest.mark.skipif(not torch.backends.mkldnn.is_available(),
 @pytest.fixture
 def block_every_matrix(monkeypatch):
     """The tiny test models' matrices are below the size worth blocking: block them all."""
-    import chitchat.inference as inference
+    import chitchat.backends.fast as inference
 
     monkeypatch.setattr(inference, "_BLOCKED_MIN_WEIGHT", 0)
 
 
 @needs_onednn
 def test_only_matrices_worth_it_are_blocked():
-    import chitchat.inference as inference
+    import chitchat.backends.fast as inference
 
     torch.manual_seed(0)
     cfg = GPT2Config(vocab_size=5000, n_positions=40, n_embd=128, n_layer=1, n_head=4)

@@ -22,7 +22,7 @@ from torch.cuda._utils import _get_device_index
 from chitchat import generation, training
 from chitchat.config import DecodingOptions, EvaluateConfig, TrainConfig
 from chitchat.generation import Constraints, decode
-from chitchat.inference import make_backend
+from chitchat.backends import make_backend
 from chitchat.modeling import load_model, pick_device, save_model
 from chitchat.training import (DistInfo, dist_info, make_optimizer, pick_dtype,
                                resolve_dtype, restore_optimizer, set_fp32_precision,

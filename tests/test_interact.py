@@ -237,7 +237,7 @@ class Terminal:
 
 def slow_interact(model_dir, *args) -> list[str]:
     """interact.py with every decoding step slowed to 50 ms, so a Ctrl-C lands mid-reply."""
-    code = ("import sys, time; sys.argv[0] = 'interact.py'; import chitchat.inference as inf; "
+    code = ("import sys, time; sys.argv[0] = 'interact.py'; import chitchat.backends.fast as inf; "
             "real = inf.FastGPT2.step; "
             "inf.FastGPT2.step = lambda self, s, t: (time.sleep(0.05), real(self, s, t))[1]; "
             "import interact; from chitchat.utils import run_cli; "

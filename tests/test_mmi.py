@@ -182,7 +182,7 @@ def reverse_dir(tmp_path_factory, sample_store, tiny_config_path):
 
 @pytest.mark.parametrize("kind", ["fast", "hf"])
 def test_reverse_scores_match_a_direct_computation(reverse_dir, kind):
-    from chitchat.inference import make_backend
+    from chitchat.backends import make_backend
     from chitchat.modeling import load_model
 
     model, tok = load_model(reverse_dir)

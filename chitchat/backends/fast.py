@@ -1,126 +1,28 @@
-"""Inference backends: run a GPT-2 model one token at a time with a KV cache.
+"""The lean backend: GPT-2 inference without transformers' generic per-token machinery.
 
-Two backends share one small interface (`start`, `step`, `reorder`), so the decoding loop in
-generation.py does not care which one runs:
+`FastGPT2` (the default backend) is a lean forward pass over the HF weights with a
+preallocated, static KV cache. At batch 1 a 768-wide GPT-2 is memory-bound on CPU: the floor
+is one pass over the weights per token (~11 ms for the small config in fp32). transformers'
+forward adds a few ms of fixed Python work per token on top (mask building, cache objects,
+output classes, hooks) and runs Conv1D as ``addmm`` on an (in, out) weight, which is several
+times slower than ``linear`` on an (out, in) weight for a single row. The lean path avoids
+both. tests/test_generation.py checks its logits against HF's (hf.py).
 
-* `FastGPT2` (the default) is a lean forward pass over the HF weights with a preallocated,
-  static KV cache. At batch 1 a 768-wide GPT-2 is memory-bound on CPU: the floor is one pass
-  over the weights per token (~11 ms for the small config in fp32). transformers' forward adds a
-  few ms of fixed Python work per token on top (mask building, cache objects, output classes,
-  hooks) and runs Conv1D as ``addmm`` on an (in, out) weight, which is several times slower
-  than ``linear`` on an (out, in) weight for a single row. The lean path avoids both.
-  tests/test_generation.py checks its logits against HF's.
-* `HFDecoder` calls the transformers model with a `DynamicCache`. It is the reference the tests
-  compare against and the fallback for configs the lean path does not cover.
-
-Batches are left-padded: every row writes its next token at the same cache index, so one
-``step`` serves N rows (MMI candidates, or several requests at once). Each row has its own
-position ids (counting from its first real token) and a key mask that hides its padding.
-
-`quantize_int8` converts GPT-2's Conv1D layers to nn.Linear (torch.ao's dynamic quantization
-only knows nn.Linear, so on a stock GPT-2 it silently does nothing) and then applies dynamic
-int8 quantization with per-channel weight scales.
+Beside the padded batches of the backend interface (base.py) it keeps a pool of rows that
+join and leave one at a time (`row_cache`, `step_and_prefill`, `copy_row`): the server's
+engine (chitchat/serving/engine.py) batches requests on it.
 """
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
-from typing import Callable, Protocol, Sequence
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .utils import ChitchatError
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-# ---- weight conversion ------------------------------------------------------------------------
-def conv1d_to_linear(model: nn.Module) -> nn.Module:
-    """Replace every transformers Conv1D in `model` by an equivalent nn.Linear, in place.
-
-    Conv1D computes ``x @ W + b`` with W of shape (in, out); nn.Linear stores W transposed.
-    """
-    from transformers.pytorch_utils import Conv1D
-
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if isinstance(child, Conv1D):
-                lin = nn.Linear(child.nx, child.nf, bias=child.bias is not None,
-                                device=child.weight.device, dtype=child.weight.dtype)
-                with torch.no_grad():
-                    lin.weight.copy_(child.weight.t())
-                    if child.bias is not None:
-                        lin.bias.copy_(child.bias)
-                setattr(parent, name, lin)
-    return model
-
-
-def quantize_int8(model: nn.Module) -> nn.Module:
-    """Dynamic int8 quantization of every Linear layer (including the LM head), in place.
-
-    Weights are int8 with one scale per output channel; activations are quantized per call.
-    The embeddings stay float32, so the LM head gets its own int8 copy of the tied weight.
-    CPU only (fbgemm/x86 kernels).
-    """
-    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
-
-    if next(model.parameters()).device.type != "cpu":
-        raise ChitchatError("--quantize int8 runs on CPU only; add --device cpu")
-    conv1d_to_linear(model)
-    model.float()
-    with warnings.catch_warnings():
-        # torch 2.13 announces that eager-mode quantization will move to torchao; the API
-        # still works and is what the pinned torch ships. Only that notice is silenced.
-        warnings.filterwarnings("ignore", message=r"(?s).*torch\.ao\.quantization.*")
-        warnings.filterwarnings("ignore", message=r"(?s).*migrat.*torchao.*")
-        warnings.filterwarnings("ignore", message=r"(?s).*_per_tensor.*|.*quantize_per_tensor.*")
-        quantize_dynamic(model, {nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8,
-                         inplace=True)
-    return model
-
-
-# ---- the backend interface --------------------------------------------------------------------
-class Backend(Protocol):
-    n_positions: int
-    vocab_size: int
-
-    def start(self, contexts: Sequence[Sequence[int]], token_types=None, reply_types=None,
-              capacity: int | None = None) -> tuple["DecodeState", torch.Tensor]:
-        """Feed the contexts (left-padded into one batch); return (state, logits (B, V)).
-
-        capacity: the most positions this decode will use (context + new tokens); caches
-        are sized for it (default n_positions).
-
-        token_types: per-context speaker ids (models trained with --speaker_ids), and
-        reply_types: the speaker id of each row's generated tokens; None for other models.
-        """
-
-    def step(self, state: "DecodeState", tokens: torch.Tensor) -> torch.Tensor:
-        """Feed one token per row (B,); return the next logits (B, V) as float32."""
-
-    def reorder(self, state: "DecodeState", index: torch.Tensor) -> None:
-        """Make row i continue from old row index[i] (beam search)."""
-
-    def prepare(self, batch_size: int) -> None:
-        """Batches of `batch_size` rows are coming: do any one-time set-up for them now."""
-
-    def hidden(self, ids: torch.Tensor, types: torch.Tensor | None = None) -> torch.Tensor:
-        """Final hidden states (B, T, D) of right-padded (B, T) ids: no cache, causal."""
-
-    def project(self, h: torch.Tensor) -> torch.Tensor:
-        """The LM head: float32 logits (N, V) of hidden states (N, D)."""
-
-
-@dataclass
-class DecodeState:
-    """One batch's progress: filled cache length, padding, and the backend's cache."""
-    length: int                   # cache slots filled (same for every row)
-    pad: torch.Tensor             # (B,) left padding of each row
-    key_mask: torch.Tensor | None  # (B, 1, 1, T) bool, True = attend; None: no padding (fast)
-    cache: object = None
-    reply_types: torch.Tensor | None = None  # (B,) speaker id of generated tokens
+from ..utils import ChitchatError
+from .base import DecodeState, as_types, check_fits, left_pad, reorder_rows
 
 
 @dataclass
@@ -145,40 +47,7 @@ class RowCache:
     types: torch.Tensor
 
 
-def left_pad(contexts: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, L) ids left-padded with `pad_id`, and (B,) pad counts."""
-    if not contexts or any(len(c) == 0 for c in contexts):
-        raise ValueError("every context needs at least one token")
-    L = max(len(c) for c in contexts)
-    ids = torch.full((len(contexts), L), pad_id, dtype=torch.long)
-    for i, c in enumerate(contexts):
-        ids[i, L - len(c):] = torch.as_tensor(list(c), dtype=torch.long)
-    pad = torch.tensor([L - len(c) for c in contexts], dtype=torch.long)
-    return ids.to(device), pad.to(device)
 
-
-def _as_types(reply_types, device) -> torch.Tensor | None:
-    return None if reply_types is None else torch.as_tensor(list(reply_types), dtype=torch.long,
-                                                            device=device)
-
-
-def _reorder_rows(state: DecodeState, index: torch.Tensor) -> None:
-    state.pad = state.pad.index_select(0, index)
-    if state.key_mask is not None:
-        state.key_mask = state.key_mask.index_select(0, index)
-    if state.reply_types is not None:
-        state.reply_types = state.reply_types.index_select(0, index)
-
-
-def _check_fits(n: int, limit: int) -> None:
-    if n > limit:
-        # The context budget in chat.py and generation.py keeps this from happening; reaching
-        # it is a bug, and a silent wrap-around would feed the model unseen positions.
-        raise ChitchatError(f"position {n - 1} is beyond the last usable position "
-                            f"({limit - 1}); shorten the context or --max_len")
-
-
-# ---- the lean backend -------------------------------------------------------------------------
 # A product of a few rows with a 768-wide weight is memory-bound. At one row MKL's GEMV on the
 # (out, in) weight is the fastest path here; from about 4 rows on, oneDNN on weights reordered
 # once into its blocked layout is much faster (small config, 8 rows: 33 vs 60 ms per decode
@@ -200,6 +69,7 @@ def _activation(name: str):
         return F.gelu
     from transformers.activations import ACT2FN
     return ACT2FN[name]
+
 
 
 class FastGPT2:
@@ -330,7 +200,7 @@ class FastGPT2:
         ids, pad = left_pad(contexts, self.pad_id, self.device)
         types = left_pad(token_types, 0, self.device)[0] if token_types is not None else None
         B, L = ids.shape
-        _check_fits(L, self.n_positions)
+        check_fits(L, self.n_positions)
         # (L, B, H, T, hd) per cache; sized to what this decode needs, so that copying rows
         # (beams, MMI candidates) copies no unused positions.
         T = min(self.n_positions, max(capacity or self.n_positions, L))
@@ -343,7 +213,7 @@ class FastGPT2:
             cols = torch.arange(T, device=self.device)
             key_mask = (cols[None, :] >= pad[:, None]).view(B, 1, 1, T)
         state = DecodeState(length=0, pad=pad, key_mask=key_mask, cache=cache,
-                            reply_types=_as_types(reply_types, self.device))
+                            reply_types=as_types(reply_types, self.device))
         pos = (torch.arange(L, device=self.device)[None, :] - pad[:, None]).clamp_(min=0)
         mask = None
         if padded:
@@ -356,7 +226,7 @@ class FastGPT2:
 
     def step(self, state, tokens):
         t = state.length
-        _check_fits(t + 1, state.cache[0].shape[3])
+        check_fits(t + 1, state.cache[0].shape[3])
         B = tokens.shape[0]
         pos = (t - state.pad).view(B, 1) if state.key_mask is not None else \
             torch.full((B, 1), t, dtype=torch.long, device=self.device)
@@ -381,7 +251,7 @@ class FastGPT2:
     def reorder(self, state, index):
         k, v = state.cache
         state.cache = (k.index_select(1, index), v.index_select(1, index))
-        _reorder_rows(state, index)
+        reorder_rows(state, index)
 
     def _forward(self, ids, pos, kv, mask, causal: bool, types=None, state=None) -> torch.Tensor:
         # ids, pos: (B, S); returns float32 logits (B, V) of the last position.
@@ -440,7 +310,7 @@ class FastGPT2:
             off += B * S
         return out
 
-    # -- a pool of rows that join and leave one at a time (chitchat.engine) --
+    # -- a pool of rows that join and leave one at a time (chitchat.serving.engine) --
     def row_cache(self, rows: int, length: int) -> "RowCache":
         """A KV cache for up to `rows` rows of up to `length` positions, allocated once.
 
@@ -490,7 +360,7 @@ class FastGPT2:
         k = len(contexts)
         lens = torch.tensor([len(c) for c in contexts], dtype=torch.long, device=self.device)
         S = int(lens.max())
-        _check_fits(S, cache.k.shape[3])
+        check_fits(S, cache.k.shape[3])
         if first + k > cache.k.shape[1]:
             raise ValueError(f"rows {first}..{first + k - 1} are beyond the cache's "
                              f"{cache.k.shape[1]}")
@@ -524,7 +394,7 @@ class FastGPT2:
         n = tokens.shape[0]
         lens = cache.lens[:n].clone()  # the prefill of other rows may set theirs meanwhile
         T = int(lens.max()) + 1
-        _check_fits(T, cache.k.shape[3])
+        check_fits(T, cache.k.shape[3])
         rows = torch.arange(n, device=self.device)
         cols = torch.arange(T, device=self.device)
         mask = (cols[None, :] <= lens[:, None]).view(n, 1, 1, T)
@@ -558,7 +428,7 @@ class FastGPT2:
         Right padding cannot change the states of the real tokens before it.
         """
         B, T = ids.shape
-        _check_fits(T, self.n_positions)
+        check_fits(T, self.n_positions)
         pos = torch.arange(T, device=ids.device).expand(B, T)
         x = self._blocks(ids, pos, None, None, causal=True, types=types)
         return F.layer_norm(x, (self.d,), *self.ln_f, self.eps)
@@ -569,85 +439,3 @@ class FastGPT2:
         if self._blocked_for(h.shape[0]):
             head, lin = self.blocked[1], self._lin_blocked
         return lin(h, head).float()
-
-
-# ---- the reference backend --------------------------------------------------------------------
-class HFDecoder:
-    """The transformers model with a DynamicCache: slower, but any GPT-2 variant."""
-
-    def __init__(self, model, pad_id: int = 0):
-        self.model = model
-        self.pad_id = pad_id
-        self.n_positions = model.config.n_positions
-        self.vocab_size = model.get_input_embeddings().weight.shape[0]
-        self.device = next(model.parameters()).device
-
-    def start(self, contexts, token_types=None, reply_types=None, capacity=None):
-        from transformers import DynamicCache
-
-        ids, pad = left_pad(contexts, self.pad_id, self.device)
-        types = left_pad(token_types, 0, self.device)[0] if token_types is not None else None
-        B, L = ids.shape
-        _check_fits(L, self.n_positions)
-        # A key mask even without padding: given none, transformers looks for padding in
-        # the ids, and given a 2-D one it checks whether it is all ones; both read a value
-        # back from the GPU on every token. A ready 4-D mask is used as it is.
-        cols = torch.arange(self.n_positions, device=self.device)
-        state = DecodeState(length=0, pad=pad,
-                            key_mask=(cols[None, :] >= pad[:, None]).view(B, 1, 1, -1),
-                            cache=DynamicCache(config=self.model.config),
-                            reply_types=_as_types(reply_types, self.device))
-        return state, self._forward(ids, state, types)
-
-    def step(self, state, tokens):
-        _check_fits(state.length + 1, self.n_positions)
-        types = state.reply_types.view(-1, 1) if state.reply_types is not None else None
-        return self._forward(tokens.view(-1, 1), state, types)
-
-    def _forward(self, ids, state, types=None):
-        B, S = ids.shape
-        t0, t1 = state.length, state.length + S
-        pos = (torch.arange(t0, t1, device=self.device)[None, :] - state.pad[:, None]).clamp(min=0)
-        keys = state.key_mask[..., :t1]  # (B, 1, 1, t1)
-        if self.model.config._attn_implementation == "sdpa":
-            # query i (position t0 + i) sees the keys up to itself, and always itself: a
-            # padding query that saw nothing would put NaN in the cache
-            seen = torch.ones(S, t1, dtype=torch.bool, device=self.device).tril_(t0)
-            attn = (keys & seen) | _diagonal(S, t0, t1, self.device)
-        else:  # eager attention adds its mask: let transformers build it
-            attn = keys.view(B, -1).long()
-        out = self.model(input_ids=ids, position_ids=pos, attention_mask=attn,
-                         token_type_ids=types, past_key_values=state.cache, use_cache=True)
-        state.length = t1
-        return out.logits[:, -1].float()
-
-    def reorder(self, state, index):
-        state.cache.reorder_cache(index)
-        _reorder_rows(state, index)
-
-    def prepare(self, batch_size: int) -> None:
-        pass
-
-    def hidden(self, ids, types=None):
-        # All ones: with right padding causal attention already keeps real tokens from
-        # seeing the pads, and an explicit mask stops transformers warning about them.
-        return self.model.transformer(input_ids=ids, token_type_ids=types,
-                                      attention_mask=torch.ones_like(ids),
-                                      use_cache=False).last_hidden_state
-
-    def project(self, h):
-        return self.model.lm_head(h).float()
-
-
-def _diagonal(S: int, t0: int, t1: int, device) -> torch.Tensor:
-    """(S, t1) bool, True where query i meets its own key t0 + i."""
-    return torch.arange(t1, device=device)[None, :] == \
-        torch.arange(t0, t0 + S, device=device)[:, None]
-
-
-def make_backend(model, kind: str = "fast", pad_id: int = 0) -> Backend:
-    if kind == "fast":
-        return FastGPT2(model, pad_id)
-    if kind == "hf":
-        return HFDecoder(model, pad_id)
-    raise ChitchatError(f"unknown backend {kind!r}; use fast or hf")
