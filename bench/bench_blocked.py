@@ -3,12 +3,12 @@
     python bench/bench_blocked.py                 # widths 128..1024, 1 and 8 rows
     python bench/bench_blocked.py --rows 1 4 8 16 --repeats 7
 
-The fast backend (chitchat/backends/fast.py) multiplies by the plain (out, in) weight with
+The fast backend (chitchat/backends/kernels.py) multiplies by the plain (out, in) weight with
 F.linear (MKL) for one row, and, once it decodes batches of 4 or more rows, by a copy of
 the weight reordered into oneDNN's blocked layout. This times both on each matrix of a
 GPT-2 block (qkv D x 3D, MLP D x 4D and 4D x D) and on the LM head (13,317 x D) for several
 widths D, and prints plain / blocked (above 1: blocked is faster). The size threshold
-`_BLOCKED_MIN_WEIGHT` and the row threshold `_BLOCKED_MIN_ROWS` come from this table.
+`_BLOCKED_MIN_WEIGHT` and the row threshold `BLOCKED_MIN_ROWS` come from this table.
 Medians of --repeats timings of --calls calls each.
 """
 from __future__ import annotations

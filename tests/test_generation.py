@@ -333,14 +333,14 @@ needs_onednn = pytest.mark.skipif(not torch.backends.mkldnn.is_available(),
 @pytest.fixture
 def block_every_matrix(monkeypatch):
     """The tiny test models' matrices are below the size worth blocking: block them all."""
-    import chitchat.backends.fast as inference
+    import chitchat.backends.kernels as inference
 
     monkeypatch.setattr(inference, "_BLOCKED_MIN_WEIGHT", 0)
 
 
 @needs_onednn
 def test_only_matrices_worth_it_are_blocked():
-    import chitchat.backends.fast as inference
+    import chitchat.backends.kernels as inference
 
     torch.manual_seed(0)
     cfg = GPT2Config(vocab_size=5000, n_positions=40, n_embd=128, n_layer=1, n_head=4)

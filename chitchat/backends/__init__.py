@@ -2,7 +2,8 @@
 
 Two backends share one small interface (base.py: `start`, `step`, `reorder`, ...), so the
 decoding loop in generation.py does not care which one runs: `FastGPT2` (fast.py, the
-default) and `HFDecoder` (hf.py, transformers' own forward, the reference).
+default; its matrix products per weight layout in kernels.py) and `HFDecoder` (hf.py,
+transformers' own forward, the reference). weights.py converts and quantizes weights.
 """
 from __future__ import annotations
 

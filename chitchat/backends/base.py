@@ -57,7 +57,8 @@ class DecodeState:
 
 
 
-def left_pad(contexts: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+def left_pad(contexts: Sequence[Sequence[int]], pad_id: int, device
+             ) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, L) ids left-padded with `pad_id`, and (B,) pad counts."""
     if not contexts or any(len(c) == 0 for c in contexts):
         raise ValueError("every context needs at least one token")

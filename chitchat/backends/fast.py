@@ -23,6 +23,8 @@ from torch import nn
 
 from ..utils import ChitchatError
 from .base import DecodeState, as_types, check_fits, left_pad, reorder_rows
+from .kernels import (BLOCKED_MIN_ROWS, activation, block_weight, lin_blocked, lin_float,
+                      lin_int8, linear_params)
 
 
 @dataclass
@@ -45,30 +47,6 @@ class RowCache:
     v: torch.Tensor
     lens: torch.Tensor
     types: torch.Tensor
-
-
-
-# A product of a few rows with a 768-wide weight is memory-bound. At one row MKL's GEMV on the
-# (out, in) weight is the fastest path here; from about 4 rows on, oneDNN on weights reordered
-# once into its blocked layout is much faster (small config, 8 rows: 33 vs 60 ms per decode
-# step; bench/bench_chat.py --mmi). The blocked copy doubles the float weights in memory, so it
-# is made only once a batch of that size is decoded. The hint is the row count the layout is
-# tuned for; 8 served 4 to 32 rows best in that measurement. oneDNN's call costs ~45 us, more
-# than a whole small product: at 8 rows, blocking loses below ~0.5M weights (256 wide: 0.5x),
-# breaks even at 384 wide and wins from 512 (1.5x); those smaller matrices stay plain
-# (bench/bench_blocked.py).
-_BLOCKED_MIN_ROWS = 4
-_BLOCKED_HINT = 8
-_BLOCKED_MIN_WEIGHT = 1 << 19
-
-
-def _activation(name: str):
-    if name in ("gelu_new", "gelu_pytorch_tanh", "gelu_fast"):
-        return lambda x: F.gelu(x, approximate="tanh")
-    if name == "gelu":
-        return F.gelu
-    from transformers.activations import ACT2FN
-    return ACT2FN[name]
 
 
 
@@ -103,7 +81,7 @@ class FastGPT2:
         self.d = cfg.n_embd
         self.head_dim = self.d // self.n_head
         self.eps = cfg.layer_norm_epsilon
-        self.act = _activation(cfg.activation_function)
+        self.act = activation(cfg.activation_function)
         # oneDNN applies the MLP's GELU inside the blocked product (a post-op), which also
         # saves a pass over the (rows, 4D) activations.
         self.fused_act = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu_fast": "tanh",
@@ -118,7 +96,7 @@ class FastGPT2:
                        for i in range(cfg.n_layer)]
         self.layers = []
         for blk in tr.h:
-            lins = [self._linear(m) for m in (blk.attn.c_attn, blk.attn.c_proj,
+            lins = [linear_params(m) for m in (blk.attn.c_attn, blk.attn.c_proj,
                                               blk.mlp.c_fc, blk.mlp.c_proj)]
             self.layers.append((blk.ln_1.weight, blk.ln_1.bias, lins[0], lins[1],
                                 blk.ln_2.weight, blk.ln_2.bias, lins[2], lins[3]))
@@ -127,7 +105,7 @@ class FastGPT2:
         if isinstance(head, nn.Linear) and head.weight is self.wte:
             self.head = (self.wte, None)  # tied: (V, D) is already the (out, in) layout
         else:
-            self.head = self._linear(head)
+            self.head = linear_params(head)
         packed = [isinstance(p, torch.ScriptObject)
                   for l in self.layers for p in (l[2], l[3], l[6], l[7])]
         if any(packed) != all(packed):
@@ -135,41 +113,16 @@ class FastGPT2:
         self.int8 = all(packed)
         self.int8_head = isinstance(self.head, torch.ScriptObject)
         # oneDNN-blocked copies of the float weights, made on the first batched call
-        # (`prepare`): see _BLOCKED_MIN_ROWS.
+        # (`prepare`): see kernels.py.
         self.blocked: tuple[list, tuple] | None = None
         self.can_block = (not self.int8 and not self.int8_head and self.dtype == torch.float32
                           and self.device.type == "cpu" and torch.backends.mkldnn.is_available())
 
-    def _linear(self, m):
-        """(weight (out, in), bias) for float layers; packed params for int8 ones."""
-        from transformers.pytorch_utils import Conv1D
-
-        if isinstance(m, Conv1D):
-            # A transposed copy: F.linear on an (out, in) weight is the fast single-row
-            # product. Chatbot.from_pretrained converts its own model first (no copy).
-            return (m.weight.t().contiguous(), m.bias)
-        if type(m) is nn.Linear:
-            return (m.weight, m.bias)
-        packed = getattr(getattr(m, "_packed_params", None), "_packed_params", None)
-        if packed is not None and getattr(m, "version", 4) >= 4:
-            return packed
-        raise ChitchatError(f"unsupported layer {type(m).__name__} for the fast backend")
-
-    @staticmethod
-    def _lin_float(x, p):
-        return F.linear(x, p[0], p[1])
-
-    @staticmethod
-    def _lin_int8(x, p):
-        # Same call as torch.ao's dynamic Linear.forward (reduce_range for x86/fbgemm),
-        # without the module dispatch.
-        return torch.ops.quantized.linear_dynamic(x, p, True)
-
-    @staticmethod
-    def _lin_blocked(x, p):
-        if not p[0].is_mkldnn:  # a matrix too small to block (see _BLOCKED_MIN_WEIGHT)
-            return F.linear(x, p[0], p[1])
-        return torch.ops.mkldnn._linear_pointwise(x, p[0], p[1], "none", [], "")
+    # The products in each weight layout (kernels.py); attributes, so that `_up` can tell
+    # the blocked one apart.
+    _lin_float = staticmethod(lin_float)
+    _lin_int8 = staticmethod(lin_int8)
+    _lin_blocked = staticmethod(lin_blocked)
 
     def _up(self, h, p, lin):
         """The MLP's first product and its activation."""
@@ -182,18 +135,14 @@ class FastGPT2:
         """Get ready to decode `batch_size` rows at once (MMI candidates, beams, a server
         batch): on CPU in fp32, from 4 rows on, make the blocked weights now rather than on
         the first batched step."""
-        if batch_size >= _BLOCKED_MIN_ROWS and self.can_block and self.blocked is None:
-            def block(p):
-                if p[0].numel() < _BLOCKED_MIN_WEIGHT:
-                    return p
-                return (torch.ops.mkldnn._reorder_linear_weight(p[0], _BLOCKED_HINT), p[1])
-
-            self.blocked = ([(w1, b1, block(qkv), block(o), w2, b2, block(fc), block(pr))
+        if batch_size >= BLOCKED_MIN_ROWS and self.can_block and self.blocked is None:
+            blk = block_weight
+            self.blocked = ([(w1, b1, blk(qkv), blk(o), w2, b2, blk(fc), blk(pr))
                              for (w1, b1, qkv, o, w2, b2, fc, pr) in self.layers],
-                            block(self.head))
+                            blk(self.head))
 
     def _blocked_for(self, rows: int) -> bool:
-        return self.blocked is not None and rows >= _BLOCKED_MIN_ROWS
+        return self.blocked is not None and rows >= BLOCKED_MIN_ROWS
 
     # -- the interface --
     def start(self, contexts, token_types=None, reply_types=None, capacity=None):
@@ -275,7 +224,7 @@ class FastGPT2:
         Returns each segment's (B, S, D)."""
         shapes = [s.ids.shape for s in segments]
         rows = sum(B for B, _ in shapes)
-        if rows >= _BLOCKED_MIN_ROWS:
+        if rows >= BLOCKED_MIN_ROWS:
             self.prepare(rows)
         layers, lin = self.layers, (self._lin_int8 if self.int8 else self._lin_float)
         if self._blocked_for(sum(B * S for B, S in shapes)):
