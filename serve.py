@@ -25,7 +25,8 @@ from chitchat.utils import run_cli
 
 
 def main(argv=None):
-    from chitchat.server import ServeConfig, serve
+    from chitchat.serving.options import ServeConfig
+    from chitchat.serving.run import serve
 
     return serve(parse_config(ServeConfig, argv, description=__doc__))
 

@@ -10,11 +10,11 @@ import httpx
 
 class LiveServer:
     """``with LiveServer(app) as url:`` runs `app` under the uvicorn server serve.py runs
-    (chitchat.server.make_server: its timeouts and limits) on 127.0.0.1 until the block ends,
+    (chitchat.serving.run.make_server: its timeouts and limits) on 127.0.0.1 until the block ends,
     then shuts it down the way SIGTERM does (`stop()`: graceful, lifespan shutdown)."""
 
     def __init__(self, app, startup_timeout: float = 20.0):
-        from chitchat.server import make_server
+        from chitchat.serving.run import make_server
 
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

@@ -4,7 +4,7 @@ import dataclasses
 import pytest
 
 from chitchat import config
-from chitchat.server import ServeConfig
+from chitchat.serving.options import ServeConfig
 from conftest import ROOT
 
 TOOLS = [config.PreprocessConfig, config.TrainConfig, config.InteractConfig,

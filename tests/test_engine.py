@@ -1,6 +1,6 @@
-"""The continuous-batching engine (chitchat/engine.py) on the tiny model: rows joining and
-leaving a running batch, cancellation, per-row options and seeds, and every row's reply
-equal to the one it gets decoded alone.
+"""The continuous-batching engine (chitchat/serving/engine.py) on the tiny model: rows
+joining and leaving a running batch, cancellation, per-row options and seeds, and every row's
+reply equal to the one it gets decoded alone.
 
 Tests that need a row to be mid-reply when something happens hold the engine with a `Gate`
 on the model's step: the engine runs exactly the steps the test releases, so no test
@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from chitchat.chat import Chatbot
-from chitchat.engine import Engine, EngineError, Job
+from chitchat.serving.engine import Engine, EngineError, Job
 
 
 @pytest.fixture(scope="module")

@@ -393,7 +393,7 @@ def test_lone_surrogate_in_jsonl_names_the_line(tmp_path):
                                        ("0.0.0.0", False), ("192.168.1.5", False),
                                        ("example.com", False)])
 def test_loopback_hosts(host, loop):
-    from chitchat.server import is_loopback
+    from chitchat.serving.run import is_loopback
 
     assert is_loopback(host) is loop
 

@@ -12,7 +12,7 @@ from chitchat import Chatbot
 from chitchat.chat import build_context
 from chitchat.config import DecodingOptions, TrainConfig
 from chitchat.modeling import generation_config
-from chitchat.server import Message, to_history
+from chitchat.serving.schema import Message, to_history
 from chitchat.tokenization import ChatTokenizer
 
 from conftest import shared_path

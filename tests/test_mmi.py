@@ -385,7 +385,7 @@ def test_interact_set_changes_mmi_settings(tiny_model_dir, reverse_dir):
 def test_server_decodes_mmi_candidates_as_rows_of_its_batch(mmi_bot):
     from test_engine import run_jobs
 
-    from chitchat.server import ServeConfig
+    from chitchat.serving.options import ServeConfig
 
     hists = [["你好"], ["吃了吗"], ["今天天气不错", "是啊", "出去玩吗"]]
     out, steps = run_jobs(mmi_bot, [(h, {}) for h in hists], max_batch=12)

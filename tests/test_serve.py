@@ -14,8 +14,9 @@ pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
 from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
 
-from chitchat.server import (ApiError, ServeConfig, ServerOptions,  # noqa: E402
-                             StopMatcher, create_app, to_history, ChatRequest)
+from chitchat.serving.app import create_app  # noqa: E402
+from chitchat.serving.options import ServeConfig, ServerOptions  # noqa: E402
+from chitchat.serving.schema import ApiError, ChatRequest, StopMatcher, to_history  # noqa: E402
 from chitchat.utils import ChitchatError  # noqa: E402
 
 URL = "/v1/chat/completions"
@@ -364,7 +365,7 @@ def test_server_answers_after_fuzz(client):
 
 
 def test_sse_framing_survives_any_model_text():
-    from chitchat.server import _sse
+    from chitchat.serving.schema import sse as _sse
 
     evil = "a\n\ndata: [DONE]\r\n\r\nb\u2028c\x00"
     frame = _sse({"content": evil})

@@ -26,7 +26,8 @@ from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support import expected_conditions as EC  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
-from chitchat.server import ServerOptions, create_app  # noqa: E402
+from chitchat.serving.app import create_app  # noqa: E402
+from chitchat.serving.options import ServerOptions  # noqa: E402
 from serve_support import LiveServer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]

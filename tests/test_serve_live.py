@@ -19,7 +19,8 @@ import pytest
 pytest.importorskip("fastapi")
 openai = pytest.importorskip("openai")
 
-from chitchat.server import ServerOptions, create_app  # noqa: E402
+from chitchat.serving.app import create_app  # noqa: E402
+from chitchat.serving.options import ServerOptions  # noqa: E402
 from serve_support import LiveServer, wait_ready  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -34,8 +34,8 @@ import time
 
 import torch
 
-from .chat import Prepared, ReplyStream
-from .utils import ChitchatError
+from ..chat import Prepared, ReplyStream
+from ..utils import ChitchatError
 
 log = logging.getLogger("chitchat")
 
