@@ -1,5 +1,8 @@
-"""The training loop: data plan, optimizer and schedule, precision, DDP, evaluation,
-checkpoints and resume. `train(cfg)` is the whole of train.py.
+"""The training loop: `train(cfg)` is the whole of train.py.
+
+`train_setup.setup` builds the run (data, model, optimizer, precision, schedule) and the
+`TrainState` it starts from; `fit` runs the steps, logging, validating (`validate`) and
+saving (`save`; the files are checkpoint.py's) as the options ask.
 
 A run lives in ``<save_model_path>/<run_name>/``::
 
