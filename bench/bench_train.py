@@ -42,7 +42,10 @@ from chitchat.config import PreprocessConfig  # noqa: E402
 from chitchat.data import TokenStore, build_windows, collate_rows, pack_rows  # noqa: E402
 from chitchat.modeling import build_model, load_config  # noqa: E402
 from chitchat.preprocessing import preprocess  # noqa: E402
-from chitchat.training import LossModel, autocast_ctx, param_groups, train_step  # noqa: E402
+from chitchat.loss import LossModel  # noqa: E402
+from chitchat.precision import autocast_ctx  # noqa: E402
+from chitchat.train_setup import param_groups  # noqa: E402
+from chitchat.training import train_step  # noqa: E402
 
 DEFAULT_CORPUS = ROOT.parent / "shared" / "corpora" / "chitchat50w_slice" / "train.txt"
 
@@ -280,7 +283,8 @@ def profile(args):
     self CPU time), after --steps warm-up steps: where the time of a step goes."""
     from torch.profiler import ProfilerActivity, profile as torch_profile
 
-    from chitchat.training import make_optimizer, TrainConfig
+    from chitchat.config import TrainConfig
+    from chitchat.train_setup import make_optimizer
 
     work = Path(args.work)
     store = get_store(args.train_path, work)

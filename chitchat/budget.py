@@ -101,3 +101,28 @@ class TimeBudget:
 
     def expired(self, elapsed: float) -> bool:
         return elapsed >= self.seconds
+
+
+ESTIMATE_AFTER_STEPS = 3  # the first step pays for warm-up; two more give a speed
+
+
+def log_estimate(log, device, elapsed, first_step_s, done, tokens_per_step, steps_per_epoch,
+                 steps_left, budget, cfg) -> None:
+    """How long an epoch and the run will take, from the steps measured so far."""
+    per = (elapsed - first_step_s) / max(1, done - 1)
+    epoch_s = per * steps_per_epoch
+    msg = (f"speed: {per:.2f} s/step, {tokens_per_step / max(per, 1e-9):,.0f} tok/s -> an "
+           f"epoch takes about {format_duration(epoch_s)}")
+    if budget:
+        msg += (f"; --max_time {cfg.max_time} fits about {budget.total} steps "
+                f"({budget.total / steps_per_epoch:.2f} epochs), warmup {budget.warmup}")
+        log.info(msg)
+        return
+    run_s = per * steps_left
+    log.info(msg + f", the run ({steps_left} more steps) about {format_duration(run_s)}")
+    if device.type == "cpu" and run_s > 3600:
+        log.warning(
+            f"note: this run needs about {format_duration(run_s)} on this CPU. For a first "
+            "model, use a smaller config (config/model_config_dialogue_middle.json, 6 layers "
+            "x 384; or _tiny.json), fewer --epochs, or a time budget: --max_time 2h (warmup "
+            "and decay then fit the budget). Ctrl-C saves and --resume auto continues.")

@@ -5,22 +5,40 @@ A checkpoint ``<run>/checkpoints/step-NNNNNNNN/`` is a complete HF model folder 
 position, options, data fingerprint). ``manifest.json``, written last, lists every file
 with its size and SHA-256, so a file truncated or changed after the save (a full disk, a
 bad copy, a crash of the file system) is found before anything is loaded from it.
+
+`save_checkpoint` writes one; `load_checkpoint` reads its state for a resumed run, which
+keeps the saved options (`merge_resume_options`) and must see the same data
+(`check_same_data`).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import os
 import re
 import shutil
 from pathlib import Path
 
-from .utils import ChitchatError, clean_stale_temps, sha256_file, write_json
+import torch
+
+from .config import TrainConfig
+from .modeling import save_model
+from .utils import (ChitchatError, atomic_dir, atomic_write_text, clean_stale_temps,
+                    sha256_file, write_json)
 
 CHECKPOINT_FORMAT = 1
 STATE_FILE = "trainer_state.json"
 TENSORS_FILE = "training_state.pt"
 MANIFEST = "manifest.json"
 RUN_FILES = ("metrics.jsonl", "train.log")
+
+# Options a resumed run may change; the others define the run (data, model, batch, ...)
+# and changing them would silently make it a different run.
+RESUMABLE = {"device", "no_cuda", "num_workers", "epochs", "max_steps", "eval_interval",
+             "save_interval", "keep_checkpoints", "log_step", "patience", "quiet",
+             "log_path", "resume", "compile", "dtype", "exact_fp32", "save_model_path",
+             "run_name", "threads", "max_time"}
 
 
 def is_checkpoint(path: Path) -> bool:
@@ -170,3 +188,146 @@ def publish_model(src: Path, run_dir: Path) -> None:
             except BaseException:
                 tmp.unlink(missing_ok=True)
                 raise
+
+
+# ---- writing and reading one -----------------------------------------------------------------
+def rng_state() -> dict:
+    # CUDA generators are not saved: training reseeds every generator (torch.manual_seed
+    # seeds all GPUs) before each step's first random draw, so their state at a checkpoint
+    # never matters, and a run may resume with other GPUs visible. Checkpoints of older
+    # versions carry a "cuda" entry; it is ignored.
+    return {"cpu": torch.get_rng_state()}
+
+
+def save_checkpoint(run_dir: Path, step: int, model, tokenizer, optimizer, scaler,
+                    state: dict, keep: int, last_ckpt: Path | None) -> Path:
+    """Write checkpoint ``step-NNNNNNNN`` of `run_dir` (all or nothing), publish its model
+    to the run folder and drop all but the newest `keep` checkpoints. `state` is the
+    trainer_state.json; `last_ckpt`, the previous checkpoint, is named if this one fails."""
+    path = run_dir / "checkpoints" / f"step-{step:08d}"
+    try:
+        with atomic_dir(path, is_checkpoint, "a train.py checkpoint") as tmp:
+            save_model(model, tokenizer, tmp)
+            torch.save({"optimizer": optimizer.state_dict(),
+                        "scaler": scaler.state_dict() if scaler is not None else None,
+                        "rng": rng_state()}, tmp / TENSORS_FILE)
+            write_json(tmp / STATE_FILE, state)
+            write_manifest(tmp)
+        publish_model(path, run_dir)
+    except (OSError, RuntimeError) as e:
+        raise save_error(path, last_ckpt, e) from e
+    for old in checkpoints_of(run_dir)[:-keep]:
+        shutil.rmtree(old)
+    return path
+
+
+def save_error(path: Path, last_ckpt: Path | None, e: Exception) -> ChitchatError:
+    try:
+        free = f"{shutil.disk_usage(path.parent.parent).free / 2**20:,.0f} MB free"
+    except OSError:
+        free = "free space unknown"
+    kept = (f"The previous checkpoint {last_ckpt} is intact." if last_ckpt else
+            "No earlier checkpoint exists.")
+    return ChitchatError(f"could not write checkpoint {path} ({free}): {e}. Nothing partial "
+                         f"was kept. {kept} Free disk space (or lower --keep_checkpoints) and "
+                         "continue with --resume auto.")
+
+
+def load_checkpoint(ckpt: Path, world: int) -> dict:
+    """The trainer state of `ckpt`, checked to be resumable by a run of `world` processes."""
+    state = json.loads((ckpt / STATE_FILE).read_text(encoding="utf-8"))
+    if state.get("format") != CHECKPOINT_FORMAT:
+        raise ChitchatError(f"{ckpt}: checkpoint format {state.get('format')}, this "
+                            f"version reads {CHECKPOINT_FORMAT}")
+    if state["world_size"] != world:
+        raise ChitchatError(f"{ckpt} was written by a run on {state['world_size']} "
+                            f"process(es), this one has {world}. Resume with the same "
+                            "torchrun --nnodes/--nproc_per_node: the data order depends "
+                            "on it.")
+    return state
+
+
+def restore_tensors(ckpt: Path, optimizer, scaler) -> None:
+    """Load the optimizer, scaler and CPU random state that `ckpt` saved."""
+    tensors = torch.load(ckpt / TENSORS_FILE, map_location="cpu", weights_only=True)
+    restore_optimizer(optimizer, tensors["optimizer"])
+    if scaler is not None and tensors.get("scaler"):
+        scaler.load_state_dict(tensors["scaler"])
+    torch.set_rng_state(tensors["rng"]["cpu"])  # CUDA states: see rng_state
+
+
+def restore_optimizer(optimizer, saved: dict) -> None:
+    """Load a checkpoint's optimizer state but keep this run's kernel choice: the saved
+    param groups carry the device's flags of the run that wrote them (a CPU run's
+    fused=None, as runs before the fused CPU kernel wrote, would turn the fused kernel off
+    for the rest of the run)."""
+    kernel = [{k: g[k] for k in ("fused", "foreach") if k in g} for g in optimizer.param_groups]
+    optimizer.load_state_dict(saved)
+    for g, flags in zip(optimizer.param_groups, kernel):
+        g.update(flags)
+
+
+# ---- resuming ---------------------------------------------------------------------------------
+def merge_resume_options(cfg: TrainConfig, saved: dict, where: Path) -> TrainConfig:
+    """The run's saved options, with the CLI's values for the few that may change.
+
+    A flag counts as given when it differs from its default (argparse cannot tell more).
+    """
+    defaults = TrainConfig.__dataclass_fields__
+    merged = {k: v for k, v in saved.items() if k in defaults}  # options of newer versions
+    for f in dataclasses.fields(TrainConfig):
+        if f.name not in saved:
+            merged[f.name] = getattr(cfg, f.name)
+            continue
+        value = getattr(cfg, f.name)
+        given = value != defaults[f.name].default
+        if f.name in RESUMABLE:
+            if given or f.name in ("resume", "quiet"):
+                merged[f.name] = value
+        elif given and value != saved[f.name]:
+            raise ChitchatError(
+                f"--{f.name} {value} differs from the run being resumed ({where}), which "
+                f"used {saved[f.name]}. A resumed run keeps it; drop --{f.name}, or start a "
+                "new run without --resume.")
+    merged["run_name"] = saved["run_name"]
+    merged["save_model_path"] = saved["save_model_path"]
+    return TrainConfig(**merged)
+
+
+def check_same_data(state: dict, now: dict, ckpt: Path, store) -> None:
+    """A resumed run must see the vocab and token ids its checkpoint was trained on."""
+    saved = state.get("data")
+    if saved is None:  # a checkpoint from before fingerprints: compare the vocab files
+        same_vocab = (ckpt / "vocab.txt").read_bytes() == store.vocab_path.read_bytes()
+        same_tokens = True
+    else:
+        same_vocab = saved["vocab_sha256"] == now["vocab_sha256"]
+        same_tokens = saved["tokens_sha256"] == now["tokens_sha256"]
+    if not same_vocab:
+        raise ChitchatError(
+            f"the vocab of {store.path} is not the one {ckpt} was trained with (the store was "
+            "rebuilt since); the checkpoint's embeddings belong to its own vocab, so resuming "
+            "would train on shuffled token ids. Rebuild the store with the run's vocab: "
+            f"python preprocess.py --train_path <train.txt> --save_path {store.path} "
+            f"--vocab_path {ckpt / 'vocab.txt'} --force; or start a new run.")
+    if not same_tokens:
+        raise ChitchatError(
+            f"the token ids in {store.path} changed since {ckpt} was saved (the corpus was "
+            "rebuilt), so the run's data position means nothing now. To go on training on "
+            f"the new data, start a new run from it: --pretrained_model {ckpt}")
+
+
+def trim_metrics(path: Path, step: int) -> None:
+    """Drop the records of steps after `step`: a resumed run logs them again."""
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text(encoding="utf-8").splitlines(keepends=True)
+            if _record_step(line) <= step]
+    atomic_write_text(path, "".join(kept))
+
+
+def _record_step(line: str) -> float:
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf  # a line torn by a kill: drop it

@@ -102,16 +102,16 @@ def perplexity(model, store, indices, max_len: int, loss_on: str, batch_size: in
                pad_id: int, progress: bool = False) -> dict:
     """Token-weighted perplexity of `model` on the windows of dialogues `indices`.
 
-    Reuses train.py's `evaluate` (the same packing, masks and loss) on slices of the window
-    table, so that a progress bar can follow; the slices' loss sums add up exactly.
+    Uses training's validation loss (`windowed_loss`: the same packing, masks and loss)
+    on slices of the window table, so that a progress bar can follow; the slices' loss
+    sums add up exactly.
     """
     import torch
     from tqdm.auto import tqdm
 
-    from .config import TrainConfig
     from .data import WindowTable, build_windows
+    from .loss import LossModel, windowed_loss
     from .modeling import speaker_token_ids
-    from .training import DistInfo, LossModel, evaluate
 
     n_pos = int(model.config.n_positions)
     if max_len > n_pos:
@@ -121,20 +121,20 @@ def perplexity(model, store, indices, max_len: int, loss_on: str, batch_size: in
     if len(table) == 0:
         raise ChitchatError(f"no window with a target token in {len(indices)} dialogue(s) "
                             f"(--loss_on {loss_on} needs dialogues of two utterances or more)")
-    cfg = TrainConfig(max_len=max_len, loss_on=loss_on, batch_size=batch_size, batching="pack")
     runner = LossModel(model)
     speakers = speaker_token_ids(model.config)
-    chunk = 32 * batch_size  # windows per evaluate() call
+    chunk = 32 * batch_size  # windows per windowed_loss() call
     loss_sum, targets = 0.0, 0
     fields = ("dialogue", "start", "target", "end", "first_utt")
     bar = tqdm(total=len(table), unit=" windows", desc="perplexity", disable=not progress)
     for s in range(0, len(table), chunk):
         part = WindowTable(**{f: getattr(table, f)[s:s + chunk] for f in fields},
                            max_len=max_len, loss_on=loss_on)
-        res = evaluate(runner, model, store, part, cfg, max_len, pad_id, speakers, DistInfo(),
-                       contextlib.nullcontext(), torch.device(device))
-        loss_sum += res["loss"] * res["targets"]
-        targets += res["targets"]
+        part_sum, part_targets = windowed_loss(runner, store, part, batch_size,
+                                               torch.device(device), pad_id=pad_id,
+                                               speaker_ids=speakers, row_len=max_len)
+        loss_sum += float(part_sum)
+        targets += part_targets
         bar.update(len(part))
     bar.close()
     loss = loss_sum / targets
@@ -248,7 +248,7 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     from .data import ReversedStore
     from .metrics import reply_metrics
     from .modeling import is_reverse, load_model
-    from .training import set_fp32_precision
+    from .precision import set_fp32_precision
 
     log = get_logger(quiet=cfg.quiet)
     check_outputs(cfg)

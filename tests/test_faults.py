@@ -259,7 +259,7 @@ def test_out_of_disk_space_while_saving_keeps_the_last_checkpoint(sample_store, 
             raise OSError(errno.ENOSPC, "No space left on device", str(folder / MANIFEST))
         real(folder)
 
-    monkeypatch.setattr("chitchat.training.write_manifest", full_disk)
+    monkeypatch.setattr("chitchat.checkpoint.write_manifest", full_disk)
     cfg = parse_config(TrainConfig, base_args(sample_store, tiny_config, tmp_path / "m", "r",
                                               max_steps=4, save_interval=2, eval_interval=0))
     with pytest.raises(ChitchatError) as e:

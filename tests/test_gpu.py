@@ -24,9 +24,10 @@ from chitchat.config import DecodingOptions, EvaluateConfig, TrainConfig
 from chitchat.generation import Constraints, decode
 from chitchat.backends import make_backend
 from chitchat.modeling import load_model, pick_device, save_model
-from chitchat.training import (DistInfo, dist_info, make_optimizer, pick_dtype,
-                               resolve_dtype, restore_optimizer, set_fp32_precision,
-                               training_device)
+from chitchat.checkpoint import TENSORS_FILE, restore_optimizer
+from chitchat.distributed import DistInfo, dist_info, training_device
+from chitchat.precision import pick_dtype, resolve_dtype, set_fp32_precision
+from chitchat.train_setup import make_optimizer
 from chitchat.utils import ChitchatError, run_cli
 from conftest import ROOT
 
@@ -278,9 +279,9 @@ def test_resume_saved_with_4_gpus_on_1_gpu_is_exact(monkeypatch, sample_store, t
     shutil.copytree(ref, copy)
     shutil.rmtree(copy / "checkpoints" / "step-00000006")
     ck = copy / "checkpoints" / "step-00000003"
-    tensors = torch.load(ck / training.TENSORS_FILE, weights_only=True)
+    tensors = torch.load(ck / TENSORS_FILE, weights_only=True)
     tensors["rng"]["cuda"] = [torch.zeros(16, dtype=torch.uint8) for _ in range(4)]
-    torch.save(tensors, ck / training.TENSORS_FILE)
+    torch.save(tensors, ck / TENSORS_FILE)
     write_manifest(ck)  # as the older version would have written it: an intact checkpoint
 
     def set_rng_state_all(states):  # the real one: one generator per saved state
@@ -307,14 +308,14 @@ def oom(*a, **k):
 
 def test_oom_in_validation_names_the_kept_checkpoint(monkeypatch, sample_store,
                                                      tiny_config_path, tmp_path):
-    real = training.evaluate
+    real = training.validate
     calls = []
 
     def evaluate_once(*a, **k):
         calls.append(1)
         return real(*a, **k) if len(calls) == 1 else oom()
 
-    monkeypatch.setattr(training, "evaluate", evaluate_once)
+    monkeypatch.setattr(training, "validate", evaluate_once)
     cfg = run_cfg(sample_store, tiny_config_path, tmp_path, dtype="bf16", eval_interval=2,
                   save_interval=2, max_steps=4)
     with pytest.raises(ChitchatError) as e:
@@ -338,12 +339,13 @@ def test_oom_in_a_training_step(monkeypatch, sample_store, tiny_config_path, tmp
     assert ("--dtype bf16" in msg) == bf16_advice
 
 
-@pytest.mark.parametrize("where, patch", [("computing the perplexity", "evaluate"),
+@pytest.mark.parametrize("where, patch", [("computing the perplexity", "windowed_loss"),
                                           ("generating replies", "generate_replies")])
 def test_oom_in_evaluate_py(monkeypatch, capsys, tiny_model_dir, tmp_path, where, patch):
     import importlib
     evaluation = importlib.import_module("chitchat.evaluation")
-    monkeypatch.setattr(training if patch == "evaluate" else evaluation, patch, oom)
+    loss = importlib.import_module("chitchat.loss")
+    monkeypatch.setattr(loss if patch == "windowed_loss" else evaluation, patch, oom)
     spec = importlib.util.spec_from_file_location("evaluate_script", ROOT / "evaluate.py")
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)

@@ -17,7 +17,9 @@ from chitchat.data import (TokenStore, build_windows, collate_rows, epoch_rows,
                            window_example)
 from chitchat.modeling import build_model, load_config, save_model
 from chitchat.budget import lr_factor
-from chitchat.training import LossModel, param_groups, train, train_step
+from chitchat.loss import LossModel
+from chitchat.train_setup import param_groups
+from chitchat.training import train, train_step
 from chitchat.utils import ChitchatError
 
 
@@ -346,7 +348,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(sample_store, tiny_model_
 def test_early_stopping_with_patience(sample_store, tiny_config_path, tmp_path, monkeypatch):
     import chitchat.training as tr
     losses = iter([5.0, 4.0, 4.5, 4.6, 4.7, 4.8, 4.9])
-    monkeypatch.setattr(tr, "evaluate", lambda *a, **k: {"loss": next(losses), "ppl": 1.0,
+    monkeypatch.setattr(tr, "validate", lambda *a, **k: {"loss": next(losses), "ppl": 1.0,
                                                          "targets": 1})
     run = train(cfg_for(sample_store, tiny_config_path, tmp_path, max_steps=50,
                         eval_interval=1, patience=2))
@@ -373,7 +375,7 @@ def test_the_attention_kernel_is_found_and_dropout_decides_it(sample_store, tmp_
     """train.py logs the SDPA kernel its attention runs: on a CPU, attention dropout forces
     the unfused math path, and without it the fused kernel runs (torch 2.x)."""
     from chitchat.modeling import build_model, load_config
-    from chitchat.training import attention_kernel, autocast_ctx
+    from chitchat.precision import attention_kernel, autocast_ctx
 
     cfg = tmp_path / "c.json"
     cfg.write_text(json.dumps({"model_type": "gpt2", "n_positions": 64, "n_embd": 64,
