@@ -39,16 +39,16 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from .batching import WindowTable, build_windows, collate_rows, epoch_rows, plan_steps
 from .budget import TimeBudget, format_duration, lr_factor, parse_duration
 from .checkpoint import (CHECKPOINT_FORMAT, STATE_FILE, TENSORS_FILE, check_run_dir,
                          checkpoints_of, find_resume_checkpoint, is_best_dir, is_checkpoint,
                          publish_model, write_manifest)
 from .config import TrainConfig
-from .data import (ReversedStore, TokenStore, WindowTable, build_windows, collate_rows,
-                   epoch_rows, plan_steps, resplit)
 from .modeling import (build_model, check_same_vocab, is_reverse, load_config, load_model,
                        read_config, resolve_device, save_model, set_reverse,
                        set_speaker_token_ids, speaker_token_ids)
+from .store import ReversedStore, TokenStore, resplit
 from .tokenization import ChatTokenizer
 from .utils import (ChitchatError, atomic_dir, atomic_write_text, get_logger,
                     out_of_memory_advice, python_command, write_json)
