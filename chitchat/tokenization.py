@@ -1,13 +1,10 @@
-"""BERT-style vocab tokenization for dialogues.
-
-A dialogue is encoded as ``[CLS] u1 [SEP] u2 [SEP] ... un [SEP]``. Every utterance ends with
-exactly one [SEP] and no utterance contains one, so the [SEP] positions are the utterance
-boundaries.
+"""BERT-style vocab tokenization of utterances.
 
 The tokenizer is built exactly as transformers' ``BertTokenizerFast(vocab=...)`` builds it
 (BertNormalizer with lowercasing, BertPreTokenizer, WordPiece with ``##`` pieces), so ids are
-identical; the tests check this on real vocab files. Batch encoding adds a vectorised fast
-path for the common all-CJK utterance, with the same ids (tested over every shared corpus).
+identical; the tests check this on real vocab files. `char_table` is the vectorised fast path
+for the common all-CJK utterance, with the same ids (tested over every shared corpus). How
+utterances become a dialogue, ``[CLS] u1 [SEP] u2 [SEP] ...``, is chitchat.dialogue's.
 """
 from __future__ import annotations
 
@@ -228,7 +225,7 @@ class ChatTokenizer:
 
         punct = [ch for ch in punct if alone(ch)]
         cands = cjk + punct
-        for ch, enc in zip(cands, self._plain.encode_batch(cands, add_special_tokens=False)):
+        for ch, enc in zip(cands, self.encode_batch(cands)):
             if len(enc.ids) == 1:
                 table[ord(ch)] = enc.ids[0]
         self._table = table
