@@ -23,9 +23,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from chitchat.batching import build_windows  # noqa: E402
 from chitchat.config import PreprocessConfig  # noqa: E402
-from chitchat.data import TokenStore, build_windows  # noqa: E402
 from chitchat.preprocessing import preprocess  # noqa: E402
+from chitchat.store import TokenStore  # noqa: E402
 
 DEFAULT_CORPUS = ROOT.parent / "shared" / "corpora" / "chitchat50w_slice" / "train.txt"
 

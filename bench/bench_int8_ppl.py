@@ -29,7 +29,7 @@ import torch.nn.functional as F  # noqa: E402
 
 def dialogues(data_path: Path, tok, limit: int | None) -> list[list[int]]:
     if data_path.is_dir():
-        from chitchat.data import TokenStore
+        from chitchat.store import TokenStore
 
         store = TokenStore(data_path)
         if store.vocab_size != tok.vocab_size:
@@ -39,8 +39,9 @@ def dialogues(data_path: Path, tok, limit: int | None) -> list[list[int]]:
         out = [store.dialogue(int(i)).astype("int64").tolist() for i in idx]
     else:
         from chitchat.corpus import read_dialogues
+        from chitchat.dialogue import encode_context
 
-        out = [tok.encode_context(d.utterances) for d in read_dialogues(data_path)]
+        out = [encode_context(tok, d.utterances) for d in read_dialogues(data_path)]
     out = [d for d in out if len(d) > 1]
     return out[:limit] if limit else out
 

@@ -46,8 +46,8 @@ def worker(kind: str, corpus: str, vocab: str, out: str) -> None:
         dt = time.perf_counter() - t0
     else:
         from chitchat.config import PreprocessConfig
-        from chitchat.data import TokenStore
         from chitchat.preprocessing import preprocess
+        from chitchat.store import TokenStore
         t0 = time.perf_counter()
         preprocess(PreprocessConfig(train_path=corpus, vocab_path=vocab, save_path=out,
                                     force=True, quiet=True))

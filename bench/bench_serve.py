@@ -52,7 +52,7 @@ def build_model(config: str, work: Path) -> Path:
     import torch
 
     from chitchat.config import PreprocessConfig
-    from chitchat.data import TokenStore
+    from chitchat.store import TokenStore
     from chitchat.modeling import build_model as build, load_config, save_model
     from chitchat.preprocessing import preprocess
 

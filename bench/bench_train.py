@@ -38,12 +38,13 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from chitchat.batching import build_windows, collate_rows, pack_rows  # noqa: E402
 from chitchat.config import PreprocessConfig  # noqa: E402
-from chitchat.data import TokenStore, build_windows, collate_rows, pack_rows  # noqa: E402
-from chitchat.modeling import build_model, load_config  # noqa: E402
-from chitchat.preprocessing import preprocess  # noqa: E402
 from chitchat.loss import LossModel  # noqa: E402
+from chitchat.modeling import build_model, load_config  # noqa: E402
 from chitchat.precision import autocast_ctx  # noqa: E402
+from chitchat.preprocessing import preprocess  # noqa: E402
+from chitchat.store import TokenStore  # noqa: E402
 from chitchat.train_setup import param_groups  # noqa: E402
 from chitchat.training import train_step  # noqa: E402
 

@@ -40,6 +40,8 @@ from typing import Iterator, Sequence
 import torch
 
 from .config import DecodingOptions, _base_type
+from .dialogue import (Context, build_context, printable, reverse_input, reverse_speaker_types,
+                       split_context)
 from .generation import Constraints, Row, decode, decode_one
 from .backends import DTYPES, conv1d_to_linear, make_backend, quantize_int8
 from .tokenization import ChatTokenizer, Detokenizer
@@ -71,25 +73,6 @@ class Reply:
     mmi_fallback: str | None = None  # MMI: why the choice did not pass every filter
 
 
-def printable(text: str) -> str:
-    """`text` quoted so that it can be written anywhere and seen: undecodable bytes as
-    \\xNN, invisible characters (zero-width space...) as \\uNNNN."""
-    if not isinstance(text, str):
-        return repr(text)
-    s = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-    return "'" + "".join(c if c.isprintable() else c.encode("unicode_escape").decode()
-                         for c in s) + "'"
-
-
-@dataclass
-class Context:
-    ids: list[int]
-    token_types: list[int] | None
-    reply_type: int | None
-    utterances_used: int
-    notice: str | None
-
-
 @dataclass
 class Prepared:
     """A reply to decode row by row outside `Chatbot` (chitchat.engine batches the rows of
@@ -103,56 +86,6 @@ class Prepared:
     @property
     def mmi(self) -> bool:
         return len(self.rows) > 1
-
-
-def build_context(tokenizer: ChatTokenizer, history: Sequence[str], max_history_len: int,
-                  budget: int, speaker_ids: tuple[int, int] | None = None) -> Context:
-    """``[CLS] u [SEP] ...`` for the newest utterances of `history` within `budget` tokens.
-
-    Utterances that encode to nothing are skipped. Pure: the same history and budget give
-    the same ids. `speaker_ids` (models trained with --speaker_ids): utterance k of the
-    history belongs to speaker k % 2, as in training (chitchat.data.speaker_token_types).
-    """
-    if budget < 3:
-        raise ChitchatError(f"a context budget of {budget} tokens cannot hold [CLS], one token "
-                            "and [SEP]; lower --max_len")
-    if not history:
-        raise ChitchatError("the history is empty: there is nothing to reply to")
-    picked: list[list[int]] = []
-    used = 1  # [CLS]
-    notice = None
-    first = len(history)
-    for k in range(len(history) - 1, max(len(history) - max_history_len, 0) - 1, -1):
-        ids = tokenizer.encode(history[k])
-        if not ids:
-            if k == len(history) - 1:
-                raise ChitchatError(f"the message {printable(history[k])} has no tokens in "
-                                    "this model's vocab; say something else")
-            continue
-        if used + len(ids) + 1 > budget:
-            if picked:
-                break  # older utterances do not fit: dropped, oldest first
-            keep = budget - 2
-            notice = (f"the message is {len(ids)} tokens long; only its last {keep} fit "
-                      f"the context budget of {budget} tokens (n_positions minus --max_len), "
-                      "so its beginning was cut")
-            ids = ids[-keep:]
-        picked.append(ids)
-        used += len(ids) + 1
-        first = k
-    picked.reverse()
-    out = [tokenizer.cls_id]
-    for ids in picked:
-        out.extend(ids)
-        out.append(tokenizer.sep_id)
-    types = reply_type = None
-    if speaker_ids is not None:
-        from .data import speaker_token_types
-
-        lens = [len(ids) + 1 for ids in picked]
-        types = speaker_token_types(lens, first, speaker_ids).tolist()
-        reply_type = speaker_ids[len(history) % 2]
-    return Context(out, types, reply_type, len(picked), notice)
 
 
 def read_bad_words(path: str | os.PathLike) -> list[str]:
@@ -775,7 +708,7 @@ class MMI:
 
     def score(self, contexts: Sequence[Context], replies: Sequence[Sequence[int]]) -> list[float]:
         """Mean log P(context | reply) of each (context, reply) pair, in one batched pass."""
-        from .mmi import reverse_input, reverse_scores, speaker_types, split_context
+        from .mmi import reverse_scores
 
         tok = self.tokenizer
         inputs, types, row_of, seen = [], [], [], {}
@@ -791,7 +724,8 @@ class MMI:
                                              self.n_positions)
             inputs.append((ids, first))
             if self.speaker_ids is not None:
-                types.append(speaker_types(first - 2, utts, kept, self.speaker_ids, len(ids)))
+                types.append(reverse_speaker_types(first - 2, utts, kept, self.speaker_ids,
+                                                   len(ids)))
         scores = reverse_scores(self.backend, inputs, tok.pad_id, types or None)
         return [scores[r] for r in row_of]
 

@@ -2,7 +2,7 @@
 MMI reranking. `evaluate(cfg)` is the whole of evaluate.py.
 
 Perplexity is exp(sum of token NLL / target tokens) over the same windows and loss mask as
-training (chitchat.data.build_windows, --max_len, --loss_on), computed by training's own
+training (chitchat.batching.build_windows, --max_len, --loss_on), computed by training's own
 evaluation function, batched with packed rows. A reverse model is scored on reversed
 dialogues, as it was trained. It runs in float32 through the transformers forward;
 --dtype / --quantize / --backend apply to the generated replies only.
@@ -44,7 +44,7 @@ def open_store(data_path: str | os.PathLike, tokenizer, vocab_file: Path, log):
     """The token store to evaluate on: `data_path` itself, or a temporary one encoded from a
     text corpus with the model's vocab (removed afterwards)."""
     from .config import PreprocessConfig
-    from .data import TokenStore
+    from .store import TokenStore
     from .preprocessing import preprocess
 
     path = Path(data_path)
@@ -109,7 +109,7 @@ def perplexity(model, store, indices, max_len: int, loss_on: str, batch_size: in
     import torch
     from tqdm.auto import tqdm
 
-    from .data import WindowTable, build_windows
+    from .batching import WindowTable, build_windows
     from .loss import LossModel, windowed_loss
     from .modeling import speaker_token_ids
 
@@ -245,7 +245,7 @@ def evaluate(cfg: EvaluateConfig) -> dict:
 
     from .chat import Chatbot
     from .modeling import resolve_device
-    from .data import ReversedStore
+    from .store import ReversedStore
     from .metrics import reply_metrics
     from .modeling import is_reverse, load_model
     from .precision import set_fp32_precision

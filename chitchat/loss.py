@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .data import WindowTable, collate_rows, epoch_rows
+from .batching import WindowTable, collate_rows, epoch_rows
 
 
 class LossModel(nn.Module):

@@ -142,55 +142,6 @@ def rerank(texts: Sequence[str], forward: Sequence[float], reverse: Sequence[flo
 
 
 # ---- reverse scoring ----------------------------------------------------------------------
-def split_context(ids: Sequence[int], cls_id: int, sep_id: int) -> list[list[int]]:
-    """``[CLS] u1 [SEP] u2 [SEP] ...`` -> [u1, u2, ...] (token ids, without specials)."""
-    if not ids or ids[0] != cls_id:
-        raise ValueError("a context starts with [CLS]")
-    out, cur = [], []
-    for t in ids[1:]:
-        if t == sep_id:
-            out.append(cur)
-            cur = []
-        else:
-            cur.append(t)
-    if cur:
-        out.append(cur)
-    return out
-
-
-def reverse_input(reply: Sequence[int], context: Sequence[Sequence[int]], cls_id: int,
-                  sep_id: int, n_positions: int) -> tuple[list[int], int, int]:
-    """(ids, first target, number of utterances kept) for one candidate; pure.
-
-    ids = ``[CLS] reply [SEP] u_n [SEP] ... [SEP]`` within n_positions; positions from
-    `first target` on are the context tokens to score.
-    """
-    reply = list(reply)[-max(1, n_positions - 4):]  # room for [CLS], [SEP] and 1 + [SEP]
-    ids = [cls_id, *reply, sep_id]
-    first_target = len(ids)
-    kept = 0
-    for utt in reversed(context):
-        room = n_positions - len(ids) - 1
-        if len(utt) > room:
-            if kept == 0 and room >= 1:
-                ids.extend([*utt[:room], sep_id])  # keep the head: it follows the reply
-                kept = 1
-            break
-        ids.extend([*utt, sep_id])
-        kept += 1
-    return ids, first_target, kept
-
-
-def speaker_types(n_reply: int, context: Sequence[Sequence[int]], kept: int,
-                  speaker_ids: tuple[int, int], total: int) -> list[int]:
-    """token_type_ids of a reverse input: the reply is utterance 0 of the reversed dialogue,
-    as in training (chitchat.data.speaker_token_types)."""
-    from .data import speaker_token_types
-
-    lens = [n_reply + 1] + [len(u) + 1 for u in list(reversed(context))[:kept]]
-    return speaker_token_types(lens, 0, speaker_ids, total)[:total].tolist()
-
-
 @torch.inference_mode()
 def reverse_scores(backend, inputs: Sequence[tuple[list[int], int]], pad_id: int,
                    token_types: Sequence[Sequence[int]] | None = None,

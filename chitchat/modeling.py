@@ -222,7 +222,7 @@ def save_model(model, tokenizer: ChatTokenizer, directory: str | os.PathLike) ->
 
 # ---- speaker token types (train.py --speaker_ids; read by interact) ----------------------
 # config.json records the two token ids whose embeddings mark the speakers, so that any
-# consumer knows to pass token_type_ids (see chitchat.data.speaker_token_types).
+# consumer knows to pass token_type_ids (see chitchat.dialogue.speaker_token_types).
 SPEAKER_KEY = "speaker_token_ids"
 _CONFIG_KEYS.add(SPEAKER_KEY)
 

@@ -10,6 +10,7 @@ import hashlib
 import json
 import sys
 from collections import Counter
+from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
 from typing import Iterator
@@ -19,8 +20,8 @@ from tqdm import tqdm
 
 from .config import PreprocessConfig
 from .corpus import Dialogue, ReadStats, read_dialogues
-from .data import (FORMAT_VERSION, STORE_KIND, TokenStore, is_token_store, split_mask,
-                   token_dtype, validation_size)
+from .dialogue import encode_dialogues
+from .store import FORMAT_VERSION, StoreWriter, TokenStore, is_token_store, validation_size
 from .tokenization import ChatTokenizer, check_same_vocab
 from .utils import ChitchatError, atomic_dir, get_logger, sha256_file, write_json
 
@@ -118,94 +119,77 @@ def preprocess(cfg: PreprocessConfig) -> Path:
         tok = ChatTokenizer.train(utts, cfg.vocab_size, cfg.min_frequency)
         log.info(f"vocab: built from {src} ({tok.vocab_size} tokens)")
 
-    dtype = token_dtype(tok.vocab_size)
     with atomic_dir(save, is_token_store, "a token store (preprocess.py's output)") as tmp:
-        counts, report, tokens_sha = _encode_corpus(cfg, src, tok, dtype, tmp, stats, show)
-        n_valid = validation_size(counts["dialogues"], cfg.val_num, cfg.val_fraction)
-        np.save(tmp / "split.npy", split_mask(counts["dialogues"], n_valid, cfg.seed))
-        counts["valid_dialogues"] = n_valid
-        counts["train_dialogues"] = counts["dialogues"] - n_valid
+        with StoreWriter(tmp, tok.vocab_size, tok.sep_id) as writer:
+            report = _encode_corpus(cfg, src, tok, writer, stats, show)
+        n = writer.n_dialogues
+        n_valid = validation_size(n, cfg.val_num, cfg.val_fraction)
+        writer.write_split(n_valid, cfg.seed)
         if n_valid == 0 and cfg.val_num is None and cfg.val_fraction > 0:  # asked, got none
             log.warning("warning: no validation dialogues (a single dialogue cannot be "
                         "split); training will not report a validation loss.")
         elif n_valid == 0:
             log.info("no validation dialogues (as asked: --val_num 0 or --val_fraction 0)")
-        tok.save_vocab(tmp / "vocab.txt")
-        vocab_sha = sha256_file(tmp / "vocab.txt")
-        write_json(tmp / "meta.json", {
-            "kind": STORE_KIND, "format_version": FORMAT_VERSION, "vocab_size": tok.vocab_size,
-            "vocab_sha256": vocab_sha, "tokens_sha256": tokens_sha, "token_dtype": dtype.name,
-            "special_ids": {"pad": tok.pad_id, "unk": tok.unk_id, "cls": tok.cls_id,
-                            "sep": tok.sep_id},
-            "source": {"path": src.name, "sha256": source_hash, "encoding": cfg.encoding},
-            "counts": counts, "settings": settings})
+        counts = {"dialogues": n, "utterances": writer.n_utterances, "tokens": writer.n_tokens,
+                  "valid_dialogues": n_valid, "train_dialogues": n - n_valid}
+        writer.write_meta(tok, {"path": src.name, "sha256": source_hash,
+                                "encoding": cfg.encoding}, counts, settings)
         write_json(tmp / "report.json", report)
     _print_report(report, log)
     log.info(f"wrote {save}")
     return save
 
 
-def _encode_corpus(cfg, src, tok, dtype, out: Path, stats: ReadStats, show: bool):
-    dlg_off = array.array("q", [0])
-    utt_ends = array.array("q")
-    dlg_utts = array.array("q", [0])
-    hashes = array.array("Q")
-    lines = array.array("q")
-    unk = Counter()
-    skipped_utts = 0
-    skipped_dialogues = []
-    n_tokens = 0
-    tokens_sha = hashlib.sha256()
-    with open(out / "tokens.bin", "wb") as fbin:
-        reader = read_dialogues(src, cfg.encoding, stats)
-        bar = tqdm(desc="encode", unit=" dlg", disable=not show)
-        for batch in _batches(reader, cfg.batch_dialogues):
-            enc = tok.encode_dialogues([d.utterances for d in batch], unk)
-            lens = np.diff(enc.offsets)
-            for i, n_drop in enc.dropped.items():
-                skipped_utts += n_drop
-                if lens[i] == 0:
-                    skipped_dialogues.append(f"{src.name}:{batch[i].line}")
-            keep = lens > 0
-            ids = enc.ids
-            sep_pos = np.flatnonzero(ids == tok.sep_id) + 1 + n_tokens
-            utt_ends.extend(sep_pos.tolist())
-            # Utterances per kept dialogue, by counting [SEP] inside each span.
-            seps_before = np.concatenate(([0], np.cumsum(ids == tok.sep_id)))
-            n_utts = seps_before[enc.offsets[1:]] - seps_before[enc.offsets[:-1]]
-            dlg_utts.extend((dlg_utts[-1] + np.cumsum(n_utts[keep])).tolist())
-            dlg_off.extend((n_tokens + enc.offsets[1:][keep]).tolist())
-            for d, k in zip(batch, keep):
-                if k:
-                    hashes.append(_dialogue_hash(d.utterances))
-                    lines.append(d.line)
-            raw = ids.astype(dtype).tobytes()
-            fbin.write(raw)
-            tokens_sha.update(raw)
-            n_tokens += ids.size
-            bar.update(len(batch))
-        bar.close()
-    n = len(dlg_off) - 1
-    if n == 0:
+@dataclass
+class _Findings:
+    """What the data report tells beyond the store's own counts, gathered batch by batch."""
+    unk: Counter = field(default_factory=Counter)
+    skipped_utterances: int = 0
+    skipped_dialogues: list[str] = field(default_factory=list)  # "file:line"
+    hashes: array.array = field(default_factory=lambda: array.array("Q"))  # kept dialogues'
+    lines: array.array = field(default_factory=lambda: array.array("q"))   # and their lines
+
+
+def _encode_corpus(cfg, src: Path, tok: ChatTokenizer, writer: StoreWriter, stats: ReadStats,
+                   show: bool) -> dict:
+    """Encode the corpus into `writer`; returns the data report."""
+    found = _Findings()
+    reader = read_dialogues(src, cfg.encoding, stats)
+    bar = tqdm(desc="encode", unit=" dlg", disable=not show)
+    for batch in _batches(reader, cfg.batch_dialogues):
+        enc = encode_dialogues(tok, [d.utterances for d in batch], found.unk)
+        keep = writer.add(enc.ids, enc.offsets)
+        for i, n_drop in enc.dropped.items():
+            found.skipped_utterances += n_drop
+            if not keep[i]:
+                found.skipped_dialogues.append(f"{src.name}:{batch[i].line}")
+        for d, k in zip(batch, keep):
+            if k:
+                found.hashes.append(_dialogue_hash(d.utterances))
+                found.lines.append(d.line)
+        bar.update(len(batch))
+    bar.close()
+    if writer.n_dialogues == 0:
         raise ChitchatError(f"{src}: the corpus holds no dialogue. train.txt needs one "
                             "utterance per line and a blank line between dialogues.")
-    np.save(out / "dialogue_offsets.npy", np.frombuffer(dlg_off, dtype=np.int64))
-    np.save(out / "utterance_ends.npy", np.frombuffer(utt_ends, dtype=np.int64))
-    np.save(out / "dialogue_utterances.npy", np.frombuffer(dlg_utts, dtype=np.int64))
+    return _data_report(cfg, src, writer, stats, found)
 
-    lens = np.diff(np.frombuffer(dlg_off, dtype=np.int64))
-    n_utts = len(utt_ends)
+
+def _data_report(cfg, src: Path, writer: StoreWriter, stats: ReadStats,
+                 found: _Findings) -> dict:
+    n, n_tokens, n_utts = writer.n_dialogues, writer.n_tokens, writer.n_utterances
+    lens = writer.lengths()
     text_tokens = n_tokens - n - n_utts  # without [CLS]/[SEP]
-    h = np.frombuffer(hashes, dtype=np.uint64)
+    h = np.frombuffer(found.hashes, dtype=np.uint64)
     order = np.argsort(h, kind="stable")
     dup = np.zeros(n, dtype=bool)
     dup[order[1:]] = h[order[1:]] == h[order[:-1]]
-    line_arr = np.frombuffer(lines, dtype=np.int64)
-    counts = {"dialogues": n, "utterances": n_utts, "tokens": n_tokens}
-    total_unk = sum(unk.values())
-    report = {
+    line_arr = np.frombuffer(found.lines, dtype=np.int64)
+    total_unk = sum(found.unk.values())
+    return {
         "source": str(src.name),
-        "counts": dict(counts, text_tokens=text_tokens),
+        "counts": {"dialogues": n, "utterances": n_utts, "tokens": n_tokens,
+                   "text_tokens": text_tokens},
         "dialogue_tokens": {
             "mean": round(float(lens.mean()), 2),
             **{f"p{q}": int(np.percentile(lens, q)) for q in (50, 90, 99)},
@@ -215,19 +199,18 @@ def _encode_corpus(cfg, src, tok, dtype, out: Path, stats: ReadStats, show: bool
         },
         "unk": {"count": total_unk,
                 "rate": round(total_unk / max(1, text_tokens), 6),
-                "top": [[s, c] for s, c in unk.most_common(20)]},
+                "top": [[s, c] for s, c in found.unk.most_common(20)]},
         "duplicates": {"count": int(dup.sum()),
                        "examples": [f"{src.name}:{int(l)}" for l in line_arr[dup][:10]]},
         "skipped": {
             "empty_utterances": stats.empty_utterances,
             "empty_dialogues": stats.empty_dialogues,
-            "utterances_without_tokens": skipped_utts,
-            "dialogues_without_tokens": len(skipped_dialogues),
+            "utterances_without_tokens": found.skipped_utterances,
+            "dialogues_without_tokens": len(found.skipped_dialogues),
             "examples": stats.examples + [f"{w}: dialogue with no token"
-                                          for w in skipped_dialogues[:10]],
+                                          for w in found.skipped_dialogues[:10]],
         },
     }
-    return counts, report, tokens_sha.hexdigest()
 
 
 def _print_report(r: dict, log) -> None:

@@ -1,21 +1,16 @@
-"""BERT-style vocab tokenization for dialogues.
-
-A dialogue is encoded as ``[CLS] u1 [SEP] u2 [SEP] ... un [SEP]``. Every utterance ends with
-exactly one [SEP] and no utterance contains one, so the [SEP] positions are the utterance
-boundaries.
+"""BERT-style vocab tokenization of utterances.
 
 The tokenizer is built exactly as transformers' ``BertTokenizerFast(vocab=...)`` builds it
 (BertNormalizer with lowercasing, BertPreTokenizer, WordPiece with ``##`` pieces), so ids are
-identical; the tests check this on real vocab files. Batch encoding adds a vectorised fast
-path for the common all-CJK utterance, with the same ids (tested over every shared corpus).
+identical; the tests check this on real vocab files. `char_table` is the vectorised fast path
+for the common all-CJK utterance, with the same ids (tested over every shared corpus). How
+utterances become a dialogue, ``[CLS] u1 [SEP] u2 [SEP] ...``, is chitchat.dialogue's.
 """
 from __future__ import annotations
 
 import json
 import os
 import unicodedata
-from collections import Counter
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -37,7 +32,7 @@ NEVER_GENERATE = (PAD, UNK, CLS, MASK)
 
 # The chat template saved with every model folder (chat_template.jinja), so that
 # transformers' apply_chat_template, pipelines, vLLM and TGI build the prompt exactly as
-# chitchat.chat.build_context does for a history that fits (tests/test_hf_folder.py). Its
+# chitchat.dialogue.build_context does for a history that fits (tests/test_hf_folder.py). Its
 # messages rules are serve.py's (chitchat.server.to_history), so the same request gives the
 # same ids. Literal special-token text in a message is split ("[SEP]" -> "[ SEP ]", which
 # tokenizes to the same plain-text ids) because HF tokenizers would read it as the token.
@@ -126,18 +121,6 @@ def _is_wordish(ch: str) -> bool:
     return ch.isalnum() and (ord(ch) < 0x3000 or 0xAC00 <= ord(ch) <= 0xD7AF)
 
 
-@dataclass
-class EncodedBatch:
-    """A batch of encoded dialogues: dialogue i is ``ids[offsets[i]:offsets[i+1]]``.
-
-    A dialogue left with no utterance at all has length 0. `dropped` maps a dialogue's
-    index to the number of its utterances that had no token and were left out.
-    """
-    ids: np.ndarray
-    offsets: np.ndarray
-    dropped: dict[int, int] = field(default_factory=dict)
-
-
 class ChatTokenizer:
     """A BERT-style WordPiece tokenizer with the dialogue conventions of this project."""
 
@@ -204,7 +187,12 @@ class ChatTokenizer:
         """Ids of one utterance, without [CLS]/[SEP]. Literal "[SEP]" text is plain text."""
         return self._plain.encode(text, add_special_tokens=False).ids
 
-    def _char_table(self) -> np.ndarray:
+    def encode_batch(self, texts: Sequence[str]) -> list:
+        """`tokenizers` Encodings (ids and character offsets) of many utterances in one call
+        of the Rust tokenizer, which uses every core."""
+        return self._plain.encode_batch(list(texts), add_special_tokens=False)
+
+    def char_table(self) -> np.ndarray:
         """Code point -> token id for characters that BERT always tokenizes alone.
 
         CJK ideographs (the normalizer puts spaces around them) and punctuation (the
@@ -237,84 +225,11 @@ class ChatTokenizer:
 
         punct = [ch for ch in punct if alone(ch)]
         cands = cjk + punct
-        for ch, enc in zip(cands, self._plain.encode_batch(cands, add_special_tokens=False)):
+        for ch, enc in zip(cands, self.encode_batch(cands)):
             if len(enc.ids) == 1:
                 table[ord(ch)] = enc.ids[0]
         self._table = table
         return table
-
-    def encode_dialogues(self, dialogues: Sequence[Sequence[str]],
-                         unk_counter: Counter | None = None) -> EncodedBatch:
-        """Encode a batch of dialogues to ``[CLS] u1 [SEP] ... un [SEP]``.
-
-        Utterances made only of CJK characters, punctuation and spaces (most chit-chat) are
-        encoded by a vectorised code-point lookup; the rest go to one ``encode_batch`` call
-        of the Rust tokenizer (which uses every core). An utterance that yields no token
-        (say, only control characters) is dropped, and counted in ``dropped``.
-        `unk_counter`, if given, counts the source text of every [UNK].
-        """
-        table = self._char_table()
-        n = len(dialogues)
-        flat = [u for d in dialogues for u in d]
-        n_utt = len(flat)
-        per_dlg = np.fromiter(map(len, dialogues), dtype=np.int64, count=n)
-        ulen = np.fromiter(map(len, flat), dtype=np.int64, count=n_utt)
-        cps = np.frombuffer("".join(flat).encode("utf-32-le"), dtype=np.uint32)
-        tbl = table[cps]
-        utt_of = np.repeat(np.arange(n_utt), ulen)  # utterance of each code point
-        slow = np.zeros(n_utt, dtype=bool)
-        slow[utt_of[tbl == -1]] = True
-        keep = (tbl >= 0) & ~slow[utt_of]
-        cnt = np.bincount(utt_of[keep], minlength=n_utt)
-        slow_idx = np.flatnonzero(slow)
-        encs = self._plain.encode_batch([flat[i] for i in slow_idx], add_special_tokens=False)
-        cnt[slow_idx] = [len(e.ids) for e in encs]
-
-        # Layout: each kept utterance takes cnt+1 slots (its [SEP]); a dialogue with any
-        # kept utterance takes one more for [CLS].
-        dlg_of = np.repeat(np.arange(n), per_dlg)
-        slots = np.where(cnt > 0, cnt + 1, 0)
-        dlg_len = np.bincount(dlg_of, weights=slots, minlength=n).astype(np.int64)
-        dlg_len[dlg_len > 0] += 1
-        off = np.zeros(n + 1, dtype=np.int64)
-        np.cumsum(dlg_len, out=off[1:])
-        slots_before = np.concatenate(([0], np.cumsum(slots)))
-        first_utt = np.concatenate(([0], np.cumsum(per_dlg)))[:-1]
-        start = off[dlg_of] + 1 + slots_before[:-1] - slots_before[first_utt][dlg_of]
-
-        out = np.empty(int(off[-1]), dtype=np.int64)
-        kept_dlg = np.flatnonzero(dlg_len)
-        out[off[kept_dlg]] = self.cls_id
-        kept_utt = np.flatnonzero(cnt)
-        out[start[kept_utt] + cnt[kept_utt]] = self.sep_id
-        fast_before = np.concatenate(([0], np.cumsum(np.where(slow, 0, cnt))))
-        rank = np.cumsum(keep)[keep] - 1 - fast_before[utt_of[keep]]
-        out[start[utt_of[keep]] + rank] = tbl[keep]
-        for i, enc in zip(slow_idx, encs):
-            out[start[i]:start[i] + cnt[i]] = enc.ids
-
-        if unk_counter is not None:
-            u_cps, u_n = np.unique(cps[keep & (tbl == self.unk_id)], return_counts=True)
-            unk_counter.update({chr(c): int(k) for c, k in zip(u_cps, u_n)})
-            for i, enc in zip(slow_idx, encs):
-                if self.unk_id in enc.ids:
-                    unk_counter.update(flat[i][a:b] for t, (a, b) in
-                                       zip(enc.ids, enc.offsets) if t == self.unk_id)
-        empty = np.bincount(dlg_of, weights=cnt == 0, minlength=n)
-        return EncodedBatch(out, off, {int(i): int(empty[i]) for i in np.flatnonzero(empty)})
-
-    def encode_context(self, utterances: Sequence[str]) -> list[int]:
-        """``[CLS] u1 [SEP] ... [SEP]`` for a chat history (reply generation starts after).
-
-        Utterances with no token are left out, as in preprocessing.
-        """
-        ids = [self.cls_id]
-        for u in utterances:
-            u_ids = self.encode(u)
-            if u_ids:
-                ids.extend(u_ids)
-                ids.append(self.sep_id)
-        return ids
 
     # ---- decoding -----------------------------------------------------------------------
     def decode(self, ids: Iterable[int], skip_special: bool = True) -> str:

@@ -14,18 +14,18 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .batching import WindowTable, build_windows, collate_rows, epoch_rows, plan_steps
 from .budget import TimeBudget, parse_duration
 from .checkpoint import (check_run_dir, check_same_data, checkpoints_of,
                          find_resume_checkpoint, load_checkpoint, merge_resume_options,
                          restore_tensors, trim_metrics)
 from .config import TrainConfig
-from .data import (ReversedStore, TokenStore, WindowTable, build_windows, collate_rows,
-                   epoch_rows, plan_steps, resplit)
 from .distributed import DistInfo, broadcast_text
 from .loss import LossModel
 from .modeling import (build_model, check_same_vocab, is_reverse, load_config, load_model,
                        read_config, set_reverse, set_speaker_token_ids, speaker_token_ids)
 from .precision import attention_kernel, autocast_ctx, resolve_dtype, set_fp32_precision
+from .store import ReversedStore, TokenStore, resplit
 from .tokenization import ChatTokenizer
 from .utils import ChitchatError, get_logger
 

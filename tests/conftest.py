@@ -52,7 +52,7 @@ def tiny_config_path(tmp_path_factory) -> Path:
 def tiny_model_dir(tmp_path_factory, sample_store, tiny_config_path) -> Path:
     """An untrained 2-layer, 64-wide model folder on the sample vocab (seeded)."""
     import torch
-    from chitchat.data import TokenStore
+    from chitchat.store import TokenStore
     from chitchat.modeling import build_model, load_config, save_model
 
     torch.manual_seed(0)

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from chitchat import Chatbot
-from chitchat.chat import build_context, coerce_option
+from chitchat.chat import coerce_option
 from chitchat.config import DecodingOptions
+from chitchat.dialogue import build_context, encode_context
 from chitchat.modeling import load_model, set_speaker_token_ids
 from chitchat.tokenization import ChatTokenizer
 from chitchat.utils import ChitchatError
@@ -36,14 +37,14 @@ def test_context_keeps_the_newest_utterances_that_fit(bot):
     history = ["你好啊", "我很好谢谢你", "今天天气怎么样", "还不错吧", "那我们出去玩"]
     lens = [len(tok.encode(u)) for u in history]
     full = build_context(tok, history, 5, 10_000)
-    assert full.ids == tok.encode_context(history) and full.utterances_used == 5
+    assert full.ids == encode_context(tok, history) and full.utterances_used == 5
     # max_history_len counts utterances, newest included.
-    assert build_context(tok, history, 2, 10_000).ids == tok.encode_context(history[-2:])
+    assert build_context(tok, history, 2, 10_000).ids == encode_context(tok, history[-2:])
     # A budget that fits exactly the last three drops the two oldest.
     budget = 1 + sum(n + 1 for n in lens[-3:])
     ctx = build_context(tok, history, 5, budget)
-    assert ctx.ids == tok.encode_context(history[-3:]) and len(ctx.ids) == budget
-    assert build_context(tok, history, 5, budget - 1).ids == tok.encode_context(history[-2:])
+    assert ctx.ids == encode_context(tok, history[-3:]) and len(ctx.ids) == budget
+    assert build_context(tok, history, 5, budget - 1).ids == encode_context(tok, history[-2:])
     assert ctx.notice is None
 
 
@@ -127,7 +128,7 @@ def test_generate_is_stateless_and_reports_usage(fresh):
     r = bot.generate(["你好", "你好呀", "吃了吗"], max_len=7, min_len=7)
     assert bot.history == []
     assert len(r.token_ids) == 7 and r.finish_reason == "length"
-    assert r.prompt_tokens == len(bot.tokenizer.encode_context(["你好", "你好呀", "吃了吗"]))
+    assert r.prompt_tokens == len(encode_context(bot.tokenizer, ["你好", "你好呀", "吃了吗"]))
     assert r.first_token_s is not None and r.total_s >= r.first_token_s
 
 
@@ -139,7 +140,7 @@ def test_history_window(fresh):
     r = bot.last_reply
     tok = bot.tokenizer
     assert r.utterances_used == 2
-    assert r.prompt_tokens == len(tok.encode_context([bot.history[1], "今天天气"]))
+    assert r.prompt_tokens == len(encode_context(tok, [bot.history[1], "今天天气"]))
 
 
 def test_same_seed_same_replies_and_per_call_seed(tiny_model_dir):

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from chitchat import modeling
+from chitchat.dialogue import encode_context
 from chitchat.modeling import CONVERT_MARKER, convert_folder
 from chitchat.tokenization import ChatTokenizer
 from chitchat.utils import ChitchatError
@@ -67,7 +68,7 @@ def test_convert_writes_a_complete_modern_folder(old, tmp_path):
     enc = hf_tok.apply_chat_template([{"role": "user", "content": "你好"}],
                                      add_generation_prompt=True, return_dict=True,
                                      return_tensors="pt")
-    assert enc["input_ids"][0].tolist() == tok.encode_context(["你好"])
+    assert enc["input_ids"][0].tolist() == encode_context(tok, ["你好"])
     with torch.no_grad():
         torch.testing.assert_close(model(**enc).logits, ref(enc["input_ids"]).logits)
 

@@ -288,7 +288,7 @@ def test_drain_lets_running_rows_finish_then_cuts_them(gate, caplog):
 
 @pytest.fixture(scope="module")
 def mmi_bot(tiny_model_dir, tmp_path_factory, sample_store, tiny_config_path):
-    from chitchat.data import TokenStore
+    from chitchat.store import TokenStore
     from chitchat.modeling import build_model, load_config, save_model, set_reverse
 
     torch.manual_seed(1)

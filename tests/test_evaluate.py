@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from chitchat.config import EvaluateConfig
-from chitchat.data import ReversedStore, TokenStore, build_windows, window_example
+from chitchat.batching import build_windows, window_example
+from chitchat.store import ReversedStore, TokenStore
 from chitchat.evaluation import perplexity
 from chitchat.modeling import load_model
 

@@ -16,8 +16,8 @@ import pytest
 from chitchat.chat import Chatbot
 from chitchat.checkpoint import MANIFEST, STATE_FILE, TENSORS_FILE, verify_checkpoint
 from chitchat.config import EvaluateConfig, PreprocessConfig, TrainConfig
-from chitchat.data import TokenStore
 from chitchat.preprocessing import preprocess
+from chitchat.store import TokenStore
 from chitchat.repl import Repl, Transcript
 from chitchat.utils import ChitchatError, atomic_dir, run_cli
 from conftest import ROOT, SAMPLE, TINY_CONFIG

@@ -18,9 +18,10 @@ import torch
 from chitchat import Chatbot
 from chitchat.config import PreprocessConfig, TrainConfig, parse_config
 from chitchat.corpus import read_dialogues
-from chitchat.data import TokenStore
+from chitchat.dialogue import encode_context
 from chitchat.modeling import load_model
 from chitchat.preprocessing import preprocess
+from chitchat.store import TokenStore
 from chitchat.tokenization import ChatTokenizer
 from chitchat.training import train
 from chitchat.utils import ChitchatError
@@ -122,7 +123,7 @@ def test_preprocess_encodes_with_the_model_vocab(finetuned):
     tok = ChatTokenizer.from_dir(pretrained)
     assert ChatTokenizer.from_dir(store).tokens == tok.tokens
     first = next(iter(read_dialogues(SAMPLE))).utterances
-    assert TokenStore(store).dialogue(0).tolist() == tok.encode_context(first)
+    assert TokenStore(store).dialogue(0).tolist() == encode_context(tok, first)
 
 
 def test_run_folder_has_the_vocab_special_ids_and_chitchat_tokenizer(finetuned):
@@ -165,7 +166,7 @@ def test_transformers_loads_the_run_without_the_50256_warning(finetuned):
     enc = hf_tok.apply_chat_template([{"role": "user", "content": "你好"}],
                                      add_generation_prompt=True, return_dict=True,
                                      return_tensors="pt")
-    assert enc["input_ids"][0].tolist() == tok.encode_context(["你好"])
+    assert enc["input_ids"][0].tolist() == encode_context(tok, ["你好"])
     out = model.generate(**enc, max_new_tokens=5, do_sample=False)
     assert out.shape[1] > enc["input_ids"].shape[1]
 
@@ -183,7 +184,7 @@ def test_chat_with_the_finetuned_model(finetuned):
     # The reply is transformers' greedy decoding of the same context.
     model = AutoModelForCausalLM.from_pretrained(run).eval()
     tok = bot.tokenizer
-    ids = torch.tensor([tok.encode_context(["你好"])])
+    ids = torch.tensor([encode_context(tok, ["你好"])])
     banned = set(tok.banned_ids) | {i for i, t in enumerate(tok.tokens)
                                     if t.startswith("[unused")}
     out = model.generate(ids, max_new_tokens=6, do_sample=False, min_new_tokens=1,

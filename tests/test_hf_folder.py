@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from chitchat import Chatbot
-from chitchat.chat import build_context
+from chitchat.dialogue import build_context
 from chitchat.config import DecodingOptions, TrainConfig
 from chitchat.modeling import generation_config
 from chitchat.serving.schema import Message, to_history

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from chitchat import Chatbot
+from chitchat.dialogue import encode_context
 from chitchat.repl import Repl, Transcript
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -66,7 +67,7 @@ def test_piped_repl_one_line_per_turn_and_commands(bot, tmp_path):
     assert [r["chatbot"] for r in turns] == lines
     assert [r.get("event") for r in recs if "event" in r] == ["set", "reset"]
     assert turns[1]["options"]["temperature"] == 0.5 and "time" in turns[0]
-    assert turns[2]["prompt_tokens"] == len(bot.tokenizer.encode_context(["hi"]))
+    assert turns[2]["prompt_tokens"] == len(encode_context(bot.tokenizer, ["hi"]))
 
 
 def test_exit_commands_stop_reading(bot):

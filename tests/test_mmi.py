@@ -12,11 +12,11 @@ import pytest
 import torch
 
 from chitchat import Chatbot
-from chitchat.data import (ReversedStore, TokenStore, build_windows, reversed_utterance_ends,
-                           window_example)
-from chitchat.mmi import (NEAR_DUPLICATE, combine, mean_logprob, rerank, reverse_input,
-                          reverse_scores, similarity, split_context)
+from chitchat.batching import build_windows, window_example
+from chitchat.dialogue import encode_context, reverse_input, split_context
+from chitchat.mmi import NEAR_DUPLICATE, combine, mean_logprob, rerank, reverse_scores, similarity
 from chitchat.modeling import build_model, is_reverse, load_config, save_model, set_reverse
+from chitchat.store import ReversedStore, TokenStore, reversed_utterance_ends
 from chitchat.utils import ChitchatError
 
 from conftest import ROOT
@@ -44,8 +44,8 @@ def test_reversed_store_reverses_utterance_order(tiny_store):
     dialogues = [d.split("\n") for d in CORPUS.strip("\n").split("\n\n")]
     assert len(rev) == len(dialogues)
     for i, utts in enumerate(dialogues):
-        assert store.dialogue(i).tolist() == tok.encode_context(utts)
-        assert rev.dialogue(i).tolist() == tok.encode_context(utts[::-1])
+        assert store.dialogue(i).tolist() == encode_context(tok, utts)
+        assert rev.dialogue(i).tolist() == encode_context(tok, utts[::-1])
         # [CLS] un [SEP] un-1 [SEP] ... u1 [SEP]: spans of the reversed dialogue
         spans = rev.utterance_spans(i)
         assert [tok.decode(rev.dialogue(i)[a:b - 1]) for a, b in spans] == utts[::-1]
@@ -161,7 +161,7 @@ def test_reverse_input_order_budget_and_targets():
     assert ids == [CLS, 40, 41, SEP, 30, 31, SEP] and kept == 1 and len(ids) <= 7
     assert split_context([CLS, 10, 11, SEP, 20, SEP], CLS, SEP) == [[10, 11], [20]]
     # speakers (--speaker_ids models): the reply is utterance 0 of the reversed dialogue
-    from chitchat.mmi import speaker_types
+    from chitchat.dialogue import reverse_speaker_types as speaker_types
 
     ids, first, kept = reverse_input([40, 41], [[10, 11], [20]], CLS, SEP, 64)
     assert speaker_types(first - 2, [[10, 11], [20]], kept, (7, 8), len(ids)) == \
@@ -187,7 +187,7 @@ def test_reverse_scores_match_a_direct_computation(reverse_dir, kind):
 
     model, tok = load_model(reverse_dir)
     assert is_reverse(model.config)
-    ctx = tok.encode_context(HISTORY)
+    ctx = encode_context(tok, HISTORY)
     utts = split_context(ctx, tok.cls_id, tok.sep_id)
     replies = [tok.encode("我在看书"), tok.encode("嗯"), tok.encode("今天天气很好我们出去玩")]
     inputs = [reverse_input(r, utts, tok.cls_id, tok.sep_id, 64)[:2] for r in replies]

@@ -11,8 +11,9 @@ import pytest
 
 from chitchat.config import PreprocessConfig
 from chitchat.corpus import read_dialogues
-from chitchat.data import TokenStore, split_mask, validation_size
+from chitchat.dialogue import encode_context, encode_dialogues
 from chitchat.preprocessing import preprocess
+from chitchat.store import TokenStore, split_mask, validation_size
 from chitchat.tokenization import SPECIAL_TOKENS, ChatTokenizer
 from chitchat.utils import ChitchatError
 from conftest import ROOT, SAMPLE, shared_path
@@ -148,7 +149,7 @@ def test_store_layout_and_memmap(sample_store):
     assert tok.tokens[: len(SPECIAL_TOKENS)] == list(SPECIAL_TOKENS) and tok.pad_id == 0
     first = [l.strip() for l in SAMPLE.read_text(encoding="utf-8").split("\n\n")[0].split("\n")]
     ids = store.dialogue(0).tolist()
-    assert ids == tok.encode_context(first)
+    assert ids == encode_context(tok, first)
     spans = store.utterance_spans(0)
     assert [tok.decode(ids[s:e]) for s, e in spans] == [tok.decode(tok.encode(u)) for u in first]
     assert all(ids[e - 1] == tok.sep_id for _, e in spans)
@@ -245,7 +246,7 @@ def test_ids_match_bert_tokenizer_fast_on_every_shared_corpus(vocab):
         assert hf.encode(u, add_special_tokens=False) == expected[flat.index(u)]
     got = []
     for i in range(0, len(dialogues), 2000):
-        enc = tok.encode_dialogues(dialogues[i:i + 2000])
+        enc = encode_dialogues(tok, dialogues[i:i + 2000])
         for j in range(len(enc.offsets) - 1):
             ids = enc.ids[enc.offsets[j]:enc.offsets[j + 1]].tolist()
             assert ids[0] == hf.cls_token_id and ids[-1] == hf.sep_token_id
@@ -260,8 +261,8 @@ def test_ids_match_bert_tokenizer_fast_on_every_shared_corpus(vocab):
 def test_fast_path_equals_rust_path_on_tricky_text():
     tok = ChatTokenizer.from_vocab_file(shared_path("vocab", "gpt2-chitchat-vocab.txt"))
     for d in TRICKY:
-        enc = tok.encode_dialogues([d])
-        assert enc.ids.tolist() == tok.encode_context(d)
+        enc = encode_dialogues(tok, [d])
+        assert enc.ids.tolist() == encode_context(tok, d)
 
 
 def test_built_vocab_covers_the_corpus(sample_store):

@@ -12,10 +12,11 @@ import torch
 import torch.nn.functional as F
 
 from chitchat.config import TrainConfig, parse_config
-from chitchat.data import (TokenStore, build_windows, collate_rows, epoch_rows,
-                           pack_rows, plan_steps, speaker_token_types, utterance_windows,
-                           window_example)
+from chitchat.batching import (build_windows, collate_rows, epoch_rows, pack_rows, plan_steps,
+                               utterance_windows, window_example)
+from chitchat.dialogue import speaker_token_types
 from chitchat.modeling import build_model, load_config, save_model
+from chitchat.store import TokenStore
 from chitchat.budget import lr_factor
 from chitchat.loss import LossModel
 from chitchat.train_setup import param_groups
@@ -359,7 +360,7 @@ def test_early_stopping_with_patience(sample_store, tiny_config_path, tmp_path, 
 
 
 def test_val_num_resplits_deterministically(sample_store, tiny_config_path, tmp_path):
-    from chitchat.data import resplit
+    from chitchat.store import resplit
     store = TokenStore(sample_store)
     tr1, va1 = resplit(store, 50, None, 7)
     tr2, va2 = resplit(store, 50, None, 7)
