@@ -16,7 +16,7 @@ Repetition penalty and n-grams look at the reply being generated, not at the con
 GPT2-chitchat did: penalising the context would stop the bot from answering "你好" with
 "你好".
 
-`decode` runs a padded batch of contexts through a backend (chitchat.inference), one token per
+`decode` runs a padded batch of contexts through a backend (chitchat.backends), one token per
 row per step, each row stopping at its own [SEP]. Batch 1 is the chat path; N rows from one
 context (`copies`) is the batched candidate generation that MMI reranking uses.
 """

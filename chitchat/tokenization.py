@@ -33,8 +33,8 @@ NEVER_GENERATE = (PAD, UNK, CLS, MASK)
 # The chat template saved with every model folder (chat_template.jinja), so that
 # transformers' apply_chat_template, pipelines, vLLM and TGI build the prompt exactly as
 # chitchat.dialogue.build_context does for a history that fits (tests/test_hf_folder.py). Its
-# messages rules are serve.py's (chitchat.server.to_history), so the same request gives the
-# same ids. Literal special-token text in a message is split ("[SEP]" -> "[ SEP ]", which
+# messages rules are serve.py's (chitchat.serving.schema.to_history), so the same request gives
+# the same ids. Literal special-token text in a message is split ("[SEP]" -> "[ SEP ]", which
 # tokenizes to the same plain-text ids) because HF tokenizers would read it as the token.
 CHAT_TEMPLATE = """\
 {#- chitchat dialogue format: [CLS] u1 [SEP] u2 [SEP] ... un [SEP].
