@@ -1,0 +1,75 @@
+"""bench/bench_train.py's bookkeeping: the clocks and curves its figures rest on."""
+from __future__ import annotations
+
+import importlib.util
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import ROOT
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_train", ROOT / "bench" / "bench_train.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_reach_time_interpolates_between_evaluations(bench):
+    curve = [(10.0, 6.0), (20.0, 5.0), (30.0, 4.0)]
+    assert bench.reach_time(curve, 4.5) == pytest.approx(25.0)
+    assert bench.reach_time(curve, 7.0) == 10.0  # already there at the first evaluation
+    assert bench.reach_time(curve, 3.9) is None
+
+
+def test_train_py_curve_takes_evaluations_out_of_the_clock(bench):
+    # 100 tokens per window at 100 tok/s; the window after the evaluation took 3 s more
+    recs = [{"event": "train", "tokens": 100, "tokens_per_s": 100.0},
+            {"event": "eval", "val_loss": 5.0},
+            {"event": "train", "tokens": 200, "tokens_per_s": 25.0},
+            {"event": "train", "tokens": 300, "tokens_per_s": 100.0},
+            {"event": "eval", "val_loss": 4.0}]
+    curve, trained, evals = bench.train_py_curve(recs)
+    assert curve == [(1.0, 5.0), (3.0, 4.0)]
+    assert trained == pytest.approx(3.0)
+    assert evals == pytest.approx(3.0)
+
+
+def test_budget_clock_pauses_for_evaluation(bench, monkeypatch):
+    now = [0.0]
+    monkeypatch.setattr(bench, "time", type("Clock", (), {"perf_counter": lambda: now[0]}))
+
+    def slow_eval(model):
+        now[0] += 5.0  # longer than the whole budget: it must not count
+        return now[0]
+
+    clock = bench.BudgetClock(4.0, 2, slow_eval)
+    clock.begin()
+    steps = 0
+    while True:
+        now[0] += 1.0  # one training step
+        steps += 1
+        if clock.after_step(None):
+            break
+    assert steps == 4
+    assert [t for t, _ in clock.curve] == [2.0, 4.0]
+    assert clock.eval_seconds == 5.0
+
+
+def test_clm_blocks_concatenate_and_drop_the_tail(bench):
+    class Store:
+        path = "fake"
+
+        def dialogue(self, i):
+            return np.arange(5, dtype=np.uint16) + 10 * i
+
+    blocks = bench.clm_blocks(Store(), np.arange(3), block=4)
+    assert blocks.tolist() == [[0, 1, 2, 3], [4, 10, 11, 12], [13, 14, 20, 21]]
+
+
+def test_trainer_rows_are_skipped_without_accelerate(bench, monkeypatch):
+    monkeypatch.setitem(sys.modules, "accelerate", None)
+    assert "accelerate is not installed" in bench.trainer_missing()
