@@ -30,6 +30,7 @@ from chitchat.server import ServerOptions, create_app  # noqa: E402
 from serve_support import LiveServer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow  # a live server and headless Chromium
 
 
 @pytest.fixture(scope="module")

@@ -24,6 +24,7 @@ from serve_support import LiveServer, wait_ready  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KEY = "test-key"
+pytestmark = pytest.mark.slow  # a real server on loopback, and serve.py as a process
 
 
 @pytest.fixture(scope="module")

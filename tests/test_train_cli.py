@@ -15,6 +15,7 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow  # every test runs train.py as a process
 ENV = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1",
            OMP_NUM_THREADS="1")  # one thread: identical numerics in every process
 
