@@ -1,11 +1,12 @@
-'''The command-line tools: the top-level scripts (python train.py ...) and the console
+"""The command-line tools: the top-level scripts (python train.py ...) and the console
 scripts of an installed package (chitchat-train ...) both run these.
 
 Each tool is a pair: <tool>_main(argv) parses argv and runs the tool, letting its errors
 propagate (tests call it for that), and <tool>(argv=None) wraps it in run_cli, which turns a
 ChitchatError into a one-line message and returns the exit status. The tool modules are
-imported inside the *_main functions, so that --help and argv errors need no torch.
-'''
+imported inside the *_main functions: every script imports this module, and each should
+load only its own tool's dependencies (a missing one then becomes run_cli's one-line hint).
+"""
 from __future__ import annotations
 
 from chitchat.config import (ConvertConfig, EvaluateConfig, InteractConfig, PreprocessConfig,
