@@ -1,4 +1,6 @@
-# make test   set up .venv (torch 2.13.0 CPU first, then requirements) and run the tests
+# make test   set up .venv (torch 2.13.0 CPU first, then requirements, then chitchat itself)
+#             and run the tests
+# make test-fast   the tests not marked slow (no subprocesses, servers or browser): < 1 min
 # make demo   set up, preprocess the sample corpus, train the tiny model, open the chat
 # make train CORPUS=data/train.txt [NAME=mine CONFIG=... ARGS="--max_time 2h"]
 #             preprocess your corpus and train on it (continues the run if it exists)
@@ -20,19 +22,24 @@ ARGS   ?=
 # as make expands a recipe before its first line (the training) has run.
 CHAT_MODEL = $$([ -f $(RUN)/best/config.json ] && echo $(RUN)/best || echo $(RUN))
 
-.PHONY: setup test demo train chat clean
+.PHONY: setup test test-fast demo train chat clean
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: requirements.txt requirements-dev.txt
+$(VENV)/.installed: requirements.txt requirements-dev.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -r requirements.txt -r requirements-dev.txt
+	$(BIN)/pip install -q --no-deps -e .
 	touch $@
 
+# pytest exits 5 when it collects no tests, and make fails on it as on any non-zero status.
 test: setup
 	$(BIN)/python -m pytest -q
+
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slow"
 
 # The main job on the bundled sample corpus. On a terminal it opens the chat; otherwise (CI,
 # scripts) it runs a short scripted conversation and exits.

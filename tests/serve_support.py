@@ -3,9 +3,6 @@ from __future__ import annotations
 
 import socket
 import threading
-import time
-
-import httpx
 
 
 class LiveServer:
@@ -22,17 +19,31 @@ class LiveServer:
         self.port = self.sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
         self.server = make_server(app, log_level="warning")
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]},
-                                       daemon=True)
+        self.thread = threading.Thread(target=self._run, daemon=True)
         self.startup_timeout = startup_timeout
+        # Set when uvicorn's startup has ended, or its thread has: whether it started is
+        # then server.started.
+        self.startup_ended = threading.Event()
+        startup = self.server.startup
+
+        async def startup_then_signal(sockets=None):
+            try:
+                await startup(sockets=sockets)
+            finally:
+                self.startup_ended.set()
+
+        self.server.startup = startup_then_signal
+
+    def _run(self) -> None:
+        try:
+            self.server.run(sockets=[self.sock])
+        finally:
+            self.startup_ended.set()
 
     def __enter__(self) -> str:
         self.thread.start()
-        deadline = time.monotonic() + self.startup_timeout
-        while not self.server.started:
-            if not self.thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("uvicorn did not start")
-            time.sleep(0.02)
+        if not self.startup_ended.wait(self.startup_timeout) or not self.server.started:
+            raise RuntimeError("uvicorn did not start")
         return self.url
 
     def stop(self) -> None:
@@ -45,17 +56,3 @@ class LiveServer:
         self.sock.close()
         assert not self.thread.is_alive(), "uvicorn did not stop"
 
-
-def wait_ready(url: str, timeout: float = 60.0, proc=None) -> None:
-    """Until /health says ready; `proc`: the server's process, which must not exit first."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"the server exited with status {proc.returncode}")
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.1)
-    raise TimeoutError(f"{url} did not become ready in {timeout} s")

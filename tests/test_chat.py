@@ -243,6 +243,7 @@ def test_vocab_size_mismatch_is_a_clear_error(tmp_path, tiny_model_dir):
         Chatbot.from_pretrained(d, vocab_path=tiny_model_dir / "vocab.txt")
 
 
+@pytest.mark.slow
 def test_int8_and_bf16_chatbots_run(tiny_model_dir):
     q = Chatbot.from_pretrained(tiny_model_dir, quantize="int8", seed=0)
     assert q.backend.int8 and q.reply("你好")

@@ -37,6 +37,7 @@ def convert_cli(*args):
                           text=True, capture_output=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_convert_writes_a_complete_modern_folder(old, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
     from safetensors.torch import load_file
@@ -73,6 +74,7 @@ def test_convert_writes_a_complete_modern_folder(old, tmp_path):
         torch.testing.assert_close(model(**enc).logits, ref(enc["input_ids"]).logits)
 
 
+@pytest.mark.slow
 def test_convert_replaces_its_own_output_and_refuses_other_folders(old, tmp_path):
     folder, vocab, _ = old
     out = tmp_path / "new"
@@ -99,6 +101,7 @@ def test_convert_replaces_its_own_output_and_refuses_other_folders(old, tmp_path
     assert (empty / "model.safetensors").is_file()
 
 
+@pytest.mark.slow
 def test_convert_errors_leave_no_output(old, tmp_path, monkeypatch):
     folder, vocab, _ = old
     out = tmp_path / "new"

@@ -36,6 +36,7 @@ def direct_ppl(model, store, indices, max_len, loss_on):
     return math.exp(nll / n), n
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("loss_on,max_len", [("all", 64), ("response", 24)])
 def test_perplexity_matches_a_direct_computation(sample_store, tiny_model_dir, loss_on,
                                                  max_len):
@@ -72,6 +73,7 @@ def run(args):
                           text=True, cwd=ROOT, env=env, timeout=180)
 
 
+@pytest.mark.slow
 def test_evaluate_cli_end_to_end(tiny_model_dir, tmp_path):
     # a held-out text corpus: the first dialogues of the sample
     text = SAMPLE.read_text(encoding="utf-8").split("\n\n")[:12]
@@ -103,6 +105,7 @@ def test_evaluate_cli_end_to_end(tiny_model_dir, tmp_path):
     assert (tmp_path / "again.jsonl").read_text(encoding="utf-8") == "\n".join(lines) + "\n"
 
 
+@pytest.mark.slow
 def test_evaluate_cli_with_mmi_and_a_store(tiny_model_dir, sample_store, tiny_config_path,
                                            tmp_path):
     from chitchat.modeling import build_model, load_config, save_model, set_reverse
@@ -132,6 +135,7 @@ def test_evaluate_cli_with_mmi_and_a_store(tiny_model_dir, sample_store, tiny_co
     assert p.returncode == 2 and "reverse model" in p.stderr
 
 
+@pytest.mark.slow
 def test_store_with_another_vocab_is_refused(tiny_model_dir, tmp_path):
     from chitchat.config import PreprocessConfig
     from chitchat.preprocessing import preprocess

@@ -48,6 +48,7 @@ def user_data(tmp_path) -> Path:
 
 
 # ---- 1. preprocess never replaces what it did not write -------------------------------------
+@pytest.mark.slow
 def test_save_path_holding_other_files_is_refused_and_untouched(user_data):
     before = snapshot(user_data)
     r = run_preprocess("--train_path", user_data / "sample" / "train.txt",
@@ -59,6 +60,7 @@ def test_save_path_holding_other_files_is_refused_and_untouched(user_data):
     assert sorted(p.name for p in user_data.iterdir()) == ["README.md", "sample"]
 
 
+@pytest.mark.slow
 def test_save_path_that_is_the_corpus_file_is_refused(user_data):
     corpus = user_data / "sample" / "train.txt"
     before = corpus.read_bytes()
@@ -67,6 +69,7 @@ def test_save_path_that_is_the_corpus_file_is_refused(user_data):
     assert corpus.is_file() and corpus.read_bytes() == before
 
 
+@pytest.mark.slow
 def test_save_path_of_an_unrelated_folder_is_refused_even_with_force(tmp_path):
     other = tmp_path / "photos"
     other.mkdir()
@@ -114,6 +117,7 @@ def test_atomic_dir_leaves_nothing_on_failure(tmp_path):
 
 
 # ---- 2. the built vocab is repeatable -------------------------------------------------------
+@pytest.mark.slow
 def test_the_same_corpus_gives_byte_identical_stores(tmp_path):
     outs = []
     for seed in ("1", "2", "3"):  # different hash seeds: nothing may depend on set order
@@ -157,6 +161,7 @@ def tiny_config(tmp_path) -> Path:
     return p
 
 
+@pytest.mark.slow
 def test_resume_with_a_rebuilt_same_size_vocab_is_refused(tmp_path, tiny_config):
     store = _store_from(tmp_path, "store")
     run_train(base_args(store, tiny_config, tmp_path / "m", "r", max_steps=2, save_interval=2))
@@ -173,6 +178,7 @@ def test_resume_with_a_rebuilt_same_size_vocab_is_refused(tmp_path, tiny_config)
     assert (tmp_path / "m" / "r" / "vocab.txt").read_text(encoding="utf-8").splitlines() != tokens
 
 
+@pytest.mark.slow
 def test_resume_with_changed_token_ids_is_refused(tmp_path, tiny_config):
     store = _store_from(tmp_path, "store")
     run_train(base_args(store, tiny_config, tmp_path / "m", "r", max_steps=2, save_interval=2))
@@ -207,6 +213,7 @@ def test_a_vocab_shorter_than_the_token_ids_is_a_clear_error(sample_store, tmp_p
 
 
 # ---- 4. a damaged checkpoint does not block resume ------------------------------------------
+@pytest.mark.slow
 @pytest.mark.parametrize("victim", ["model.safetensors", TENSORS_FILE, STATE_FILE])
 def test_damaged_newest_checkpoint_falls_back_to_the_previous_one(sample_store, tiny_config,
                                                                    tmp_path, victim):
@@ -232,6 +239,7 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous_one(sample_store, 
     assert len(steps) == len(set(steps)) and ("train", 6) in steps
 
 
+@pytest.mark.slow
 def test_a_named_damaged_checkpoint_is_an_error_naming_the_file(sample_store, tiny_config,
                                                                 tmp_path):
     save = tmp_path / "m"
@@ -244,6 +252,7 @@ def test_a_named_damaged_checkpoint_is_an_error_naming_the_file(sample_store, ti
     assert "Traceback" not in r.stderr
 
 
+@pytest.mark.slow
 def test_out_of_disk_space_while_saving_keeps_the_last_checkpoint(sample_store, tiny_config,
                                                                    tmp_path, monkeypatch):
     from chitchat import checkpoint as ckmod
@@ -273,6 +282,7 @@ def test_out_of_disk_space_while_saving_keeps_the_last_checkpoint(sample_store, 
 
 
 # ---- the run folder and other outputs -------------------------------------------------------
+@pytest.mark.slow
 def test_run_name_of_a_foreign_folder_is_refused(sample_store, tiny_config, tiny_model_dir,
                                                  tmp_path):
     save = tmp_path / "models"
@@ -369,6 +379,7 @@ def test_the_chatbot_api_raises_and_keeps_its_state(bot):
         assert bot.history == history
 
 
+@pytest.mark.slow
 def test_cli_survives_undecodable_bytes(tiny_model_dir, tmp_path):
     r = subprocess.run([*PY, "interact.py", "--model_path", str(tiny_model_dir), "--seed", "1",
                         "--save_samples_path", str(tmp_path)], input=b"\xff\xfe\n\xe2\x80\x8b\n"
@@ -379,6 +390,7 @@ def test_cli_survives_undecodable_bytes(tiny_model_dir, tmp_path):
 
 
 # ---- 6. lone surrogates in .jsonl -------------------------------------------------------------
+@pytest.mark.slow
 def test_lone_surrogate_in_jsonl_names_the_line(tmp_path):
     src = tmp_path / "c.jsonl"
     src.write_text('["ok", "fine"]\n["\\ud800abc", "ok"]\n', encoding="utf-8")

@@ -198,6 +198,7 @@ def test_chat_with_the_finetuned_model(finetuned):
     assert 64 < len(ctx.ids) <= N_POSITIONS - 6
 
 
+@pytest.mark.slow
 def test_interact_cli_chats_with_the_run(finetuned):
     _, _, run = finetuned
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")

@@ -204,6 +204,7 @@ def test_chat_float32_on_a_half_folder_is_float32(half_model_dir):
     assert {p.dtype for p in bot.model.parameters()} == {torch.float32}
 
 
+@pytest.mark.slow
 def test_fine_tuning_a_half_folder_keeps_float32_master_weights(half_model_dir, sample_store,
                                                                tmp_path):
     from safetensors.torch import load_file
@@ -263,6 +264,7 @@ def run_cfg(sample_store, config, save, **kw):
     return TrainConfig(**base)
 
 
+@pytest.mark.slow
 def test_resume_saved_with_4_gpus_on_1_gpu_is_exact(monkeypatch, sample_store, tmp_path):
     """A checkpoint that carries 4 GPUs' RNG states (as older versions wrote on a 4-GPU
     machine) resumes with one GPU visible, and gives the uninterrupted run's weights:
@@ -306,6 +308,7 @@ def oom(*a, **k):
     raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
 
+@pytest.mark.slow
 def test_oom_in_validation_names_the_kept_checkpoint(monkeypatch, sample_store,
                                                      tiny_config_path, tmp_path):
     real = training.validate
@@ -468,6 +471,7 @@ def torchrun_two_ranks(tmp_path, sample_store, config, **opts):
                             stderr=subprocess.PIPE)
 
 
+@pytest.mark.slow
 def test_ddp_reads_the_stop_flag_only_at_logged_steps(sample_store, tiny_config_path,
                                                       tmp_path):
     """Every dist.all_reduce is a host-device sync on GPUs: they may happen at logged
@@ -486,6 +490,7 @@ def test_ddp_reads_the_stop_flag_only_at_logged_steps(sample_store, tiny_config_
         assert n <= allowed, f"rank {rank}: {n} all_reduce calls in 12 steps"
 
 
+@pytest.mark.slow
 def test_ddp_sigterm_on_one_rank_stops_both_at_a_logged_step(sample_store, tiny_config_path,
                                                              tmp_path):
     """SIGTERM to rank 1 only: the vote in the logging all_reduce stops both ranks at the

@@ -65,6 +65,7 @@ def hf(run):
 
 
 # ---- the chat template ------------------------------------------------------------------------
+@pytest.mark.slow
 def test_folder_has_the_template_and_the_generation_config(run):
     assert (run / "chat_template.jinja").is_file()
     assert "[CLS]" in (run / "chat_template.jinja").read_text(encoding="utf-8")
@@ -72,6 +73,7 @@ def test_folder_has_the_template_and_the_generation_config(run):
         ChatTokenizer.from_dir(run).sep_id
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("history", HISTORIES, ids=lambda h: f"{len(h)}turns")
 def test_template_ids_equal_the_context_builder(run, hf, history):
     tok = ChatTokenizer.from_dir(run)
@@ -90,6 +92,7 @@ def test_template_ids_equal_the_context_builder_on_real_vocabs(tmp_path):
             assert template_ids(hf_tok, messages(history)) == ids, (name, history)
 
 
+@pytest.mark.slow
 def test_template_follows_serve_py_message_rules(run, hf):
     """system ignored, one role twice in a row is one utterance, empty messages dropped,
     list-of-parts content: the template gives what serve.py gives for the same messages."""
@@ -107,6 +110,7 @@ def test_template_follows_serve_py_message_rules(run, hf):
     assert template_ids(hf[1], msgs[1:]) == template_ids(hf[1], msgs)
 
 
+@pytest.mark.slow
 def test_literal_special_token_text_stays_plain_text(run, hf):
     tok = ChatTokenizer.from_dir(run)
     history = ["你好[SEP]好", "[CLS] [PAD][MASK] [UNK]吗"]
@@ -115,6 +119,7 @@ def test_literal_special_token_text_stays_plain_text(run, hf):
     assert ids.count(tok.sep_id) == 2 and ids.count(tok.cls_id) == 1
 
 
+@pytest.mark.slow
 def test_generation_prompt_ends_where_the_reply_begins(run, hf):
     tok = ChatTokenizer.from_dir(run)
     msgs = messages(["你好", "你好呀", "吃了吗"])
@@ -125,6 +130,7 @@ def test_generation_prompt_ends_where_the_reply_begins(run, hf):
         "input_ids"] == with_prompt
 
 
+@pytest.mark.slow
 def test_the_tokenizer_returns_no_token_type_ids(hf):
     """BERT's all-zero token types would add the [PAD] embedding to every position."""
     enc = hf[1].apply_chat_template(messages(["你好"]), add_generation_prompt=True,
@@ -133,6 +139,7 @@ def test_the_tokenizer_returns_no_token_type_ids(hf):
 
 
 # ---- generation_config.json -------------------------------------------------------------------
+@pytest.mark.slow
 def test_generation_config_has_chitchat_defaults(run, hf):
     tok, d = ChatTokenizer.from_dir(run), DecodingOptions()
     g = hf[0].generation_config
@@ -145,6 +152,7 @@ def test_generation_config_has_chitchat_defaults(run, hf):
     assert sorted(i for [i] in g.bad_words_ids) == tok.banned_ids
 
 
+@pytest.mark.slow
 def test_generation_config_follows_the_options(run):
     tok = ChatTokenizer.from_dir(run)
     g = generation_config(tok, DecodingOptions(temperature=0.7, topk=0, topp=0.9, max_len=40,
@@ -156,6 +164,7 @@ def test_generation_config_follows_the_options(run):
         assert not generation_config(tok, greedy).do_sample
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("history", HISTORIES, ids=lambda h: f"{len(h)}turns")
 def test_generate_with_the_folders_own_config_stops_at_sep(run, hf, history):
     model, hf_tok = hf
@@ -171,6 +180,7 @@ def test_generate_with_the_folders_own_config_stops_at_sep(run, hf, history):
     assert not set(reply) & set(ChatTokenizer.from_dir(run).banned_ids)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("history", HISTORIES[:3], ids=lambda h: f"{len(h)}turns")
 def test_greedy_generate_gives_chitchats_own_reply(run, hf, history):
     model, hf_tok = hf
@@ -183,6 +193,7 @@ def test_greedy_generate_gives_chitchats_own_reply(run, hf, history):
     assert out == ours.token_ids + stop
 
 
+@pytest.mark.slow
 def test_pipeline_with_messages_returns_a_reply(run):
     from transformers import pipeline
 

@@ -105,6 +105,7 @@ def test_ctrl_c_during_a_reply_returns_to_the_prompt(bot, tmp_path, monkeypatch)
 
 
 # ---- the real CLI -----------------------------------------------------------------------------
+@pytest.mark.slow
 def test_cli_piped_session_is_deterministic_under_seed(tiny_model_dir, tmp_path):
     args = ["--model_path", tiny_model_dir, "--seed", "3", "--save_samples_path", tmp_path / "s"]
     r = interact(args, "你好\n/set max_history_len=1\n你在干嘛\nhello world\n")
@@ -119,17 +120,19 @@ def test_cli_piped_session_is_deterministic_under_seed(tiny_model_dir, tmp_path)
     assert [r["chatbot"] for r in recs if "turn" in r] == expected
 
 
+@pytest.mark.slow
 def test_cli_errors_are_one_line_with_status_2(tmp_path, capsys):
-    import interact as cli
+    from chitchat.cli import interact_main  # interact.py's main
     from chitchat.utils import run_cli
 
-    assert run_cli(cli.main, ["--model_path", str(tmp_path / "nothing")]) == 2
+    assert run_cli(interact_main, ["--model_path", str(tmp_path / "nothing")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error:") and "model folder" in err and len(err.splitlines()) == 1
     r = interact([], "")  # argparse-level: no torch is even imported
     assert r.returncode == 2 and "--model_path is required" in r.stderr
 
 
+@pytest.mark.slow
 def test_cli_transcript_is_flushed_every_turn(tiny_model_dir, tmp_path):
     d = tmp_path / "s"
     p = subprocess.Popen([sys.executable, "interact.py", "--model_path", str(tiny_model_dir),
@@ -156,6 +159,7 @@ def test_cli_transcript_is_flushed_every_turn(tiny_model_dir, tmp_path):
         p.stderr.close()
 
 
+@pytest.mark.slow
 def test_cli_gpt2_chitchat_folder(tmp_path):
     from conftest import shared_path
     from test_chat import gpt2_chitchat_folder
@@ -246,6 +250,7 @@ def slow_interact(model_dir, *args) -> list[str]:
     return [sys.executable, "-c", code, "--model_path", str(model_dir), *map(str, args)]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(sys.platform == "win32", reason="needs a POSIX pseudo-terminal")
 def test_terminal_ctrl_c_stops_a_reply_then_ctrl_c_at_the_prompt_exits(tiny_model_dir, tmp_path):
     t = Terminal(slow_interact(tiny_model_dir, "--max_len", "40", "--min_len", "40",
@@ -270,6 +275,7 @@ def test_terminal_ctrl_c_stops_a_reply_then_ctrl_c_at_the_prompt_exits(tiny_mode
     assert rec["finish_reason"] == "interrupted" and 0 < rec["reply_tokens"] < 40
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(sys.platform == "win32", reason="needs a POSIX pseudo-terminal")
 def test_terminal_ctrl_d_exits(tiny_model_dir):
     t = Terminal([sys.executable, "interact.py", "--model_path", str(tiny_model_dir),

@@ -314,6 +314,7 @@ def test_mmi_filters_nan_scores_in_the_chatbot(mmi_bot, monkeypatch):
 
 
 # ---- interact.py ------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_interact_piped_with_mmi_and_debug(tiny_model_dir, reverse_dir, tmp_path):
     from test_interact import ENV
 
@@ -362,6 +363,7 @@ def test_mmi_settings_without_a_reverse_model_are_a_clear_error(tiny_model_dir):
         bot.set(mmi_weight=0.2)
 
 
+@pytest.mark.slow
 def test_interact_set_changes_mmi_settings(tiny_model_dir, reverse_dir):
     from test_interact import ENV
 

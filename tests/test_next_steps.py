@@ -37,6 +37,7 @@ def test_python_command_is_python_only_when_that_is_this_interpreter(monkeypatch
     assert python_command() == str(venv_py)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script,args", [
     ("train.py", []), ("preprocess.py", []), ("interact.py", ["--model_path", "x"]),
     ("evaluate.py", ["--model_path", "x", "--data_path", "y"]),
@@ -131,6 +132,7 @@ def test_budget_warmup_never_falls_behind_the_current_step():
     assert b2.warmup == 7  # the user's warmup is kept
 
 
+@pytest.mark.slow
 def test_max_time_stops_saves_and_exits_0_with_a_decayed_lr(sample_store, tiny_config_path,
                                                             tmp_path):
     args = base_args(sample_store, tiny_config_path, tmp_path, "b", max_time="4s",
@@ -170,6 +172,7 @@ def test_the_estimate_line_and_the_note_for_long_cpu_runs(caplog):
     assert "middle" not in caplog.text  # a short run gets no note
 
 
+@pytest.mark.slow
 def test_train_prints_size_tokens_per_epoch_and_the_estimate(sample_store, tiny_config_path,
                                                              tmp_path):
     r = run_train(base_args(sample_store, tiny_config_path, tmp_path, "e", max_steps=4,
@@ -194,6 +197,7 @@ def test_a_gb18030_file_read_as_gbk_suggests_gb18030(tmp_path):
 
 
 # ---- make's chat: Ctrl-C ends the chat, not make ------------------------------------------------
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("make") is None or sys.platform == "win32",
                     reason="needs make and a POSIX pseudo-terminal")
 def test_ctrl_c_in_a_chat_started_by_make_is_not_a_make_interrupt(tiny_model_dir, tmp_path):

@@ -114,6 +114,7 @@ def test_gbk_file_with_encoding_flag(tmp_path):
     assert texts(store) == [["你好", "今天很冷"], ["多穿点"]]
 
 
+@pytest.mark.slow
 def test_cli_exits_nonzero_with_a_clear_message(tmp_path):
     r = subprocess.run([sys.executable, str(ROOT / "preprocess.py"), "--train_path",
                         str(tmp_path / "missing.txt"), "--save_path", str(tmp_path / "o")],
@@ -228,6 +229,7 @@ SHARED_CORPORA_FILES = [("chitchat50w_slice", "train.txt"), ("lccc_toy", "train.
                         ("cdial_toy_pairs", "valid.txt"), ("onelinefun_en", "train.txt")]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("vocab", ["gpt2-chitchat-vocab.txt", "cdial-gpt-vocab.txt"])
 def test_ids_match_bert_tokenizer_fast_on_every_shared_corpus(vocab):
     """The vectorised CJK path plus the Rust path give BertTokenizerFast's ids exactly."""

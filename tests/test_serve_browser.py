@@ -31,6 +31,7 @@ from chitchat.serving.options import ServerOptions  # noqa: E402
 from serve_support import LiveServer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow  # a live server and headless Chromium
 
 
 @pytest.fixture(scope="module")

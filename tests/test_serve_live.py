@@ -21,10 +21,11 @@ openai = pytest.importorskip("openai")
 
 from chitchat.serving.app import create_app  # noqa: E402
 from chitchat.serving.options import ServerOptions  # noqa: E402
-from serve_support import LiveServer, wait_ready  # noqa: E402
+from serve_support import LiveServer  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KEY = "test-key"
+pytestmark = pytest.mark.slow  # a real server on loopback, and serve.py as a process
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +80,6 @@ def test_openai_client(server):
 def stream_reply(url: str, text: str, max_tokens: int) -> dict:
     body = {"messages": [{"role": "user", "content": text}], "stream": True,
             "max_tokens": max_tokens, "stream_options": {"include_usage": True}}
-    t0 = time.perf_counter()
     with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=60,
                       headers={"Authorization": f"Bearer {KEY}"}) as r:
         assert r.status_code == 200
@@ -90,7 +90,7 @@ def stream_reply(url: str, text: str, max_tokens: int) -> dict:
     return {"text": "".join(c["choices"][0]["delta"].get("content", "")
                             for c in chunks if c["choices"]),
             "finish": [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]][-1],
-            "usage": chunks[-1]["usage"], "seconds": time.perf_counter() - t0}
+            "usage": chunks[-1]["usage"]}
 
 
 def test_concurrent_clients_all_get_complete_replies(server):
@@ -102,7 +102,6 @@ def test_concurrent_clients_all_get_complete_replies(server):
         assert res["usage"]["completion_tokens"] >= 1
         if res["finish"] == "length":
             assert res["usage"]["completion_tokens"] == 12
-    assert max(r["seconds"] for r in results) < 30
 
 
 def slow_bot(model_dir, seconds: float = 0.05, **options):
@@ -137,14 +136,13 @@ def test_generation_does_not_block_the_event_loop(tiny_model_dir):
     bot = slow_bot(tiny_model_dir)
     app = create_app(bot, ServerOptions(max_batch=1))
     with LiveServer(app) as url:
-        body = {"messages": [{"role": "user", "content": "你好"}], "max_tokens": 16}
+        body = {"messages": [{"role": "user", "content": "你好"}], "max_tokens": 40}
         t = threading.Thread(target=lambda: httpx.post(f"{url}/v1/chat/completions",
                                                        json=body, timeout=30))
         t.start()
         wait_for(lambda: bot.steps >= 1, "generation started")
-        t0 = time.perf_counter()
         assert httpx.get(f"{url}/health", timeout=5).status_code == 200
-        assert time.perf_counter() - t0 < 0.5
+        assert t.is_alive(), "/health waited for the whole reply (40 steps of 50 ms)"
         t.join(30)
 
 
@@ -332,16 +330,16 @@ def test_serve_cli_sigterm_is_clean(tiny_model_dir):
                      "--max_len", "8")
     try:
         url, lines = None, []
-        deadline = time.monotonic() + 60
-        while url is None and time.monotonic() < deadline:
+        ready = False  # serve.py logs "model ready" when /health turns 200
+        while not (url and ready):
             line = proc.stdout.readline()
             if not line:
                 break
             lines.append(line)
             m = re.search(r"serving on (http://127\.0\.0\.1:\d+)", line)
-            url = m and m.group(1)
-        assert url, "".join(lines)
-        wait_ready(url, proc=proc)
+            url = url or (m and m.group(1))
+            ready = ready or "model ready" in line
+        assert url and ready, "".join(lines)
         r = httpx.post(f"{url}/v1/chat/completions", timeout=30,
                        content='{"messages":[{"role":"user","content":"你好"}]}',
                        headers={"Content-Type": "application/x-www-form-urlencoded"})  # curl -d

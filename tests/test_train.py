@@ -131,6 +131,7 @@ def separate_logits(model, ids, types=None):
         return model(input_ids=x, token_type_ids=tt).logits[0]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("speakers", [False, True])
 def test_packed_logits_equal_per_dialogue_logits(store, tiny_model, speakers):
     """The block-diagonal 4D mask and restarted positions make a packed row compute exactly
@@ -180,6 +181,7 @@ def direct_loss(model, store, table, windows, loss_on):
     return total, count
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("loss_on", ["all", "response"])
 def test_loss_masking_matches_direct_computation(store, tiny_model, loss_on):
     table = build_windows(store, store.train_indices()[:30], 64, loss_on)
@@ -204,6 +206,7 @@ def one_step(model, micro, n_targets, max_grad_norm=0.0, lr=1.0):
     return loss, norm
 
 
+@pytest.mark.slow
 def test_accumulation_normalises_by_all_targets_of_the_step(store, tiny_config_path):
     """Two micro-batches of very different target counts give exactly the gradient of one
     batch holding both: sum of token losses / total targets, not a mean of means."""
@@ -325,6 +328,7 @@ def test_pretrained_vocab_mismatch_names_both_sizes(sample_store, tiny_config_pa
     assert f"preprocess.py --train_path <train.txt> --pretrained_model {tmp_path / 'm'}" in msg
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(sample_store, tiny_model_dir, tmp_path):
     from safetensors.torch import load_file, save_file
     run = cfg_for(sample_store, "unused.json", tmp_path, pretrained_model=str(tiny_model_dir),

@@ -5,16 +5,17 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow  # every test runs train.py as a process
 ENV = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1",
            OMP_NUM_THREADS="1")  # one thread: identical numerics in every process
 
@@ -44,6 +45,17 @@ def run_train(args, timeout=300, check=True):
     if check and p.returncode != 0:
         raise AssertionError(f"train.py failed ({p.returncode}):\n{p.stderr[-3000:]}")
     return p
+
+
+def wait_for_log(p: subprocess.Popen, pattern: str, count: int = 1) -> None:
+    """Read train.py's log (stderr, without --quiet) until `count` lines match `pattern`."""
+    seen = []
+    for line in p.stderr:
+        seen.append(line)
+        if sum(bool(re.search(pattern, s)) for s in seen) >= count:
+            return
+    raise AssertionError(f"train.py exited ({p.wait()}) before {pattern!r}:\n"
+                         + "".join(seen[-40:]))
 
 
 def train_losses(run_dir: Path) -> dict[int, float]:
@@ -105,14 +117,11 @@ def test_resume_after_sigkill_gives_identical_losses(sample_store, reference_run
     ref, cfg = reference_run
     args = base_args(sample_store, cfg, tmp_path, "k", max_steps=100,
                      gradient_accumulation_steps=4)
+    args.remove("--quiet")  # the log says when a checkpoint is saved
     p = subprocess.Popen([sys.executable, "train.py", *args], cwd=ROOT, env=ENV,
                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     ck = tmp_path / "k" / "checkpoints"
-    deadline = time.time() + 120
-    while not (ck.is_dir() and any(c.name.startswith("step-") for c in ck.iterdir())):
-        assert p.poll() is None, p.stderr.read()
-        assert time.time() < deadline
-        time.sleep(0.02)
+    wait_for_log(p, r"^saved .*step-")
     p.send_signal(signal.SIGKILL)
     p.wait()
     p.stderr.close()
@@ -134,13 +143,10 @@ def test_resume_after_sigkill_gives_identical_losses(sample_store, reference_run
 def test_sigterm_saves_and_exits_0(sample_store, tiny_config_path, tmp_path):
     args = base_args(sample_store, tiny_config_path, tmp_path, "t", max_steps=100000,
                      save_interval=100000, eval_interval=0)
+    args.remove("--quiet")  # the log says when a step is done
     p = subprocess.Popen([sys.executable, "train.py", *args], cwd=ROOT, env=ENV,
                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    metrics = tmp_path / "t" / "metrics.jsonl"
-    deadline = time.time() + 120
-    while not (metrics.is_file() and metrics.read_text().count("\n") >= 3):
-        assert p.poll() is None and time.time() < deadline
-        time.sleep(0.05)
+    wait_for_log(p, r"^step \d+/", count=3)
     p.send_signal(signal.SIGTERM)
     _, err = p.communicate(timeout=120)
     assert p.returncode == 0, err
