@@ -96,7 +96,8 @@ def missing_module_message(name: str) -> str:
     fix = (f"activate the project's environment first: . {shown}/bin/activate (or run the "
            f"script with {shown}/bin/python)" if (venv / "bin" / "python").exists() else
            "set up the environment first: make setup, then . .venv/bin/activate (or pip "
-           "install torch==2.13.0 && pip install -r requirements.txt)")
+           "install torch==2.13.0 && pip install -r requirements.txt && pip install -e . "
+           "--no-deps)")
     return f"this Python ({sys.executable}) has no module {name!r}: {fix}"
 
 
