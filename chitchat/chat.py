@@ -2,6 +2,8 @@
 
     from chitchat import Chatbot
     bot = Chatbot.from_pretrained("model/<run>/best", topk=8, temperature=0.8, seed=1)
+    bot = Chatbot.from_options(ModelOptions(model_path="model/<run>/best"),
+                               DecodingOptions(topk=8, seed=1))   # as the front ends do
     print(bot.reply("你好"))                  # keeps the history
     for piece in bot.stream("你在干嘛"):      # the same, streamed piece by piece
         print(piece, end="", flush=True)
@@ -16,116 +18,39 @@ MMI reranking (chitchat/mmi.py) with a reverse model from ``train.py --reverse``
     r = bot.generate(["你好", "你好呀", "吃了吗"])
     r.text, r.candidates      # every candidate with its forward/reverse/combined score
 
-Every front end (the REPL, tests, an HTTP server) goes through this class. `generate` and
-`start` are stateless: the history is an argument, so a server can pass a request's messages.
+Every front end (the REPL, evaluation, the HTTP server) builds it with `from_options` and
+decodes only through it. `generate` and `start` are stateless: the history is an argument,
+so a server can pass a request's messages.
 
 The context budget: the model sees ``[CLS]`` plus the last `max_history_len` utterances,
-each closed by ``[SEP]``, trimmed oldest-first so that the context plus `max_len` reply tokens
-fit `n_positions`. A newest utterance too long even alone is cut from the front (its end is
-what the reply answers), and `Reply.notice` says so.
+each closed by ``[SEP]``, trimmed oldest-first so that the context plus `max_new_tokens`
+reply tokens fit `n_positions`. A newest utterance too long even alone is cut from the
+front (its end is what the reply answers), and `Reply.notice` says so.
 """
 from __future__ import annotations
 
-import collections
 import dataclasses
 import logging
 import os
 import re
-import time
-import typing
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Iterator, Sequence
 
 import torch
 
-from .config import DecodingOptions, _base_type
-from .dialogue import (Context, build_context, printable, reverse_input, reverse_speaker_types,
-                       split_context)
+from .backends import load_for_decoding, make_backend
+from .config import (DEFAULT_MMI_WEIGHT, DEFAULT_NUM_CANDIDATES, MMI_SETTINGS, OPTION_ALIASES,
+                     DecodingOptions, MMIOptions, ModelOptions)
+from .dialogue import Context, build_context, printable
 from .generation import Constraints, Row, decode, decode_one
-from .backends import DTYPES, conv1d_to_linear, make_backend, quantize_int8
-from .tokenization import ChatTokenizer, Detokenizer
-from .utils import ChitchatError
+from .mmi import MMI, load_mmi_model
+from .streams import (BatchDriver, MMIBatch, MMITokens, Prepared, Reply, ReplyStream,
+                      RowTokens)
+from .tokenization import ChatTokenizer
+from .utils import ChitchatError, read_bad_words
 
 log = logging.getLogger("chitchat")
 
-# Other spellings accepted by `set` and the decoding keyword arguments (OpenAI/transformers
-# names, so an HTTP front end can pass them through).
-OPTION_ALIASES = {"top_k": "topk", "top_p": "topp", "max_new_tokens": "max_len",
-                  "max_tokens": "max_len", "min_new_tokens": "min_len"}
 _UNUSED = re.compile(r"^\[unused\d+\]$")
-
-
-@dataclass
-class Reply:
-    """One generated reply and what it took."""
-    text: str
-    token_ids: list[int]
-    prompt_tokens: int              # tokens of context the model saw
-    finish_reason: str              # "stop" ([SEP]), "length" (max_len), "interrupted"
-    notice: str | None = None       # e.g. the newest utterance was cut to fit
-    first_token_s: float | None = None
-    total_s: float = 0.0
-    utterances_used: int = 0        # history utterances in the context
-    token_logprobs: list[float] | None = None  # log P(token | before), with scores=True
-    stop_logprob: float | None = None  # log P([SEP] | reply), with scores=True, if it ended
-    candidates: list | None = None  # MMI: every chitchat.mmi.Candidate, the chosen one marked
-    mmi_fallback: str | None = None  # MMI: why the choice did not pass every filter
-
-
-@dataclass
-class Prepared:
-    """A reply to decode row by row outside `Chatbot` (chitchat.engine batches the rows of
-    many requests into one model step): see `Chatbot.prepare`."""
-    history: list[str]
-    context: Context
-    options: DecodingOptions       # the reply's options (MMI: the candidates')
-    rows: list[Row]                # one; MMI: num_candidates candidates; beam search: none
-    overrides: dict
-
-    @property
-    def mmi(self) -> bool:
-        return len(self.rows) > 1
-
-
-def read_bad_words(path: str | os.PathLike) -> list[str]:
-    """Words or phrases, one per line; blank lines are skipped."""
-    path = Path(path)
-    if not path.is_file():
-        raise ChitchatError(f"--bad_words file not found: {path}")
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError as e:
-        raise ChitchatError(f"{path}: not UTF-8 ({e.reason} at byte {e.start})") from None
-    return [ln.strip() for ln in lines if ln.strip()]
-
-
-# Session settings of a Chatbot with MMI, changeable like decoding options (Chatbot.set).
-MMI_SETTINGS = {"num_candidates": int, "mmi_weight": float}
-
-
-def coerce_option(name: str, value: str):
-    """Parse the text of a /set value into the type of option `name` (a DecodingOptions
-    field or an MMI setting)."""
-    name = OPTION_ALIASES.get(name, name)
-    fields = {f.name: f for f in dataclasses.fields(DecodingOptions)}
-    if name not in fields and name not in MMI_SETTINGS:
-        raise ChitchatError(f"unknown option {name!r}; options: "
-                            f"{', '.join([*fields, *MMI_SETTINGS])}")
-    hint = MMI_SETTINGS.get(name) or typing.get_type_hints(DecodingOptions)[name]
-    tp = _base_type(hint)
-    v = value.strip()
-    if v.lower() in ("none", "null", "") and tp is not hint:
-        return name, None
-    try:
-        if tp is bool:
-            low = v.lower()
-            if low not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
-                raise ValueError(v)
-            return name, low in ("1", "true", "yes", "on")
-        return name, tp(v)
-    except ValueError:
-        raise ChitchatError(f"{name} needs a {tp.__name__}, got {value!r}") from None
 
 
 class Chatbot:
@@ -133,8 +58,9 @@ class Chatbot:
     `generate`/`start` only read shared state, and each call has its own KV cache."""
 
     def __init__(self, model, tokenizer: ChatTokenizer, *, backend: str = "fast",
-                 bad_words: Sequence[str] = (), mmi_model=None, num_candidates: int = 8,
-                 mmi_weight: float = 0.5, **options):
+                 bad_words: Sequence[str] = (), mmi_model=None,
+                 num_candidates: int = DEFAULT_NUM_CANDIDATES,
+                 mmi_weight: float = DEFAULT_MMI_WEIGHT, **options):
         from .modeling import check_vocab, is_reverse, speaker_token_ids
 
         where = getattr(model.config, "_name_or_path", "") or "(in memory)"
@@ -163,12 +89,30 @@ class Chatbot:
         self.set(**options)
 
     @classmethod
+    def from_options(cls, model: ModelOptions, decoding: DecodingOptions | None = None,
+                     mmi: MMIOptions | None = None,
+                     bad_words_path: str | os.PathLike | None = None) -> "Chatbot":
+        """The Chatbot a front end's options describe (interact.py, serve.py, evaluate.py):
+        sets torch's CPU threads (`model.threads`), reads the `--bad_words` file and loads
+        the model, with MMI if `mmi.mmi_model_path` is set."""
+        if model.threads:
+            torch.set_num_threads(model.threads)
+        mmi = mmi or MMIOptions()
+        bad = read_bad_words(bad_words_path) if bad_words_path else ()
+        return cls.from_pretrained(
+            model.model_path, model.vocab_path, device=model.device, no_cuda=model.no_cuda,
+            dtype=model.dtype, quantize=model.quantize, backend=model.backend, bad_words=bad,
+            mmi_model_path=mmi.mmi_model_path, num_candidates=mmi.num_candidates,
+            mmi_weight=mmi.mmi_weight, **dataclasses.asdict(decoding or DecodingOptions()))
+
+    @classmethod
     def from_pretrained(cls, path: str | os.PathLike, vocab_path: str | os.PathLike | None = None,
                         *, device: str | None = None, no_cuda: bool = False,
                         dtype: str = "float32", quantize: str | None = None,
                         backend: str = "fast", bad_words: Sequence[str] = (),
                         mmi_model_path: str | os.PathLike | None = None,
-                        num_candidates: int = 8, mmi_weight: float = 0.5,
+                        num_candidates: int = DEFAULT_NUM_CANDIDATES,
+                        mmi_weight: float = DEFAULT_MMI_WEIGHT,
                         **options) -> "Chatbot":
         """Load a model folder (train.py run, HF GPT-2 folder, GPT2-chitchat folder + vocab).
 
@@ -177,24 +121,10 @@ class Chatbot:
         then the best of `num_candidates` samples, reranked with weight `mmi_weight` (see
         chitchat.mmi). `options` are DecodingOptions fields (temperature=, topk=, seed=, ...).
         """
-        from .modeling import load_model, resolve_device
+        from .modeling import resolve_device
 
         dev = resolve_device(device, no_cuda)
-        if dtype not in DTYPES:
-            raise ChitchatError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-        if quantize not in (None, "int8"):
-            raise ChitchatError(f"quantize must be None or 'int8', got {quantize!r}")
-        if quantize and (dev.type != "cpu" or dtype != "float32"):
-            raise ChitchatError("--quantize int8 needs --device cpu and --dtype float32")
-        model, tok = load_model(path, vocab_path=vocab_path, device=dev, dtype=DTYPES[dtype])
-        if quantize == "int8":
-            model = quantize_int8(model)
-        elif backend == "fast":
-            # The lean path wants (out, in) weights; converting the model we own (instead of
-            # FastGPT2 keeping transposed copies) saves a second copy of every matrix. The
-            # model computes the same; only its state_dict layout differs, so save from the
-            # folder, not from bot.model.
-            conv1d_to_linear(model)
+        model, tok = load_for_decoding(path, vocab_path, dev, dtype, quantize, backend)
         mmi_model = None
         if mmi_model_path is not None:
             mmi_model = load_mmi_model(mmi_model_path, tok, vocab_path, dev, dtype)
@@ -209,11 +139,11 @@ class Chatbot:
         if mmi and self.mmi is None:
             raise ChitchatError(f"{', '.join(mmi)} needs MMI: load a reverse model with "
                                 "--mmi_model_path")
-        new = self._options(changes)
+        new = self.resolve(**changes)
         if mmi:
             n = mmi.get("num_candidates", self.mmi.num_candidates)
             w = mmi.get("mmi_weight", self.mmi.weight)
-            MMI.check(n, w)
+            MMIOptions.check(n, w)
             self.mmi.num_candidates, self.mmi.weight = n, w
             self.backend.prepare(n)
             self.mmi.backend.prepare(n)
@@ -223,10 +153,8 @@ class Chatbot:
         return new
 
     def resolve(self, **overrides) -> DecodingOptions:
-        """The session's options with `overrides` applied and checked (nothing changes)."""
-        return self._options(overrides)
-
-    def _options(self, overrides: dict) -> DecodingOptions:
+        """The session's options with `overrides` applied and checked (nothing changes).
+        Names may be OPTION_ALIASES spellings (top_p, max_tokens, max_len, ...)."""
         overrides = {OPTION_ALIASES.get(k, k): v for k, v in overrides.items()}
         names = {f.name for f in dataclasses.fields(DecodingOptions)}
         unknown = sorted(set(overrides) - names)
@@ -234,10 +162,10 @@ class Chatbot:
             raise ChitchatError(f"unknown decoding option(s) {', '.join(unknown)}; "
                                 f"options: {', '.join(sorted(names))}")
         opts = dataclasses.replace(self.options, **overrides)
-        if self.n_positions - opts.max_len < 3:
-            raise ChitchatError(f"--max_len {opts.max_len} leaves no room for a context: the "
-                                f"model has n_positions {self.n_positions}; use --max_len "
-                                f"{self.n_positions - 3} or less")
+        if self.n_positions - opts.max_new_tokens < 3:
+            raise ChitchatError(f"--max_new_tokens {opts.max_new_tokens} leaves no room for a "
+                                f"context: the model has n_positions {self.n_positions}; use "
+                                f"--max_new_tokens {self.n_positions - 3} or less")
         return opts
 
     def _generator(self, seed: int | None) -> torch.Generator | None:
@@ -264,7 +192,7 @@ class Chatbot:
     def context(self, history: Sequence[str], opts: DecodingOptions | None = None) -> Context:
         opts = opts or self.options
         return build_context(self.tokenizer, history, opts.max_history_len,
-                             self.n_positions - opts.max_len, self.speaker_ids)
+                             self.n_positions - opts.max_new_tokens, self.speaker_ids)
 
     def start(self, history: Sequence[str], **overrides) -> "ReplyStream":
         """Begin a reply to `history` (oldest first, alternating speakers, newest last).
@@ -273,7 +201,7 @@ class Chatbot:
         exhausted or closed. `overrides` change decoding options for this call only; a
         `seed` here seeds this call alone, otherwise the session's generator is used.
         """
-        opts = self._options(overrides)
+        opts = self.resolve(**overrides)
         rng = self._generator(opts.seed) if "seed" in overrides else self._rng
         if self.mmi is not None:
             return self._mmi_streams([history], opts, rng)[0]
@@ -304,16 +232,16 @@ class Chatbot:
         the positions a row may use (default n_positions); the history is trimmed to fit
         it with the reply. num_beams > 1 gives no rows: decode it with `start`.
         """
-        opts = self._options(overrides)
+        opts = self.resolve(**overrides)
         limit = min(self.n_positions, max_context or self.n_positions)
-        if limit - opts.max_len < 3:
-            raise ChitchatError(f"max_tokens {opts.max_len} leaves no room for a context in "
-                                f"the {limit} positions a reply may use")
+        if limit - opts.max_new_tokens < 3:
+            raise ChitchatError(f"max_tokens {opts.max_new_tokens} leaves no room for a "
+                                f"context in the {limit} positions a reply may use")
         seeded = "seed" in overrides
         if self.mmi is not None:
             opts = dataclasses.replace(opts, num_beams=1, min_len=max(1, opts.min_len))
-        ctx = build_context(self.tokenizer, history, opts.max_history_len, limit - opts.max_len,
-                            self.speaker_ids)
+        ctx = build_context(self.tokenizer, history, opts.max_history_len,
+                            limit - opts.max_new_tokens, self.speaker_ids)
         if ctx.notice:
             log.warning("note: %s", ctx.notice)
         if self.mmi is not None:
@@ -334,7 +262,7 @@ class Chatbot:
     def rank_candidates(self, prep: Prepared, candidates: Sequence[Reply]) -> Reply:
         """MMI: the best of a prepared request's finished candidates (one Reply per row,
         with token_logprobs), with every candidate and the fallback recorded on it."""
-        best, ranking = self._rank([prep.history], [prep.context], list(candidates))[0]
+        best, ranking = self.mmi.rank([prep.history], [prep.context], list(candidates))[0]
         return dataclasses.replace(best, candidates=ranking.candidates,
                                    mmi_fallback=ranking.fallback)
 
@@ -353,7 +281,7 @@ class Chatbot:
         reranked best of `num_candidates` samples (all histories' candidates decode as one
         batch) and its stream yields it at once.
         """
-        opts = self._options(overrides)
+        opts = self.resolve(**overrides)
         if opts.num_beams > 1:
             raise ChitchatError("start_batch samples or decodes greedily; num_beams must be 1")
         if copies > 1 and len(histories) != 1:
@@ -377,8 +305,8 @@ class Chatbot:
                        copies=copies, scores=scores,
                        token_types=[c.token_types for c in ctxs] if speakers else None,
                        reply_types=[c.reply_type for c in ctxs] if speakers else None)
-        driver = _BatchDriver(steps, len(ctxs) * copies, self.tokenizer.sep_id)
-        return [ReplyStream(_RowTokens(driver, b), self.tokenizer, ctxs[b // copies], opts)
+        driver = BatchDriver(steps, len(ctxs) * copies, self.tokenizer.sep_id)
+        return [ReplyStream(RowTokens(driver, b), self.tokenizer, ctxs[b // copies], opts)
                 for b in range(len(ctxs) * copies)]
 
     def generate_batch(self, histories: Sequence[Sequence[str]], **kw) -> list[Reply]:
@@ -410,8 +338,8 @@ class Chatbot:
         for c in ctxs:
             if c.notice:
                 log.warning("note: %s", c.notice)
-        batch = _MMIBatch(lambda: self._mmi_rank(histories, ctxs, cand_opts, rng))
-        return [ReplyStream(_MMITokens(batch, i), self.tokenizer, ctx, opts)
+        batch = MMIBatch(lambda: self._mmi_rank(histories, ctxs, cand_opts, rng))
+        return [ReplyStream(MMITokens(batch, i), self.tokenizer, ctx, opts)
                 for i, ctx in enumerate(ctxs)]
 
     def _mmi_rank(self, histories, ctxs: list[Context], cand_opts: DecodingOptions, rng):
@@ -425,30 +353,7 @@ class Chatbot:
         for rs in streams:
             for _ in rs:
                 pass
-        return self._rank(histories, ctxs, [rs.reply for rs in streams])
-
-    def _rank(self, histories, ctxs: list[Context], cands: list[Reply]):
-        """[(chosen candidate Reply, Ranking)] per history; `cands`: num_candidates
-        finished candidates per history, in order, with their token_logprobs."""
-        from .mmi import mean_logprob, rerank
-
-        mmi, n = self.mmi, self.mmi.num_candidates
-        forward = [mean_logprob((c.token_logprobs or []) +
-                                ([c.stop_logprob] if c.stop_logprob is not None else []))
-                   for c in cands]
-        reverse = mmi.score([ctxs[b // n] for b in range(len(cands))],
-                            [c.token_ids for c in cands])
-        out = []
-        for i, h in enumerate(histories):
-            rows = range(i * n, (i + 1) * n)
-            previous = h[-2] if len(h) >= 2 else None  # the bot's turn before the user's
-            ranking = rerank([cands[b].text for b in rows], [forward[b] for b in rows],
-                             [reverse[b] for b in rows], mmi.weight, previous,
-                             token_ids=[cands[b].token_ids for b in rows])
-            if ranking.fallback:
-                log.debug("MMI fallback: %s", ranking.fallback)
-            out.append((cands[i * n + ranking.choice], ranking))
-        return out
+        return self.mmi.rank(histories, ctxs, [rs.reply for rs in streams])
 
     # ---- the session ------------------------------------------------------------------------
     def stream(self, text: str) -> Iterator[str]:
@@ -500,249 +405,3 @@ class Chatbot:
             self.history.extend([text, reply.text])
 
 
-
-class ReplyStream:
-    """Text pieces of one reply as its tokens are generated; `.reply` holds the result.
-
-    The reply is final once the stream is exhausted or closed; closing it early (or an
-    exception such as KeyboardInterrupt while a token is computed) marks it "interrupted".
-    """
-
-    def __init__(self, tokens: Iterator[int], tokenizer: ChatTokenizer, ctx: Context,
-                 opts: DecodingOptions):
-        self.context = ctx
-        self.options = opts
-        self._tokens = tokens
-        self._tok = tokenizer
-        self._detok = Detokenizer()
-        self._t0 = time.perf_counter()
-        self.reply = Reply(text="", token_ids=[], prompt_tokens=len(ctx.ids),
-                           finish_reason="interrupted", notice=ctx.notice,
-                           utterances_used=ctx.utterances_used)
-        self._open = True
-        self._pieces: list[str] = []
-
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> str:
-        if not self._open:
-            raise StopIteration
-        try:
-            t = next(self._tokens)
-        except StopIteration:
-            r = self.reply
-            r.finish_reason = "length" if len(r.token_ids) >= self.options.max_len else "stop"
-            self._finish()
-            raise
-        except BaseException:
-            self._finish()  # KeyboardInterrupt or an error: keep what was produced, re-raise
-            raise
-        r = self.reply
-        if r.first_token_s is None:
-            r.first_token_s = time.perf_counter() - self._t0
-        r.token_ids.append(t)
-        piece = self._detok.push(self._tok.tokens[t])
-        self._pieces.append(piece)
-        return piece
-
-    def close(self) -> None:
-        if self._open:
-            if hasattr(self._tokens, "close"):
-                self._tokens.close()
-            self._finish()
-
-    def _finish(self) -> None:
-        self._open = False
-        self.reply.text = "".join(self._pieces)
-        self.reply.total_s = time.perf_counter() - self._t0
-        lps = getattr(self._tokens, "logprobs", None)
-        if lps is not None:
-            self.reply.token_logprobs = lps[:len(self.reply.token_ids)]
-        stop = getattr(self._tokens, "stop_logprob", None)
-        if stop is not None and self.reply.finish_reason == "stop":
-            self.reply.stop_logprob = stop
-        self.reply.candidates = getattr(self._tokens, "candidates", None)
-        self.reply.mmi_fallback = getattr(self._tokens, "mmi_fallback", None)
-
-
-class _BatchDriver:
-    """Shares one batched `decode` among per-row token iterators (see Chatbot.start_batch).
-
-    A row that needs a token it does not have advances the whole batch by one step and
-    buffers the tokens of the other rows.
-    """
-
-    def __init__(self, steps: Iterator, n: int, sep_id: int):
-        self._steps = steps
-        self._sep = sep_id
-        self.queues = [collections.deque() for _ in range(n)]
-        self.logprobs: list[list[float]] = [[] for _ in range(n)]
-        self.stop_logprobs: list[float | None] = [None] * n
-        self.ended = [False] * n
-        self.open = [True] * n
-        self._exhausted = False
-
-    def pull(self, b: int) -> int | None:
-        """Row b's next token, or None when its reply has ended."""
-        while not self.queues[b]:
-            if self.ended[b] or self._exhausted:
-                return None
-            try:
-                step = next(self._steps)
-            except StopIteration:
-                self._exhausted = True
-                return None
-            for i, t in enumerate(step.tokens):
-                if t is None:
-                    continue
-                if t == self._sep:
-                    self.ended[i] = True
-                    if step.logprobs is not None:
-                        self.stop_logprobs[i] = step.logprobs[i]
-                else:
-                    self.queues[i].append(t)
-                    if step.logprobs is not None:
-                        self.logprobs[i].append(step.logprobs[i])
-        return self.queues[b].popleft()
-
-    def close_row(self, b: int) -> None:
-        self.open[b] = False
-        if not any(self.open):
-            self._steps.close()
-            self._exhausted = True
-
-
-class _RowTokens:
-    """The token iterator of one row of a batch."""
-
-    def __init__(self, driver: _BatchDriver, row: int):
-        self._d, self._row = driver, row
-
-    @property
-    def logprobs(self) -> list[float] | None:
-        lps = self._d.logprobs[self._row]
-        return lps if lps else None
-
-    @property
-    def stop_logprob(self) -> float | None:
-        return self._d.stop_logprobs[self._row]
-
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> int:
-        t = self._d.pull(self._row)
-        if t is None:
-            raise StopIteration
-        return t
-
-    def close(self) -> None:
-        self._d.close_row(self._row)
-
-
-class _MMIBatch:
-    """The reranking of a batch of histories, computed once, when first needed."""
-
-    def __init__(self, compute):
-        self._compute = compute
-        self.result = None
-
-    def get(self):
-        if self.result is None:
-            self.result = self._compute()
-        return self.result
-
-
-class _MMITokens:
-    """The token iterator of one MMI reply: reranks on the first read, then replays the
-    chosen candidate's tokens (with its scores and the whole ranking for Reply)."""
-
-    def __init__(self, batch: _MMIBatch, row: int):
-        self._batch, self._row = batch, row
-        self._it = None
-        self.logprobs = self.stop_logprob = self.candidates = self.mmi_fallback = None
-
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> int:
-        if self._it is None:
-            best, ranking = self._batch.get()[self._row]
-            self.logprobs, self.stop_logprob = best.token_logprobs, best.stop_logprob
-            self.candidates, self.mmi_fallback = ranking.candidates, ranking.fallback
-            self._it = iter(list(best.token_ids))
-        return next(self._it)
-
-
-class MMI:
-    """The reverse model and the reranking settings of a Chatbot (see chitchat.mmi)."""
-
-    def __init__(self, model, tokenizer: ChatTokenizer, num_candidates: int = 8,
-                 weight: float = 0.5, backend: str = "fast"):
-        from .modeling import check_vocab, is_reverse, speaker_token_ids
-
-        where = getattr(model.config, "_name_or_path", "") or "(in memory)"
-        if not is_reverse(model.config):
-            raise ChitchatError(f"the MMI model {where} is not a reverse model: its config.json "
-                                "has no reverse: true. Train one on the same token store with: "
-                                "python train.py --reverse --train_path <store> ...")
-        check_vocab(model, tokenizer, where)
-        self.check(num_candidates, weight)
-        self.model = model.eval()
-        # Scoring runs num_candidates rows of reply + context through the model at once.
-        self.backend = make_backend(self.model, backend, pad_id=tokenizer.pad_id)
-        self.backend.prepare(num_candidates)
-        self.tokenizer = tokenizer
-        self.num_candidates = num_candidates
-        self.weight = weight
-        self.n_positions = int(model.config.n_positions)
-        self.speaker_ids = speaker_token_ids(model.config)
-
-    @staticmethod
-    def check(num_candidates: int, weight: float) -> None:
-        if num_candidates < 1:
-            raise ChitchatError(f"--num_candidates must be at least 1, got {num_candidates}")
-        if not 0.0 <= weight <= 1.0:
-            raise ChitchatError(f"--mmi_weight must be in [0, 1], got {weight}")
-
-    def score(self, contexts: Sequence[Context], replies: Sequence[Sequence[int]]) -> list[float]:
-        """Mean log P(context | reply) of each (context, reply) pair, in one batched pass."""
-        from .mmi import reverse_scores
-
-        tok = self.tokenizer
-        inputs, types, row_of, seen = [], [], [], {}
-        for ctx, reply in zip(contexts, replies):
-            key = (tuple(ctx.ids), tuple(reply))
-            if key in seen:  # short replies repeat often ("哈哈"): score each once
-                row_of.append(seen[key])
-                continue
-            seen[key] = len(inputs)
-            row_of.append(len(inputs))
-            utts = split_context(ctx.ids, tok.cls_id, tok.sep_id)
-            ids, first, kept = reverse_input(reply, utts, tok.cls_id, tok.sep_id,
-                                             self.n_positions)
-            inputs.append((ids, first))
-            if self.speaker_ids is not None:
-                types.append(reverse_speaker_types(first - 2, utts, kept, self.speaker_ids,
-                                                   len(ids)))
-        scores = reverse_scores(self.backend, inputs, tok.pad_id, types or None)
-        return [scores[r] for r in row_of]
-
-
-def load_mmi_model(path, tokenizer: ChatTokenizer, vocab_path=None, device="cpu",
-                   dtype: str = "float32"):
-    """The reverse model at `path`, checked against the forward model's vocab."""
-    from .modeling import load_model
-
-    model, rtok = load_model(path, vocab_path=vocab_path, device=device, dtype=DTYPES[dtype])
-    if rtok.tokens != tokenizer.tokens:
-        diff = next((i for i, (a, b) in enumerate(zip(rtok.tokens, tokenizer.tokens))
-                     if a != b), min(len(rtok.tokens), len(tokenizer.tokens)))
-        raise ChitchatError(
-            f"vocab mismatch between the forward model and the MMI model {path}: "
-            f"{tokenizer.vocab_size} vs {rtok.vocab_size} tokens, first difference at id "
-            f"{diff}. Train the reverse model on the same token store (python train.py "
-            "--reverse --train_path <the forward model's store>).")
-    conv1d_to_linear(model)  # F.linear on (out, in) weights: the faster CPU product
-    return model

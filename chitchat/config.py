@@ -1,76 +1,18 @@
-"""Typed options for each tool. The argparse parsers are built from these dataclasses,
-so each option's type, default and help live in exactly one place.
-
-Each field's metadata may hold:
-  help     the --help text (required)
-  choices  allowed values
-  aliases  extra flag spellings, e.g. ["--no-stream"]
-  bool     "flag" (store_true, the default for bools) or "optional" (--x/--no-x)
+"""Typed options for each tool (preprocess.py, train.py, interact.py, evaluate.py,
+convert.py; serve.py's are in chitchat/serving/options.py), and the option groups the chat
+front ends share: ModelOptions, DecodingOptions, MMIOptions. Flags, parsing and the README
+tables are built from these dataclasses by chitchat.flags.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import types
 import typing
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
+from .flags import base_type, check, group, opt
+# The tools' scripts parse their options through this module.
+from .flags import build_parser, flags, from_flags, markdown_flags, parse_config  # noqa: F401
 from .utils import ChitchatError
-
-
-def opt(default: Any, help: str, **meta) -> Any:
-    """A dataclass field carrying its command-line help."""
-    return field(default=default, metadata={"help": help, **meta})
-
-
-def _base_type(tp):
-    """Unwrap `X | None` to X."""
-    if typing.get_origin(tp) in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if len(args) == 1:
-            return args[0]
-    return tp
-
-
-def build_parser(cls, description: str = "", epilog: str = "") -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description=description, epilog=epilog,
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        if not f.init or "help" not in f.metadata:
-            continue
-        meta = f.metadata
-        tp = _base_type(hints[f.name])
-        names = [f"--{f.name}", *meta.get("aliases", [])]
-        default = f.default if f.default is not dataclasses.MISSING else None
-        helptext = meta["help"] + ("" if tp is bool else f" (default: {default})")
-        if tp is bool:
-            if meta.get("bool") == "optional":
-                parser.add_argument(*names, action=argparse.BooleanOptionalAction,
-                                    default=default, help=helptext)
-            else:
-                parser.add_argument(*names, action="store_true", default=default, help=helptext)
-            continue
-        parser.add_argument(*names, type=tp, default=default, choices=meta.get("choices"),
-                            help=helptext, metavar=meta.get("metavar"))
-    return parser
-
-
-def parse_config(cls, argv=None, description: str = "", epilog: str = ""):
-    """Parse argv into `cls`; validation errors from __post_init__ become usage errors."""
-    parser = build_parser(cls, description, epilog)
-    ns = parser.parse_args(argv)
-    try:
-        return cls(**vars(ns))
-    except ChitchatError as e:
-        parser.error(str(e))
-
-
-def check(cond: bool, msg: str) -> None:
-    if not cond:
-        raise ChitchatError(msg)
 
 
 @dataclass
@@ -227,24 +169,6 @@ class TrainConfig:
               f"--run_name must be a plain folder name, got {self.run_name!r}")
 
 
-def markdown_flags(cls) -> str:
-    """The flags of a tool as a Markdown table, for the README (kept in sync by a test)."""
-    hints = typing.get_type_hints(cls)
-    rows = ["| flag | default | meaning |", "|---|---|---|"]
-    for f in dataclasses.fields(cls):
-        if "help" not in f.metadata:
-            continue
-        tp = _base_type(hints[f.name])
-        names = " ".join(f"`{n}`" for n in [f"--{f.name}", *f.metadata.get("aliases", [])])
-        if tp is bool and f.metadata.get("bool") == "optional":
-            names = f"`--{f.name}` / `--no-{f.name}`"
-        default = "" if (tp is bool and not f.default) or f.default is None else f"`{f.default}`"
-        choices = f.metadata.get("choices")
-        extra = f" ({' / '.join(map(str, choices))})" if choices else ""
-        rows.append(f"| {names} | {default} | {f.metadata['help'].replace('%%', '%')}{extra} |")
-    return "\n".join(rows)
-
-
 # ---- interact.py (and every other front end of chitchat.Chatbot) ---------------------------
 @dataclass
 class ModelOptions:
@@ -277,10 +201,17 @@ class ModelOptions:
               f"{self.dtype}")
 
 
+# Other spellings of decoding options accepted by Chatbot.set / resolve and the REPL's /set:
+# OpenAI/transformers names, so an HTTP front end can pass them through, and GPT2-chitchat's
+# max_len for the reply length.
+OPTION_ALIASES = {"top_k": "topk", "top_p": "topp", "max_len": "max_new_tokens",
+                  "max_tokens": "max_new_tokens", "min_new_tokens": "min_len"}
+
+
 @dataclass
 class DecodingOptions:
     """How a reply is decoded. Every field can also be changed in the REPL with /set."""
-    max_len: int = opt(25, "longest reply in tokens")
+    max_new_tokens: int = opt(25, "longest reply in tokens")
     min_len: int = opt(1, "shortest reply in tokens ([SEP] is suppressed before that)")
     max_history_len: int = opt(3, "utterances of the history given to the model, the new one "
                                "included (fewer if they do not fit n_positions)")
@@ -299,9 +230,11 @@ class DecodingOptions:
     seed: int | None = opt(None, "random seed: the same seed and input give the same replies")
 
     def __post_init__(self):
-        check(self.max_len >= 1, f"--max_len must be at least 1, got {self.max_len}")
-        check(0 <= self.min_len <= self.max_len,
-              f"--min_len must be between 0 and --max_len ({self.max_len}), got {self.min_len}")
+        check(self.max_new_tokens >= 1,
+              f"--max_new_tokens must be at least 1, got {self.max_new_tokens}")
+        check(0 <= self.min_len <= self.max_new_tokens,
+              f"--min_len must be between 0 and --max_new_tokens ({self.max_new_tokens}), got "
+              f"{self.min_len}")
         check(self.max_history_len >= 1,
               f"--max_history_len must be at least 1 (the new message), got "
               f"{self.max_history_len}")
@@ -313,10 +246,9 @@ class DecodingOptions:
         check(self.no_repeat_ngram_size >= 0, "--no_repeat_ngram_size must be >= 0 (0: off)")
         check(self.num_beams >= 1, f"--num_beams must be at least 1, got {self.num_beams}")
 
-    def decoding(self) -> "DecodingOptions":
-        """Just the decoding options, from a config that extends this class."""
-        return DecodingOptions(**{f.name: getattr(self, f.name)
-                                  for f in dataclasses.fields(DecodingOptions)})
+
+DEFAULT_NUM_CANDIDATES = 8
+DEFAULT_MMI_WEIGHT = 0.5  # forward and reverse scores weigh the same (see chitchat.mmi)
 
 
 @dataclass
@@ -325,24 +257,60 @@ class MMIOptions:
     mmi_model_path: str | None = opt(None, "reverse model (train.py --reverse, same vocab) for "
                                      "MMI reranking: each reply is the best of "
                                      "--num_candidates samples; off when unset")
-    num_candidates: int = opt(8, "MMI: candidate replies sampled per turn (one batched pass)")
-    mmi_weight: float = opt(0.5, "MMI: score = (1-w)*forward + w*reverse, both mean log-probs "
-                            "per token; 0: the most likely sample, 1: the reverse score only "
-                            "(DialoGPT)")
+    num_candidates: int = opt(DEFAULT_NUM_CANDIDATES, "MMI: candidate replies sampled per turn "
+                              "(one batched pass)")
+    mmi_weight: float = opt(DEFAULT_MMI_WEIGHT, "MMI: score = (1-w)*forward + w*reverse, both "
+                            "mean log-probs per token; 0: the most likely sample, 1: the "
+                            "reverse score only (DialoGPT)")
 
     def __post_init__(self):
-        check(self.num_candidates >= 1,
-              f"--num_candidates must be at least 1, got {self.num_candidates}")
-        check(0.0 <= self.mmi_weight <= 1.0,
-              f"--mmi_weight must be in [0, 1], got {self.mmi_weight}")
+        self.check(self.num_candidates, self.mmi_weight)
 
-    def mmi_kwargs(self) -> dict:
-        return {"mmi_model_path": self.mmi_model_path, "num_candidates": self.num_candidates,
-                "mmi_weight": self.mmi_weight}
+    @staticmethod
+    def check(num_candidates: int, mmi_weight: float) -> None:
+        """The MMI settings' ranges (also for changes in a running chat: Chatbot.set)."""
+        check(num_candidates >= 1, f"--num_candidates must be at least 1, got {num_candidates}")
+        check(0.0 <= mmi_weight <= 1.0, f"--mmi_weight must be in [0, 1], got {mmi_weight}")
+
+
+# The MMI settings a running Chatbot may change (Chatbot.set, the REPL's /set).
+MMI_SETTINGS = ("num_candidates", "mmi_weight")
+
+
+def coerce_option(name: str, value: str):
+    """Parse the text of a REPL /set value into the type of option `name` (a DecodingOptions
+    field, an alias of one, or an MMI setting). Returns (canonical name, value)."""
+    name = OPTION_ALIASES.get(name, name)
+    fields = [f.name for f in dataclasses.fields(DecodingOptions)]
+    if name not in fields and name not in MMI_SETTINGS:
+        raise ChitchatError(f"unknown option {name!r}; options: "
+                            f"{', '.join([*fields, *MMI_SETTINGS])}")
+    owner = DecodingOptions if name in fields else MMIOptions
+    hint = typing.get_type_hints(owner)[name]
+    tp = base_type(hint)
+    v = value.strip()
+    if v.lower() in ("none", "null", "") and tp is not hint:
+        return name, None
+    try:
+        if tp is bool:
+            low = v.lower()
+            if low not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
+                raise ValueError(v)
+            return name, low in ("1", "true", "yes", "on")
+        return name, tp(v)
+    except ValueError:
+        raise ChitchatError(f"{name} needs a {tp.__name__}, got {value!r}") from None
+
+
+# GPT2-chitchat's interact.py called the reply length --max_len; it still works there.
+REPLY_LEN_ALIAS = {"max_new_tokens": ["--max_len"]}
 
 
 @dataclass
-class InteractConfig(DecodingOptions, MMIOptions, ModelOptions):
+class InteractConfig:
+    model: ModelOptions = group(ModelOptions)
+    mmi: MMIOptions = group(MMIOptions)
+    decoding: DecodingOptions = group(DecodingOptions, aliases=REPLY_LEN_ALIAS)
     bad_words: str | None = opt(None, "file of words or phrases never to generate, one per line")
     stream: bool = opt(True, "print replies token by token as they are generated",
                        bool="optional")
@@ -353,17 +321,16 @@ class InteractConfig(DecodingOptions, MMIOptions, ModelOptions):
                       "scores, and the choice (to stderr)")
 
     def __post_init__(self):
-        ModelOptions.__post_init__(self)
-        MMIOptions.__post_init__(self)
-        DecodingOptions.__post_init__(self)
-        check(self.model_path is not None,
+        check(self.model.model_path is not None,
               "--model_path is required: a model folder from train.py (e.g. model/<run>/best), "
               "or an old GPT2-chitchat folder together with --vocab_path")
 
 
 # ---- evaluate.py ----------------------------------------------------------------------------
 @dataclass
-class EvaluateConfig(MMIOptions, ModelOptions):
+class EvaluateConfig:
+    model: ModelOptions = group(ModelOptions)
+    mmi: MMIOptions = group(MMIOptions)
     data_path: str | None = opt(None, "held-out dialogues: a train.txt / .jsonl corpus (encoded "
                                 "with the model's vocab into a temporary token store) or a token "
                                 "store directory from preprocess.py")
@@ -381,14 +348,12 @@ class EvaluateConfig(MMIOptions, ModelOptions):
     generate: str | None = opt(None, "write one reply per dialogue to this JSONL file "
                                "({context, reference, reply}; context: the utterances before "
                                "the last, reference: the last) and compute the reply metrics")
-    reply_len: int = opt(25, "longest generated reply in tokens (interact.py --max_len)")
-    max_history_len: int = opt(3, "utterances of the context the model sees, as in "
-                               "interact.py")
-    temperature: float = opt(1.0, "sampling temperature (0: greedy)")
-    topk: int = opt(8, "sample among the k most likely tokens (0: no limit)")
-    topp: float = opt(0.0, "nucleus sampling threshold (0: off)")
-    repetition_penalty: float = opt(1.0, "above 1 makes tokens already in the reply less "
-                                    "likely")
+    # Replies are decoded in batches (Chatbot.generate_batch): no beam search; the seed is
+    # per batch, below. --reply_len was evaluate.py's name for the reply length.
+    decoding: DecodingOptions = group(
+        DecodingOptions, aliases={"max_new_tokens": ["--reply_len"]},
+        flags=["max_new_tokens", "max_history_len", "temperature", "topk", "topp",
+               "repetition_penalty"])
     seed: int = opt(42, "random seed: batch k of replies is sampled with seed + k")
     batch_size: int = opt(16, "perplexity rows, or contexts decoded together, per batch")
     output_json: str | None = opt(None, "metrics file (default: beside --generate as "
@@ -396,29 +361,20 @@ class EvaluateConfig(MMIOptions, ModelOptions):
     quiet: bool = opt(False, "no progress bar")
 
     def __post_init__(self):
-        ModelOptions.__post_init__(self)
-        MMIOptions.__post_init__(self)
-        check(self.model_path is not None, "--model_path is required: the model to evaluate")
+        check(self.model.model_path is not None, "--model_path is required: the model to "
+              "evaluate")
         check(self.data_path is not None, "--data_path is required: held-out dialogues "
               "(train.txt format) or a token store")
         check(self.max_dialogues is None or self.max_dialogues >= 1,
               "--max_dialogues must be at least 1")
         check(self.max_len >= 4, f"--max_len must be at least 4, got {self.max_len}")
-        check(self.reply_len >= 1, f"--reply_len must be at least 1, got {self.reply_len}")
-        check(self.max_history_len >= 1, "--max_history_len must be at least 1")
         check(self.batch_size >= 1, f"--batch_size must be at least 1, got {self.batch_size}")
         check(not (self.no_perplexity and not self.generate),
               "--no_perplexity leaves nothing to do without --generate out.jsonl")
-        check(self.mmi_model_path is None or self.generate is not None,
+        check(self.mmi.mmi_model_path is None or self.generate is not None,
               "--mmi_model_path reranks generated replies: add --generate out.jsonl")
-        DecodingOptions(max_len=self.reply_len, max_history_len=self.max_history_len,
-                        temperature=self.temperature, topk=self.topk, topp=self.topp,
-                        repetition_penalty=self.repetition_penalty)  # validates them
-
-    def decoding(self) -> DecodingOptions:
-        return DecodingOptions(max_len=self.reply_len, max_history_len=self.max_history_len,
-                               temperature=self.temperature, topk=self.topk, topp=self.topp,
-                               repetition_penalty=self.repetition_penalty)
+        check(self.decoding.num_beams == 1, "replies are decoded in batches: num_beams must "
+              "be 1")
 
 
 # ---- convert.py -----------------------------------------------------------------------------

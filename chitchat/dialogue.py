@@ -165,7 +165,7 @@ def build_context(tokenizer: ChatTokenizer, history: Sequence[str], max_history_
     """
     if budget < 3:
         raise ChitchatError(f"a context budget of {budget} tokens cannot hold [CLS], one token "
-                            "and [SEP]; lower --max_len")
+                            "and [SEP]; lower --max_new_tokens")
     if not history:
         raise ChitchatError("the history is empty: there is nothing to reply to")
     picked: list[list[int]] = []
@@ -184,8 +184,8 @@ def build_context(tokenizer: ChatTokenizer, history: Sequence[str], max_history_
                 break  # older utterances do not fit: dropped, oldest first
             keep = budget - 2
             notice = (f"the message is {len(ids)} tokens long; only its last {keep} fit "
-                      f"the context budget of {budget} tokens (n_positions minus --max_len), "
-                      "so its beginning was cut")
+                      f"the context budget of {budget} tokens (n_positions minus "
+                      "--max_new_tokens), so its beginning was cut")
             ids = ids[-keep:]
         picked.append(ids)
         used += len(ids) + 1

@@ -15,6 +15,7 @@ given --batch_size), through `Chatbot.generate_batch`, so MMI is the same code a
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -206,7 +207,7 @@ def default_output(cfg: EvaluateConfig) -> Path:
     if cfg.generate:
         g = Path(cfg.generate)
         return g.with_name(g.stem + ".metrics.json")
-    return Path(cfg.model_path) / f"eval-{Path(cfg.data_path).stem}.json"
+    return Path(cfg.model.model_path) / f"eval-{Path(cfg.data_path).stem}.json"
 
 
 # Files of a model folder that an evaluation output must never replace.
@@ -221,9 +222,9 @@ def check_outputs(cfg: EvaluateConfig) -> None:
     be lost: refuse that before any work."""
     outs = [default_output(cfg)] + ([Path(cfg.generate)] if cfg.generate else [])
     inputs = {Path(p).resolve(): flag for p, flag in ((cfg.data_path, "--data_path"),
-                                                      (cfg.vocab_path, "--vocab_path"))
+                                                      (cfg.model.vocab_path, "--vocab_path"))
               if p}
-    models = {Path(p).resolve() for p in (cfg.model_path, cfg.mmi_model_path) if p}
+    models = {Path(p).resolve() for p in (cfg.model.model_path, cfg.mmi.mmi_model_path) if p}
     for out in outs:
         r = out.resolve()
         if r.is_dir():
@@ -253,18 +254,19 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     log = get_logger(quiet=cfg.quiet)
     check_outputs(cfg)
     hf_logging.disable_progress_bar()
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    if cfg.model.threads:  # the perplexity runs before any Chatbot exists
+        torch.set_num_threads(cfg.model.threads)
     progress = not cfg.quiet and sys.stderr.isatty()
-    device = resolve_device(cfg.device, cfg.no_cuda)
-    model, tok = load_model(cfg.model_path, cfg.vocab_path, device)
+    m = cfg.model
+    device = resolve_device(m.device, m.no_cuda)
+    model, tok = load_model(m.model_path, m.vocab_path, device)
     set_fp32_precision(device, cfg.exact_fp32)  # the perplexity runs in float32
-    vocab_file = Path(cfg.vocab_path) if cfg.vocab_path else Path(cfg.model_path) / "vocab.txt"
+    vocab_file = Path(m.vocab_path) if m.vocab_path else Path(m.model_path) / "vocab.txt"
     data_path = Path(cfg.data_path)
     if not is_store(data_path) and cfg.split != "all":
         raise ChitchatError(f"--split {cfg.split} selects from a token store's split; a text "
                             f"corpus ({data_path}) is evaluated whole")
-    result: dict = {"model_path": str(cfg.model_path), "data_path": str(data_path),
+    result: dict = {"model_path": str(m.model_path), "data_path": str(data_path),
                     "split": cfg.split, "max_dialogues": cfg.max_dialogues, "seed": cfg.seed,
                     "device": str(device)}
     t0 = time.perf_counter()
@@ -286,15 +288,12 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     del model
     if cfg.generate:
         t1 = time.perf_counter()
-        bot = Chatbot.from_pretrained(cfg.model_path, cfg.vocab_path, device=cfg.device,
-                                      no_cuda=cfg.no_cuda, dtype=cfg.dtype,
-                                      quantize=cfg.quantize, backend=cfg.backend,
-                                      **cfg.mmi_kwargs(), **vars(cfg.decoding()))
-        mmi = f" x --num_candidates {cfg.num_candidates}" if cfg.mmi_model_path else ""
+        bot = Chatbot.from_options(m, cfg.decoding, cfg.mmi)
+        mmi = f" x --num_candidates {cfg.mmi.num_candidates}" if cfg.mmi.mmi_model_path else ""
         with out_of_memory_advice(
                 device, f"generating replies (--batch_size {cfg.batch_size} contexts{mmi})",
                 "Use a smaller --batch_size" + (" or fewer --num_candidates" if mmi else "")
-                + (", or --dtype bfloat16 / float16" if cfg.dtype == "float32" else "") + "."):
+                + (", or --dtype bfloat16 / float16" if m.dtype == "float32" else "") + "."):
             records = generate_replies(bot, dialogues, cfg.batch_size, cfg.seed, progress)
         if not records:
             raise ChitchatError(f"{data_path}: no dialogue has two utterances; nothing to "
@@ -305,14 +304,12 @@ def evaluate(cfg: EvaluateConfig) -> dict:
                                           [r["reference"] for r in records],
                                           [r["context"] for r in records])
         result["bleu"] = BLEU_NOTE
-        result["decoding"] = vars(cfg.decoding())
-        result["mmi"] = ({"mmi_model_path": cfg.mmi_model_path,
-                          "num_candidates": cfg.num_candidates, "mmi_weight": cfg.mmi_weight}
-                         if cfg.mmi_model_path else None)
+        result["decoding"] = dataclasses.asdict(cfg.decoding)
+        result["mmi"] = dataclasses.asdict(cfg.mmi) if cfg.mmi.mmi_model_path else None
         result["generation_seconds"] = round(time.perf_counter() - t1, 2)
     out = default_output(cfg)
     write_json(out, result)
-    print(f"{cfg.model_path} on {data_path}"
+    print(f"{m.model_path} on {data_path}"
           + (f" (first {cfg.max_dialogues} dialogues)" if cfg.max_dialogues else ""))
     print(format_table(result))
     log.info(f"wrote {out}" + (f" and {cfg.generate}" if cfg.generate else ""))

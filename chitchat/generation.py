@@ -220,13 +220,14 @@ class Step:
     logprobs: list[float | None] | None = None
 
 
-def _check_budget(context_len: int, max_len: int, n_positions: int) -> None:
+def _check_budget(context_len: int, max_new_tokens: int, n_positions: int) -> None:
     # The last token is never fed back, so the model sees positions up to
-    # context_len + max_len - 2.
-    if context_len + max_len - 1 > n_positions:
+    # context_len + max_new_tokens - 2.
+    if context_len + max_new_tokens - 1 > n_positions:
         raise ChitchatError(
-            f"a context of {context_len} tokens plus --max_len {max_len} does not fit the "
-            f"model's n_positions ({n_positions}); shorten the history or lower --max_len")
+            f"a context of {context_len} tokens plus --max_new_tokens {max_new_tokens} does "
+            f"not fit the model's n_positions ({n_positions}); shorten the history or lower "
+            "--max_new_tokens")
 
 
 def decode(backend, contexts: Sequence[Sequence[int]], opts: DecodingOptions,
@@ -238,17 +239,18 @@ def decode(backend, contexts: Sequence[Sequence[int]], opts: DecodingOptions,
     `copies` > 1 with a single context feeds that context once and decodes `copies`
     independent samples from it (the KV cache is copied, not recomputed). `token_types` and
     `reply_types` are speaker ids for models trained with them (None otherwise). Stops when
-    every row has produced [SEP] or `opts.max_len` tokens; the batch sheds finished rows
-    as it goes (the backend's `reorder`). Runs under inference_mode.
+    every row has produced [SEP] or `opts.max_new_tokens` tokens; the batch sheds finished
+    rows as it goes (the backend's `reorder`). Runs under inference_mode.
     """
     if copies > 1 and len(contexts) != 1:
         raise ValueError("copies > 1 needs exactly one context")
-    _check_budget(max(len(c) for c in contexts), opts.max_len, backend.n_positions)
+    _check_budget(max(len(c) for c in contexts), opts.max_new_tokens, backend.n_positions)
     # inference_mode is entered around each computation, never across a yield: the
     # caller's code between two tokens must run in its own autograd mode.
     with torch.inference_mode():
         state, logits = backend.start(contexts, token_types=token_types, reply_types=reply_types,
-                                      capacity=max(len(c) for c in contexts) + opts.max_len)
+                                      capacity=max(len(c) for c in contexts)
+                                      + opts.max_new_tokens)
         cons = cons.to(logits.device)
         if copies > 1:
             backend.reorder(state, torch.zeros(copies, dtype=torch.long, device=logits.device))
@@ -259,7 +261,7 @@ def decode(backend, contexts: Sequence[Sequence[int]], opts: DecodingOptions,
     generated: list[list[int]] = [[] for _ in range(B)]
     done = [False] * B
     live = list(range(B))  # the caller's row of each row still in the batch
-    for step in range(opts.max_len):
+    for step in range(opts.max_new_tokens):
         with torch.inference_mode():
             processed = process_logits(logits, [generated[r] for r in live], step, opts, cons,
                                        seen)  # new tensor
@@ -285,7 +287,7 @@ def decode(backend, contexts: Sequence[Sequence[int]], opts: DecodingOptions,
             else:
                 generated[r].append(t)
         yield Step(out, lp)
-        if all(done) or step == opts.max_len - 1:
+        if all(done) or step == opts.max_new_tokens - 1:
             return
         with torch.inference_mode():
             if seen is not None:
@@ -328,7 +330,7 @@ class Row:
 
     def choose(self, logits: torch.Tensor) -> int | None:
         """The next token from this row's (1, V) or (V,) logits: a reply token, or None
-        once the reply has ended ([SEP] or max_len)."""
+        once the reply has ended ([SEP] or max_new_tokens)."""
         if self.done:
             raise RuntimeError("the row has already ended")
         opts = self.opts
@@ -349,7 +351,7 @@ class Row:
         self.tokens.append(t)
         if self.logprobs is not None:
             self.logprobs.append(lp)
-        if len(self.tokens) >= opts.max_len:
+        if len(self.tokens) >= opts.max_new_tokens:
             self.finish_reason = "length"
         return t
 
@@ -373,22 +375,23 @@ def beam_search(backend, context: Sequence[int], opts: DecodingOptions, cons: Co
 
     Deterministic and simple: `num_beams` live hypotheses; a hypothesis that picks [SEP]
     (allowed from min_len on) is finished; search stops once `num_beams` hypotheses have
-    finished or max_len is reached (then live ones count as finished). The bans, min length,
-    repetition penalty and n-gram rules apply; temperature, top-k and top-p do not.
+    finished or max_new_tokens is reached (then live ones count as finished). The bans,
+    min length, repetition penalty and n-gram rules apply; temperature, top-k and top-p
+    do not.
     """
     nb = opts.num_beams
-    _check_budget(len(context), opts.max_len, backend.n_positions)
+    _check_budget(len(context), opts.max_new_tokens, backend.n_positions)
     with torch.inference_mode():
         state, logits = backend.start([context], token_types=token_types,
                                       reply_types=reply_types,
-                                      capacity=len(context) + opts.max_len)
+                                      capacity=len(context) + opts.max_new_tokens)
         cons = cons.to(logits.device)
         V = logits.shape[-1]
         beams: list[list[int]] = [[]]
         beam_scores = torch.zeros(1, device=logits.device)
         finished: list[tuple[float, list[int]]] = []
         track = opts.repetition_penalty != 1.0
-        for step in range(opts.max_len):
+        for step in range(opts.max_new_tokens):
             seen = None
             if track:
                 seen = torch.zeros(len(beams), V, dtype=torch.bool, device=logits.device)
@@ -412,9 +415,9 @@ def beam_search(backend, context: Sequence[int], opts: DecodingOptions, cons: Co
                 src.append(b)
                 if len(new_beams) == nb:
                     break
-            if len(finished) >= nb or not new_beams or step == opts.max_len - 1:
+            if len(finished) >= nb or not new_beams or step == opts.max_new_tokens - 1:
                 finished.extend((s / len(bm), bm) for s, bm in zip(new_scores, new_beams)
-                                if step == opts.max_len - 1)
+                                if step == opts.max_new_tokens - 1)
                 break
             index = torch.tensor(src, dtype=torch.long, device=logits.device)
             backend.reorder(state, index)

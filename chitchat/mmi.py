@@ -38,15 +38,23 @@ finite forward score (by it), then any non-empty candidate, then the longest one
 from __future__ import annotations
 
 import difflib
+import logging
 import math
 from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 
+from .backends import DTYPES, conv1d_to_linear, make_backend
+from .config import DEFAULT_MMI_WEIGHT, DEFAULT_NUM_CANDIDATES, MMIOptions
+from .dialogue import Context, reverse_input, reverse_speaker_types, split_context
+from .tokenization import ChatTokenizer, check_same_vocab
+from .utils import ChitchatError
+
+log = logging.getLogger("chitchat")
+
 NEAR_DUPLICATE = 0.8
 MAX_CHAR_RUN = 4
-DEFAULT_WEIGHT = 0.5
 
 
 @dataclass
@@ -89,7 +97,7 @@ def similarity(a: str, b: str) -> float:
 
 
 def rerank(texts: Sequence[str], forward: Sequence[float], reverse: Sequence[float],
-           weight: float = DEFAULT_WEIGHT, previous: str | None = None,
+           weight: float = DEFAULT_MMI_WEIGHT, previous: str | None = None,
            token_ids: Sequence[Sequence[int]] | None = None,
            threshold: float = NEAR_DUPLICATE, char_run: int | None = MAX_CHAR_RUN) -> Ranking:
     """Filter and rank candidates; pure. `previous` is the bot's previous turn (or None);
@@ -181,3 +189,86 @@ def reverse_scores(backend, inputs: Sequence[tuple[list[int], int]], pad_id: int
         counts = torch.bincount(r, minlength=len(chunk)).double()
         out.extend((sums / counts).tolist())  # 0/0 = NaN for a row with no target
     return out
+
+
+# ---- the reverse model of a Chatbot ----------------------------------------------------
+class MMI:
+    """The reverse model and the reranking settings of a Chatbot (see chitchat.mmi)."""
+
+    def __init__(self, model, tokenizer: ChatTokenizer,
+                 num_candidates: int = DEFAULT_NUM_CANDIDATES,
+                 weight: float = DEFAULT_MMI_WEIGHT, backend: str = "fast"):
+        from .modeling import check_vocab, is_reverse, speaker_token_ids
+
+        where = getattr(model.config, "_name_or_path", "") or "(in memory)"
+        if not is_reverse(model.config):
+            raise ChitchatError(f"the MMI model {where} is not a reverse model: its config.json "
+                                "has no reverse: true. Train one on the same token store with: "
+                                "python train.py --reverse --train_path <store> ...")
+        check_vocab(model, tokenizer, where)
+        MMIOptions.check(num_candidates, weight)
+        self.model = model.eval()
+        # Scoring runs num_candidates rows of reply + context through the model at once.
+        self.backend = make_backend(self.model, backend, pad_id=tokenizer.pad_id)
+        self.backend.prepare(num_candidates)
+        self.tokenizer = tokenizer
+        self.num_candidates = num_candidates
+        self.weight = weight
+        self.n_positions = int(model.config.n_positions)
+        self.speaker_ids = speaker_token_ids(model.config)
+
+    def score(self, contexts: Sequence[Context], replies: Sequence[Sequence[int]]) -> list[float]:
+        """Mean log P(context | reply) of each (context, reply) pair, in one batched pass."""
+        tok = self.tokenizer
+        inputs, types, row_of, seen = [], [], [], {}
+        for ctx, reply in zip(contexts, replies):
+            key = (tuple(ctx.ids), tuple(reply))
+            if key in seen:  # short replies repeat often ("哈哈"): score each once
+                row_of.append(seen[key])
+                continue
+            seen[key] = len(inputs)
+            row_of.append(len(inputs))
+            utts = split_context(ctx.ids, tok.cls_id, tok.sep_id)
+            ids, first, kept = reverse_input(reply, utts, tok.cls_id, tok.sep_id,
+                                             self.n_positions)
+            inputs.append((ids, first))
+            if self.speaker_ids is not None:
+                types.append(reverse_speaker_types(first - 2, utts, kept, self.speaker_ids,
+                                                   len(ids)))
+        scores = reverse_scores(self.backend, inputs, tok.pad_id, types or None)
+        return [scores[r] for r in row_of]
+
+    def rank(self, histories: Sequence[Sequence[str]], contexts: Sequence[Context],
+             cands: Sequence) -> list[tuple]:
+        """[(chosen candidate, Ranking)] per history; `cands`: num_candidates finished
+        candidate Replies per history, in order, with their token_logprobs."""
+        n = self.num_candidates
+        forward = [mean_logprob((c.token_logprobs or []) +
+                                ([c.stop_logprob] if c.stop_logprob is not None else []))
+                   for c in cands]
+        reverse = self.score([contexts[b // n] for b in range(len(cands))],
+                             [c.token_ids for c in cands])
+        out = []
+        for i, h in enumerate(histories):
+            rows = range(i * n, (i + 1) * n)
+            previous = h[-2] if len(h) >= 2 else None  # the bot's turn before the user's
+            ranking = rerank([cands[b].text for b in rows], [forward[b] for b in rows],
+                             [reverse[b] for b in rows], self.weight, previous,
+                             token_ids=[cands[b].token_ids for b in rows])
+            if ranking.fallback:
+                log.debug("MMI fallback: %s", ranking.fallback)
+            out.append((cands[i * n + ranking.choice], ranking))
+        return out
+
+
+def load_mmi_model(path, tokenizer: ChatTokenizer, vocab_path=None, device="cpu",
+                   dtype: str = "float32"):
+    """The reverse model at `path`, checked against the forward model's vocab."""
+    from .modeling import load_model
+
+    model, rtok = load_model(path, vocab_path=vocab_path, device=device, dtype=DTYPES[dtype])
+    check_same_vocab(tokenizer, "the forward model's vocab", rtok, f"of the MMI model {path}",
+                     "Train the reverse model on the same token store (python train.py "
+                     "--reverse --train_path <the forward model's store>).")
+    conv1d_to_linear(model)  # F.linear on (out, in) weights: the faster CPU product
+    return model

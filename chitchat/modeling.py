@@ -199,7 +199,7 @@ def generation_config(tokenizer: ChatTokenizer,
     sample as chitchat does. The tokens chitchat never generates are bad_words_ids."""
     o = options or DecodingOptions()
     sample = not o.greedy and o.temperature > 0 and o.num_beams == 1
-    kw = dict(**special_ids(tokenizer), max_new_tokens=o.max_len,
+    kw = dict(**special_ids(tokenizer), max_new_tokens=o.max_new_tokens,
               min_new_tokens=o.min_len, repetition_penalty=o.repetition_penalty,
               no_repeat_ngram_size=o.no_repeat_ngram_size, num_beams=o.num_beams,
               do_sample=sample, bad_words_ids=[[i] for i in tokenizer.banned_ids])

@@ -22,8 +22,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TextIO
 
-from .chat import Chatbot, Reply, coerce_option, printable, read_bad_words
-from .config import DecodingOptions, InteractConfig
+from .chat import Chatbot
+from .config import DecodingOptions, InteractConfig, coerce_option
+from .dialogue import printable
+from .streams import Reply
 from .utils import ChitchatError, get_logger
 
 HELP = """commands:
@@ -321,34 +323,28 @@ def terminal_foreground(stream: TextIO):
 
 def interact(cfg: InteractConfig) -> int:
     """interact.py: load the model, then chat until the user leaves."""
-    import torch
     from transformers.utils import logging as hf_logging
 
     log = get_logger()
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
     hf_logging.disable_progress_bar()  # no "Loading weights" bar in a chat
-    bad = read_bad_words(cfg.bad_words) if cfg.bad_words else ()
-    bot = Chatbot.from_pretrained(cfg.model_path, cfg.vocab_path, device=cfg.device,
-                                  no_cuda=cfg.no_cuda, dtype=cfg.dtype, quantize=cfg.quantize,
-                                  backend=cfg.backend, bad_words=bad, **cfg.mmi_kwargs(),
-                                  **dataclasses.asdict(cfg.decoding()))
+    m, mmi = cfg.model, cfg.mmi
+    bot = Chatbot.from_options(m, cfg.decoding, mmi, cfg.bad_words)
     if sys.stdin.isatty():
-        log.info("loaded %s (n_positions %d, %s%s, %s backend)", cfg.model_path, bot.n_positions,
-                 cfg.dtype, ", int8" if cfg.quantize else "", cfg.backend)
+        log.info("loaded %s (n_positions %d, %s%s, %s backend)", m.model_path, bot.n_positions,
+                 m.dtype, ", int8" if m.quantize else "", m.backend)
         if bot.mmi is not None:
             log.info("MMI: reverse model %s, %d candidates, weight %.2f (replies appear "
-                     "once reranked, not streamed)", cfg.mmi_model_path, cfg.num_candidates,
-                     cfg.mmi_weight)
+                     "once reranked, not streamed)", mmi.mmi_model_path, mmi.num_candidates,
+                     mmi.mmi_weight)
     if cfg.debug and bot.mmi is None:
         log.warning("--debug prints MMI candidates; without --mmi_model_path there are none")
     transcript = None
     if cfg.save_samples_path:
-        settings = {"model_path": cfg.model_path, "dtype": cfg.dtype, "quantize": cfg.quantize,
-                    "backend": cfg.backend, "bad_words": cfg.bad_words,
-                    "mmi_model_path": cfg.mmi_model_path}
-        if cfg.mmi_model_path:
-            settings.update(num_candidates=cfg.num_candidates, mmi_weight=cfg.mmi_weight)
+        settings = {"model_path": m.model_path, "dtype": m.dtype, "quantize": m.quantize,
+                    "backend": m.backend, "bad_words": cfg.bad_words,
+                    "mmi_model_path": mmi.mmi_model_path}
+        if mmi.mmi_model_path:
+            settings.update(num_candidates=mmi.num_candidates, mmi_weight=mmi.mmi_weight)
         transcript = Transcript(cfg.save_samples_path, settings)
     try:
         with terminal_foreground(sys.stdin):

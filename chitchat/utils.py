@@ -237,3 +237,15 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 def write_json(path: str | os.PathLike, obj) -> None:
     atomic_write_text(path, json.dumps(obj, ensure_ascii=False, indent=2) + "\n")
+
+
+def read_bad_words(path: str | os.PathLike) -> list[str]:
+    """A --bad_words file: words or phrases, one per line; blank lines are skipped."""
+    path = Path(path)
+    if not path.is_file():
+        raise ChitchatError(f"--bad_words file not found: {path}")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise ChitchatError(f"{path}: not UTF-8 ({e.reason} at byte {e.start})") from None
+    return [ln.strip() for ln in lines if ln.strip()]

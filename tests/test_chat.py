@@ -8,8 +8,7 @@ import pytest
 import torch
 
 from chitchat import Chatbot
-from chitchat.chat import coerce_option
-from chitchat.config import DecodingOptions
+from chitchat.config import DecodingOptions, coerce_option
 from chitchat.dialogue import build_context, encode_context
 from chitchat.modeling import load_model, set_speaker_token_ids
 from chitchat.tokenization import ChatTokenizer

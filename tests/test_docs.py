@@ -1,6 +1,4 @@
 """The README documents every command-line flag of every tool."""
-import dataclasses
-
 import pytest
 
 from chitchat import config
@@ -14,8 +12,7 @@ TOOLS = [config.PreprocessConfig, config.TrainConfig, config.InteractConfig,
 @pytest.mark.parametrize("cls", TOOLS, ids=lambda c: c.__name__)
 def test_readme_documents_every_flag(cls):
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    missing = [f.name for f in dataclasses.fields(cls)
-               if "help" in f.metadata and f"`--{f.name}`" not in readme]
+    missing = [fl.dest for fl in config.flags(cls) if f"`{fl.names[0]}`" not in readme]
     assert not missing, f"README lacks {cls.__name__} flags: {missing}"
 
 
@@ -31,8 +28,23 @@ def test_readme_flag_tables_are_current(cls):
 def test_every_flag_has_help_and_parses_its_default(cls):
     parser = config.build_parser(cls)
     ns = parser.parse_args(["--model_path", "x"] if any(
-        f.name == "model_path" and f.default is None for f in dataclasses.fields(cls)) else [])
-    for f in dataclasses.fields(cls):
-        if "help" in f.metadata:
-            assert f.metadata["help"].strip()
-            assert hasattr(ns, f.name)
+        fl.dest == "model_path" and fl.default is None for fl in config.flags(cls)) else [])
+    for fl in config.flags(cls):
+        assert fl.meta["help"].strip()
+        assert hasattr(ns, fl.dest)
+
+
+def test_flat_flags_fill_the_option_groups():
+    """Option groups are fields of a tool's config; their flags stay flat, with the old
+    spellings of the reply length kept."""
+    cfg = config.parse_config(config.InteractConfig, ["--model_path", "m", "--max_len", "30",
+                                                      "--topk", "3", "--num_candidates", "2"])
+    assert (cfg.model.model_path, cfg.decoding.max_new_tokens, cfg.decoding.topk,
+            cfg.mmi.num_candidates) == ("m", 30, 3, 2)
+    ev = config.parse_config(config.EvaluateConfig, ["--model_path", "m", "--data_path", "d",
+                                                     "--reply_len", "7", "--max_len", "64",
+                                                     "--seed", "1"])
+    assert (ev.decoding.max_new_tokens, ev.max_len, ev.seed, ev.decoding.seed) == (7, 64, 1, None)
+    sv = config.parse_config(ServeConfig, ["--model_path", "m", "--max_new_tokens", "9",
+                                           "--port", "0"])
+    assert (sv.decoding.max_new_tokens, sv.server.port) == (9, 0)

@@ -58,12 +58,15 @@ def test_perplexity_matches_a_direct_computation(sample_store, tiny_model_dir, l
 def test_config_rejects_bad_combinations():
     from chitchat.utils import ChitchatError
 
+    from chitchat.config import MMIOptions, ModelOptions
+
+    m = ModelOptions(model_path="m")
     with pytest.raises(ChitchatError, match="--data_path is required"):
-        EvaluateConfig(model_path="m")
+        EvaluateConfig(model=m)
     with pytest.raises(ChitchatError, match="add --generate"):
-        EvaluateConfig(model_path="m", data_path="d", mmi_model_path="r")
+        EvaluateConfig(model=m, data_path="d", mmi=MMIOptions(mmi_model_path="r"))
     with pytest.raises(ChitchatError, match="nothing to do"):
-        EvaluateConfig(model_path="m", data_path="d", no_perplexity=True)
+        EvaluateConfig(model=m, data_path="d", no_perplexity=True)
 
 
 def run(args):

@@ -15,7 +15,7 @@ import pytest
 
 from chitchat.chat import Chatbot
 from chitchat.checkpoint import MANIFEST, STATE_FILE, TENSORS_FILE, verify_checkpoint
-from chitchat.config import EvaluateConfig, PreprocessConfig, TrainConfig
+from chitchat.config import EvaluateConfig, ModelOptions, PreprocessConfig, TrainConfig
 from chitchat.preprocessing import preprocess
 from chitchat.store import TokenStore
 from chitchat.repl import Repl, Transcript
@@ -300,12 +300,12 @@ def test_evaluate_never_writes_over_its_inputs(tiny_model_dir, sample_store, tmp
     corpus = tmp_path / "held_out.txt"
     shutil.copy(SAMPLE, corpus)
     with pytest.raises(ChitchatError, match="--data_path"):
-        check_outputs(EvaluateConfig(model_path=str(tiny_model_dir), data_path=str(corpus),
+        check_outputs(EvaluateConfig(model=ModelOptions(model_path=str(tiny_model_dir)), data_path=str(corpus),
                                      generate=str(corpus)))
     with pytest.raises(ChitchatError, match="model folder"):
-        check_outputs(EvaluateConfig(model_path=str(tiny_model_dir), data_path=str(corpus),
+        check_outputs(EvaluateConfig(model=ModelOptions(model_path=str(tiny_model_dir)), data_path=str(corpus),
                                      output_json=str(tiny_model_dir / "config.json")))
-    check_outputs(EvaluateConfig(model_path=str(tiny_model_dir), data_path=str(corpus),
+    check_outputs(EvaluateConfig(model=ModelOptions(model_path=str(tiny_model_dir)), data_path=str(corpus),
                                  generate=str(tmp_path / "replies.jsonl")))
 
 

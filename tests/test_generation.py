@@ -165,7 +165,7 @@ def test_banned_ids_are_never_emitted():
         x[[1, 2, 4]] = torch.tensor([30.0, 29.0, 28.0])
         x[SEP] = -50
         return x
-    opts = DecodingOptions(max_len=30, topk=0, temperature=1.0, seed=0)
+    opts = DecodingOptions(max_new_tokens=30, topk=0, temperature=1.0, seed=0)
     for greedy in (True, False):
         toks = list(decode_one(Scripted(fn), [5, 6], DecodingOptions(**{**vars(opts),
                                                                         "greedy": greedy}),
@@ -177,22 +177,22 @@ def test_bad_word_phrases_are_banned_as_ngram_completions():
     # The model wants to say 10 11 12 10 11 12 ...; the phrase (11, 12) is banned.
     cons = Constraints.build(V, SEP, banned_ids=[0], phrases=[[11, 12], [13]])
     fn = lambda b, step: peaked([10, 11, 12][step % 3]) + peaked(13) * 0.9
-    toks = list(decode_one(Scripted(fn), [5], DecodingOptions(max_len=6, greedy=True), cons))
+    toks = list(decode_one(Scripted(fn), [5], DecodingOptions(max_new_tokens=6, greedy=True), cons))
     assert 13 not in toks
     assert all(not (a == 11 and b == 12) for a, b in zip(toks, toks[1:]))
 
 
 def test_stops_at_sep_and_at_max_len():
     fn = lambda b, step: peaked(SEP if step == 3 else 7 + step)
-    assert list(decode_one(Scripted(fn), [5], DecodingOptions(max_len=10, greedy=True), CONS)) \
-        == [7, 8, 9]
-    assert list(decode_one(Scripted(fn), [5], DecodingOptions(max_len=2, greedy=True), CONS)) \
-        == [7, 8]
+    assert list(decode_one(Scripted(fn), [5], DecodingOptions(max_new_tokens=10, greedy=True),
+                           CONS)) == [7, 8, 9]
+    assert list(decode_one(Scripted(fn), [5], DecodingOptions(max_new_tokens=2, greedy=True),
+                           CONS)) == [7, 8]
 
 
 def test_min_len_suppresses_sep():
     fn = lambda b, step: peaked(SEP) + peaked(9) * 0.5
-    toks = list(decode_one(Scripted(fn), [5], DecodingOptions(max_len=10, min_len=4,
+    toks = list(decode_one(Scripted(fn), [5], DecodingOptions(max_new_tokens=10, min_len=4,
                                                                greedy=True), CONS))
     assert toks == [9, 9, 9, 9]
 
@@ -200,7 +200,7 @@ def test_min_len_suppresses_sep():
 def test_batch_rows_stop_independently():
     # Row b says [SEP] at step b + 1.
     fn = lambda b, step: peaked(SEP if step == b + 1 else 20 + b)
-    steps = list(decode(Scripted(fn), [[5], [5, 6], [7]], DecodingOptions(max_len=10,
+    steps = list(decode(Scripted(fn), [[5], [5, 6], [7]], DecodingOptions(max_new_tokens=10,
                                                                           greedy=True), CONS,
                         scores=True))
     rows = list(zip(*[s.tokens for s in steps]))
@@ -215,8 +215,8 @@ def test_the_batch_shrinks_to_the_rows_still_going():
     fn = lambda b, step: peaked(SEP if step == b + 1 else 20 + b + step)
     ctxs = [[5]] * 8
     be = Scripted(fn)
-    steps = list(decode(be, ctxs, DecodingOptions(max_len=12, greedy=True, repetition_penalty=1.3),
-                        CONS, scores=True))
+    steps = list(decode(be, ctxs, DecodingOptions(max_new_tokens=12, greedy=True,
+                                                  repetition_penalty=1.3), CONS, scores=True))
     rows = [[t for t in r if t is not None] for r in zip(*[s.tokens for s in steps])]
     assert rows == [[20 + b + k for k in range(b + 1)] + [SEP] for b in range(8)]
     assert be.batch_sizes == [8, 8, 8, 8, 4, 4, 2, 1]
@@ -227,19 +227,20 @@ def test_the_batch_shrinks_to_the_rows_still_going():
 def test_repetition_penalty_applies_to_the_reply_only():
     # Equal preference for 7 and 8; once 7 is said, the penalty must move to 8.
     fn = lambda b, step: peaked(7) + peaked(8) * 0.999
-    opts = DecodingOptions(max_len=3, greedy=True, repetition_penalty=1.5)
+    opts = DecodingOptions(max_new_tokens=3, greedy=True, repetition_penalty=1.5)
     assert list(decode_one(Scripted(fn), [7, 7, 7], opts, CONS))[:2] == [7, 8]
 
 
 def test_budget_is_checked_before_decoding():
     with pytest.raises(ChitchatError, match="n_positions"):
         list(decode_one(Scripted(lambda b, s: peaked(7), n_positions=10), list(range(5, 13)),
-                        DecodingOptions(max_len=4), CONS))
+                        DecodingOptions(max_new_tokens=4), CONS))
 
 
 def test_the_last_position_fed_stays_below_n_positions():
     be = Scripted(lambda b, s: peaked(7), n_positions=10)
-    toks = list(decode_one(be, list(range(5, 12)), DecodingOptions(max_len=4, greedy=True), CONS))
+    toks = list(decode_one(be, list(range(5, 12)), DecodingOptions(max_new_tokens=4, greedy=True),
+                           CONS))
     assert len(toks) == 4 and be.max_length <= 10
 
 
@@ -280,10 +281,11 @@ class Tree(Scripted):
 
 
 def test_beam_search_finds_the_better_sequence_greedy_misses():
-    greedy = list(decode_one(Tree(), [5], DecodingOptions(max_len=5, greedy=True), CONS))
+    greedy = list(decode_one(Tree(), [5], DecodingOptions(max_new_tokens=5, greedy=True), CONS))
     assert greedy[0] == 7
-    assert beam_search(Tree(), [5], DecodingOptions(max_len=5, num_beams=3), CONS) == [8, 9]
-    assert list(decode_one(Tree(), [5], DecodingOptions(max_len=5, num_beams=2), CONS)) == [8, 9]
+    assert beam_search(Tree(), [5], DecodingOptions(max_new_tokens=5, num_beams=3), CONS) == [8, 9]
+    assert list(decode_one(Tree(), [5], DecodingOptions(max_new_tokens=5, num_beams=2),
+                           CONS)) == [8, 9]
 
 
 # ---- the fast backend against transformers --------------------------------------------------
@@ -415,7 +417,7 @@ def test_hidden_and_project_match_transformers_under_right_padding(rows, block_e
 
 def test_copies_decode_from_one_prefill():
     model = tiny_gpt2()
-    opts = DecodingOptions(max_len=6, topk=0)
+    opts = DecodingOptions(max_new_tokens=6, topk=0)
     cons = Constraints.build(V, SEP, [0, 1, 2])
     be = FastGPT2(model)
     steps = list(decode(be, [[2, 10, 11, 3]], opts, cons, torch.Generator().manual_seed(0),
@@ -428,7 +430,7 @@ def test_greedy_equals_transformers_generate():
     model = tiny_gpt2()
     ctx = [2, 17, 30, 41, 3]
     banned = [0, 1, 2, 5, 6]
-    ours = list(decode_one(FastGPT2(model), ctx, DecodingOptions(max_len=12, min_len=0,
+    ours = list(decode_one(FastGPT2(model), ctx, DecodingOptions(max_new_tokens=12, min_len=0,
                                                                  greedy=True),
                            Constraints.build(V, SEP, banned)))
     out = model.generate(torch.tensor([ctx]), max_new_tokens=12, do_sample=False,

@@ -388,7 +388,7 @@ def test_decoding_reads_back_once_per_token(monkeypatch, tiny_model_dir, backend
     model, tok = load_model(tiny_model_dir)
     be = make_backend(model, backend, tok.pad_id)
     cons = Constraints.build(tok.vocab_size, tok.sep_id, tok.banned_ids)
-    opts = DecodingOptions(max_len=6, min_len=6, topk=8, topp=0.9)
+    opts = DecodingOptions(max_new_tokens=6, min_len=6, topk=8, topp=0.9)
     monkeypatch.setattr(generation, "host_reads_are_cheap", lambda device: False,
                         raising=False)
     contexts = [[tok.cls_id, 10, 11, 12, tok.sep_id], [tok.cls_id, 13, tok.sep_id]]
@@ -414,7 +414,7 @@ def test_banned_mask_moves_once_per_decode(monkeypatch, tiny_model_dir):
 
     monkeypatch.setattr(torch.Tensor, "to", to)
     steps = list(decode(be, [[tok.cls_id, 10, tok.sep_id]],
-                        DecodingOptions(max_len=8, min_len=8), cons,
+                        DecodingOptions(max_new_tokens=8, min_len=8), cons,
                         torch.Generator().manual_seed(0)))
     monkeypatch.undo()
     assert len(steps) == 8 and len(moves) <= 1

@@ -146,7 +146,7 @@ def test_generation_config_has_chitchat_defaults(run, hf):
     assert (g.bos_token_id, g.eos_token_id, g.pad_token_id) == (tok.cls_id, tok.sep_id,
                                                                 tok.pad_id)
     assert g.do_sample and g.temperature == d.temperature and g.top_k == d.topk
-    assert g.repetition_penalty == d.repetition_penalty and g.max_new_tokens == d.max_len
+    assert g.repetition_penalty == d.repetition_penalty and g.max_new_tokens == d.max_new_tokens
     assert g.min_new_tokens == d.min_len
     assert d.topp == 0 and g.top_p == 1.0  # both mean "no nucleus filter"
     assert sorted(i for [i] in g.bad_words_ids) == tok.banned_ids
@@ -155,8 +155,8 @@ def test_generation_config_has_chitchat_defaults(run, hf):
 @pytest.mark.slow
 def test_generation_config_follows_the_options(run):
     tok = ChatTokenizer.from_dir(run)
-    g = generation_config(tok, DecodingOptions(temperature=0.7, topk=0, topp=0.9, max_len=40,
-                                               repetition_penalty=1.2))
+    g = generation_config(tok, DecodingOptions(temperature=0.7, topk=0, topp=0.9,
+                                               max_new_tokens=40, repetition_penalty=1.2))
     assert (g.temperature, g.top_k, g.top_p, g.max_new_tokens, g.repetition_penalty) == \
         (0.7, 0, 0.9, 40, 1.2)
     for greedy in (DecodingOptions(greedy=True), DecodingOptions(temperature=0),
@@ -171,12 +171,12 @@ def test_generate_with_the_folders_own_config_stops_at_sep(run, hf, history):
     sep = ChatTokenizer.from_dir(run).sep_id
     enc = hf_tok.apply_chat_template(messages(history), add_generation_prompt=True,
                                      return_dict=True, return_tensors="pt")
-    assert enc["input_ids"].shape[1] + DecodingOptions().max_len <= model.config.n_positions
+    assert enc["input_ids"].shape[1] + DecodingOptions().max_new_tokens <= model.config.n_positions
     torch.manual_seed(len(history))
     out = model.generate(**enc)  # nothing but the folder's generation_config
     reply = out[0, enc["input_ids"].shape[1]:].tolist()
     assert reply[-1] == sep and sep not in reply[:-1], reply
-    assert 2 <= len(reply) <= DecodingOptions().max_len
+    assert 2 <= len(reply) <= DecodingOptions().max_new_tokens
     assert not set(reply) & set(ChatTokenizer.from_dir(run).banned_ids)
 
 

@@ -301,7 +301,8 @@ def test_mmi_model_mistakes_are_clear(tiny_model_dir, reverse_dir, sample_store,
     model = build_model(load_config(tiny_config_path, other))
     set_reverse(model.config, True)
     save_model(model, other, tmp_path / "other")
-    with pytest.raises(ChitchatError, match="vocab mismatch .* first difference at id"):
+    with pytest.raises(ChitchatError, match="MMI model .* differs from the forward model's "
+                       "vocab .same size, but id"):
         Chatbot.from_pretrained(tiny_model_dir, mmi_model_path=tmp_path / "other")
 
 
@@ -380,13 +381,14 @@ def test_interact_set_changes_mmi_settings(tiny_model_dir, reverse_dir):
     assert float(chosen.split(" rev ")[1].split()[0]) == max(revs)
     said = [ln for ln in (proc.stderr + proc.stdout).splitlines()
             if ln.endswith("num_candidates=3 mmi_weight=1.0")]
-    assert len(said) == 2 and said[1].startswith("max_len=")  # /set k=v, then /set
+    assert len(said) == 2 and said[1].startswith("max_new_tokens=")  # /set k=v, then /set
 
 
 # ---- serve.py ---------------------------------------------------------------------------------
 def test_server_decodes_mmi_candidates_as_rows_of_its_batch(mmi_bot):
     from test_engine import run_jobs
 
+    from chitchat.config import parse_config
     from chitchat.serving.options import ServeConfig
 
     hists = [["你好"], ["吃了吗"], ["今天天气不错", "是啊", "出去玩吗"]]
@@ -394,7 +396,8 @@ def test_server_decodes_mmi_candidates_as_rows_of_its_batch(mmi_bot):
     assert max(steps) == 12  # two requests' 6 candidates each; the third waited for rows
     for text, reply in out:
         assert text == reply.text and reply.candidates
-    assert ServeConfig(model_path="m", mmi_model_path="r").mmi_kwargs()["mmi_model_path"] == "r"
+    cfg = parse_config(ServeConfig, ["--model_path", "m", "--mmi_model_path", "r"])
+    assert cfg.mmi.mmi_model_path == "r"
 
 
 def test_ctrl_c_while_reranking_interrupts_the_reply(mmi_bot, monkeypatch):

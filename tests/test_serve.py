@@ -15,6 +15,7 @@ from fastapi.testclient import TestClient  # noqa: E402
 from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
 
 from chitchat.serving.app import create_app  # noqa: E402
+from chitchat.config import DecodingOptions, ModelOptions  # noqa: E402
 from chitchat.serving.options import ServeConfig, ServerOptions  # noqa: E402
 from chitchat.serving.schema import ApiError, ChatRequest, StopMatcher, to_history  # noqa: E402
 from chitchat.utils import ChitchatError  # noqa: E402
@@ -111,10 +112,11 @@ def test_options_map_to_decoding(client, tiny_bot):
                                "max_tokens": 30}).json()
     assert r["choices"][0]["message"]["content"] == \
         tiny_bot.generate(hist, greedy=True, max_len=30).text
-    r = client.post(URL, json={"messages": [user(hist[0])], "top_p": 0,  # nucleus of p=0
-                               "max_completion_tokens": 30}).json()
-    assert r["choices"][0]["message"]["content"] == \
-        tiny_bot.generate(hist, greedy=True, max_len=30).text
+    for top_p in (0, 1):  # both mean no nucleus sampling, as --topp 0 does
+        r = client.post(URL, json={"messages": [user(hist[0])], "top_p": top_p, "seed": 5,
+                                   "max_completion_tokens": 30}).json()
+        assert r["choices"][0]["message"]["content"] == \
+            tiny_bot.generate(hist, seed=5, topp=0, max_len=30).text
     r = client.post(URL, json={"messages": [user(hist[0])], "max_tokens": 2, "top_k": 3,
                                "top_p": 0.9, "repetition_penalty": 1.3,
                                "frequency_penalty": 0.5, "presence_penalty": -1,
@@ -322,9 +324,11 @@ def test_failed_load_is_503_and_reported(tiny_bot):
 def test_serve_config_validation(tmp_path):
     with pytest.raises(ChitchatError, match="--model_path is required"):
         ServeConfig()
+    model = ModelOptions(model_path=str(tmp_path))
     with pytest.raises(ChitchatError, match="max_tokens_limit"):
-        ServeConfig(model_path=str(tmp_path), max_len=300, max_tokens_limit=100)
-    assert ServeConfig(model_path=str(tmp_path)).host == "127.0.0.1"
+        ServeConfig(model=model, decoding=DecodingOptions(max_new_tokens=300),
+                    server=ServerOptions(max_tokens_limit=100))
+    assert ServeConfig(model=model).server.host == "127.0.0.1"
 
 
 # ---- fuzz -------------------------------------------------------------------------------------

@@ -88,5 +88,5 @@ def check_fits(n: int, limit: int) -> None:
         # The context budget in chat.py and generation.py keeps this from happening; reaching
         # it is a bug, and a silent wrap-around would feed the model unseen positions.
         raise ChitchatError(f"position {n - 1} is beyond the last usable position "
-                            f"({limit - 1}); shorten the context or --max_len")
+                            f"({limit - 1}); shorten the context or --max_new_tokens")
 

@@ -15,8 +15,9 @@ How a request becomes a reply:
   model was never trained with instructions). The last message must be the user's. The
   Chatbot's own `context()` trims the history to its budget, exactly as in the REPL.
 * **Options.** temperature, top_p, max_tokens (or max_completion_tokens), seed, stop, and the
-  extras top_k and repetition_penalty map onto DecodingOptions; top_p 0 means greedy (the
-  nucleus of p=0 is the single most likely token). frequency_penalty and presence_penalty are
+  extras top_k and repetition_penalty map onto DecodingOptions (max_tokens onto
+  max_new_tokens); top_p 0 or 1 is no nucleus sampling, as ``--topp 0`` (greedy decoding is
+  temperature 0). frequency_penalty and presence_penalty are
   validated but ignored (OpenAI's additive penalties have no counterpart here; use
   repetition_penalty). Other OpenAI fields (tools, logprobs, user, ...) are ignored; n must
   be 1. The request's ``model`` is not checked: one model is served.

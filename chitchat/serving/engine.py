@@ -34,7 +34,7 @@ import time
 
 import torch
 
-from ..chat import Prepared, ReplyStream
+from ..streams import Prepared, ReplyStream
 from ..utils import ChitchatError
 
 log = logging.getLogger("chitchat")

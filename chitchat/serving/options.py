@@ -2,10 +2,10 @@
 (`ServeConfig`, which adds the model and the decoding defaults of every request)."""
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
-from ..config import DecodingOptions, MMIOptions, ModelOptions, check, opt
+from ..config import (REPLY_LEN_ALIAS, DecodingOptions, MMIOptions, ModelOptions, check,
+                      group, opt)
 
 
 @dataclass
@@ -56,25 +56,22 @@ class ServerOptions:
 
 
 @dataclass
-class ServeConfig(ServerOptions, DecodingOptions, MMIOptions, ModelOptions):
+class ServeConfig:
     """serve.py's options. The decoding options are the defaults of every request."""
+    model: ModelOptions = group(ModelOptions)
+    mmi: MMIOptions = group(MMIOptions)
+    decoding: DecodingOptions = group(DecodingOptions, aliases=REPLY_LEN_ALIAS)
+    server: ServerOptions = group(ServerOptions)
     bad_words: str | None = opt(None, "file of words or phrases never to generate, one per line")
 
     def __post_init__(self):
-        ModelOptions.__post_init__(self)
-        MMIOptions.__post_init__(self)
-        DecodingOptions.__post_init__(self)
-        ServerOptions.__post_init__(self)
-        check(self.model_path is not None,
+        check(self.model.model_path is not None,
               "--model_path is required: a model folder from train.py (e.g. model/<run>/best), "
               "or an old GPT2-chitchat folder together with --vocab_path")
-        check(self.max_len <= self.max_tokens_limit,
-              f"--max_len {self.max_len} (the default max_tokens) is above --max_tokens_limit "
-              f"{self.max_tokens_limit}")
-        check(self.max_context is None or self.max_context >= self.max_len + 3,
-              f"--max_context {self.max_context} leaves no room for a context with --max_len "
-              f"{self.max_len}")
-
-    def server_options(self) -> ServerOptions:
-        return ServerOptions(**{f.name: getattr(self, f.name)
-                                for f in dataclasses.fields(ServerOptions)})
+        n, server = self.decoding.max_new_tokens, self.server
+        check(n <= server.max_tokens_limit,
+              f"--max_new_tokens {n} (the default max_tokens) is above --max_tokens_limit "
+              f"{server.max_tokens_limit}")
+        check(server.max_context is None or server.max_context >= n + 3,
+              f"--max_context {server.max_context} leaves no room for a context with "
+              f"--max_new_tokens {n}")

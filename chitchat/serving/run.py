@@ -2,7 +2,6 @@
 shutdown), loading the Chatbot a ServeConfig describes, and `serve`, serve.py's whole run."""
 from __future__ import annotations
 
-import dataclasses
 import ipaddress
 import logging
 import signal
@@ -84,16 +83,9 @@ def make_server(app, log_level: str = "info"):
 
 def load_chatbot(cfg: ServeConfig):
     """The Chatbot described by `cfg` (model, device, precision, decoding defaults)."""
-    from ..chat import Chatbot, read_bad_words
+    from ..chat import Chatbot
 
-    if cfg.threads:
-        import torch
-        torch.set_num_threads(cfg.threads)
-    bad = read_bad_words(cfg.bad_words) if cfg.bad_words else ()
-    return Chatbot.from_pretrained(cfg.model_path, cfg.vocab_path, device=cfg.device,
-                                   no_cuda=cfg.no_cuda, dtype=cfg.dtype, quantize=cfg.quantize,
-                                   backend=cfg.backend, bad_words=bad, **cfg.mmi_kwargs(),
-                                   **dataclasses.asdict(cfg.decoding()))
+    return Chatbot.from_options(cfg.model, cfg.decoding, cfg.mmi, cfg.bad_words)
 
 
 def is_loopback(host: str) -> bool:
@@ -116,27 +108,28 @@ def serve(cfg: ServeConfig) -> int:
     from ..utils import get_logger
 
     get_logger()
-    if cfg.api_key is None and os.environ.get("CHITCHAT_API_KEY"):
-        cfg.api_key = os.environ["CHITCHAT_API_KEY"]
-    if not Path(cfg.model_path).exists():
-        raise ChitchatError(f"--model_path {cfg.model_path} does not exist; train a model "
-                            "with train.py, or point to a model folder")
+    server = cfg.server
+    if server.api_key is None and os.environ.get("CHITCHAT_API_KEY"):
+        server.api_key = os.environ["CHITCHAT_API_KEY"]
+    if not Path(cfg.model.model_path).exists():
+        raise ChitchatError(f"--model_path {cfg.model.model_path} does not exist; train a "
+                            "model with train.py, or point to a model folder")
     if cfg.bad_words and not Path(cfg.bad_words).is_file():
         raise ChitchatError(f"--bad_words file not found: {cfg.bad_words}")
-    if not is_loopback(cfg.host) and cfg.api_key is None:
+    if not is_loopback(server.host) and server.api_key is None:
         log.warning("warning: listening on %s without --api_key: anyone who can reach this "
-                    "port can use the model", cfg.host)
+                    "port can use the model", server.host)
     failure: list[BaseException] = []
-    server: uvicorn.Server | None = None
+    uv: uvicorn.Server | None = None
 
     def on_load_error(e: BaseException) -> None:
         failure.append(e)
-        if server is not None:
-            server.should_exit = True
+        if uv is not None:
+            uv.should_exit = True
 
-    app = create_app(options=cfg.server_options(), loader=lambda: load_chatbot(cfg),
+    app = create_app(options=server, loader=lambda: load_chatbot(cfg),
                      on_load_error=on_load_error)
-    server = make_server(app, log_level=cfg.log_level)
+    uv = make_server(app, log_level=server.log_level)
     # uvicorn turns SIGTERM/SIGINT into a graceful shutdown, then re-raises the signal to the
     # handler that was there before it, which by default would kill the process (SIGTERM) or
     # raise KeyboardInterrupt (SIGINT) after the clean stop. A logging handler there instead
@@ -145,21 +138,21 @@ def serve(cfg: ServeConfig) -> int:
         log.info("stopped by %s", signal.Signals(sig).name)
 
     # Bound here rather than by uvicorn so the real port of --port 0 is known and logged.
-    family = socket.AF_INET6 if ":" in cfg.host else socket.AF_INET
+    family = socket.AF_INET6 if ":" in server.host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
-        sock.bind((cfg.host, cfg.port))
+        sock.bind((server.host, server.port))
     except OSError as e:
         sock.close()
-        raise ChitchatError(f"cannot listen on {cfg.host}:{cfg.port}: {e.strerror}; pick "
+        raise ChitchatError(f"cannot listen on {server.host}:{server.port}: {e.strerror}; pick "
                             "another --port or --host") from None
     port = sock.getsockname()[1]
-    host = f"[{cfg.host}]" if family == socket.AF_INET6 else cfg.host
+    host = f"[{server.host}]" if family == socket.AF_INET6 else server.host
     log.info("serving on http://%s:%d (chat page at /, API at /v1)", host, port)
     previous = {sig: signal.signal(sig, stopped) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        server.run(sockets=[sock])
+        uv.run(sockets=[sock])
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)

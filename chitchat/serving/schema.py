@@ -158,16 +158,13 @@ def to_overrides(req, max_tokens_limit: int, defaults: DecodingOptions) -> dict:
         if max_tokens > max_tokens_limit:
             raise ApiError(400, f"max_tokens {max_tokens} is above this server's limit of "
                            f"{max_tokens_limit}", param="max_tokens")
-        out["max_len"] = max_tokens
+        out["max_new_tokens"] = max_tokens
         if defaults.min_len > max_tokens:  # a short max_tokens wins over the server's --min_len
             out["min_len"] = max_tokens
     if req.temperature is not None:
         out["temperature"] = req.temperature
-    if req.top_p is not None:
-        if req.top_p == 0:
-            out["greedy"] = True
-        else:
-            out["topp"] = req.top_p
+    if req.top_p is not None:  # 0 and 1 both turn nucleus sampling off, as --topp does
+        out["topp"] = req.top_p
     if req.top_k is not None:
         out["topk"] = req.top_k
     if req.repetition_penalty is not None:
