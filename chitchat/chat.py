@@ -41,8 +41,9 @@ from .backends import load_for_decoding, make_backend
 from .config import (DEFAULT_MMI_WEIGHT, DEFAULT_NUM_CANDIDATES, MMI_SETTINGS, OPTION_ALIASES,
                      DecodingOptions, MMIOptions, ModelOptions)
 from .dialogue import Context, build_context, printable
-from .generation import Constraints, Row, decode, decode_one
+from .generation import Row, decode, decode_one
 from .mmi import MMI, load_mmi_model
+from .sampling import Constraints
 from .streams import (BatchDriver, MMIBatch, MMITokens, Prepared, Reply, ReplyStream,
                       RowTokens)
 from .tokenization import ChatTokenizer

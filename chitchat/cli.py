@@ -64,7 +64,7 @@ SERVE_HELP = """Serve a chat model over OpenAI's chat completions API, with a we
     python serve.py --model_path model/<run>/best --port 8000
     python serve.py --model_path model/<run> --api_key secret        # or CHITCHAT_API_KEY=...
     python serve.py --model_path model/<run> --host 0.0.0.0 --api_key secret   # reachable by others
-    python serve.py --model_path model/<run> --temperature 0.8 --topk 8 --max_len 40 --max_batch 8
+    python serve.py --model_path model/<run> --temperature 0.8 --topk 8 --max_new_tokens 40 --max_batch 8
 
 Then:
 

@@ -14,9 +14,10 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper)
 
 from chitchat.config import DecodingOptions
-from chitchat.generation import (
-    Constraints, apply_repetition_penalty, beam_search, decode, decode_one, ngram_bans,
-    phrase_bans, sampling_distribution, top_k_filter, top_p_filter, warp_logits)
+from chitchat.generation import beam_search, decode, decode_one
+from chitchat.sampling import (
+    Constraints, apply_repetition_penalty, ngram_bans, phrase_bans, sampling_distribution,
+    top_k_filter, top_p_filter, warp_logits)
 from chitchat.backends import DecodeState, FastGPT2, HFDecoder, conv1d_to_linear, quantize_int8
 from chitchat.utils import ChitchatError
 

@@ -19,9 +19,10 @@ import pytest
 import torch
 from torch.cuda._utils import _get_device_index
 
-from chitchat import generation, training
+from chitchat import sampling, training
 from chitchat.config import DecodingOptions, EvaluateConfig, TrainConfig
-from chitchat.generation import Constraints, decode
+from chitchat.generation import decode
+from chitchat.sampling import Constraints
 from chitchat.backends import make_backend
 from chitchat.modeling import load_model, pick_device, save_model
 from chitchat.checkpoint import TENSORS_FILE, restore_optimizer
@@ -389,7 +390,7 @@ def test_decoding_reads_back_once_per_token(monkeypatch, tiny_model_dir, backend
     be = make_backend(model, backend, tok.pad_id)
     cons = Constraints.build(tok.vocab_size, tok.sep_id, tok.banned_ids)
     opts = DecodingOptions(max_new_tokens=6, min_len=6, topk=8, topp=0.9)
-    monkeypatch.setattr(generation, "host_reads_are_cheap", lambda device: False,
+    monkeypatch.setattr(sampling, "host_reads_are_cheap", lambda device: False,
                         raising=False)
     contexts = [[tok.cls_id, 10, 11, 12, tok.sep_id], [tok.cls_id, 13, tok.sep_id]]
     g = torch.Generator().manual_seed(0)
@@ -425,7 +426,7 @@ def test_sync_free_sampling_draws_what_multinomial_draws():
     probs[:, :7] = 0
     for seed in range(20):
         a = torch.multinomial(probs, 1, generator=torch.Generator().manual_seed(seed))
-        b = generation.choose_tokens(probs.log(), DecodingOptions(topk=0),
+        b = sampling.choose_tokens(probs.log(), DecodingOptions(topk=0),
                                      torch.Generator().manual_seed(seed))
         assert a.view(-1).tolist() == b.tolist()
 
