@@ -156,7 +156,7 @@ def reverse_scores(backend, inputs: Sequence[tuple[list[int], int]], pad_id: int
                    max_rows: int = 64) -> list[float]:
     """Mean log P(context | reply) per input, ``(ids, first target)`` pairs.
 
-    `backend`: the reverse model's chitchat.inference backend (its `hidden` and `project`).
+    `backend`: the reverse model's chitchat.backends backend (its `hidden` and `project`).
     One forward pass per `max_rows` inputs (right-padded; causal attention means the padding
     after a row's last token cannot change its scores). Only the target positions go
     through the LM head.

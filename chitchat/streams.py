@@ -36,7 +36,7 @@ class Reply:
 
 @dataclass
 class Prepared:
-    """A reply to decode row by row outside `Chatbot` (chitchat.engine batches the rows of
+    """A reply to decode row by row outside `Chatbot` (chitchat.serving.engine batches the rows of
     many requests into one model step): see `Chatbot.prepare`."""
     history: list[str]
     context: Context
