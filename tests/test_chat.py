@@ -252,6 +252,30 @@ def test_int8_and_bf16_chatbots_run(tiny_model_dir):
         Chatbot.from_pretrained(tiny_model_dir, quantize="int8", dtype="bfloat16")
 
 
+def test_from_options_builds_what_the_front_ends_describe(tiny_model_dir, tmp_path):
+    from chitchat.config import MMIOptions, ModelOptions
+
+    bad = tmp_path / "bad.txt"
+    bad.write_text("你好\n\n哈哈\n", encoding="utf-8")
+    threads = torch.get_num_threads()
+    try:
+        bot = Chatbot.from_options(ModelOptions(model_path=str(tiny_model_dir), threads=1),
+                                   DecodingOptions(topk=3, max_new_tokens=7, seed=5),
+                                   MMIOptions(), bad_words_path=bad)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads)
+    assert (bot.options.topk, bot.options.max_new_tokens, bot.options.seed) == (3, 7, 5)
+    assert bot.bad_words == ["你好", "哈哈"] and bot.mmi is None
+    # the same bot as the library call with the same options: the same seeded reply
+    same = Chatbot.from_pretrained(tiny_model_dir, bad_words=["你好", "哈哈"], topk=3,
+                                   max_new_tokens=7, seed=5)
+    assert bot.reply("今天天气怎么样") == same.reply("今天天气怎么样")
+    with pytest.raises(ChitchatError, match="bad_words file not found"):
+        Chatbot.from_options(ModelOptions(model_path=str(tiny_model_dir)),
+                             bad_words_path=tmp_path / "missing.txt")
+
+
 # ---- readable text ----------------------------------------------------------------------------
 @pytest.mark.parametrize("text,expected", [
     ("你好，世界！", "你好，世界！"),
