@@ -61,6 +61,22 @@ def tiny_model_dir(tmp_path_factory, sample_store, tiny_config_path) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def reverse_dir(tmp_path_factory, sample_store, tiny_config_path) -> Path:
+    """A tiny random reverse model (MMI) on the sample vocab, seeded apart from the forward."""
+    import torch
+    from chitchat.store import TokenStore
+    from chitchat.modeling import build_model, load_config, save_model, set_reverse
+
+    torch.manual_seed(1)
+    tok = TokenStore(sample_store).tokenizer()
+    model = build_model(load_config(tiny_config_path, tok))
+    set_reverse(model.config, True)
+    out = tmp_path_factory.mktemp("model") / "tiny-reverse"
+    save_model(model, tok, out)
+    return out
+
+
 def gpt2_chitchat_folder(path, vocab_size: int, **config):
     """A folder laid out as GPT2-chitchat saved its models: config.json (with n_ctx; extra
     keys from `config`) and pytorch_model.bin holding the old attention-mask buffers; no

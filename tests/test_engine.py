@@ -287,17 +287,8 @@ def test_drain_lets_running_rows_finish_then_cuts_them(gate, caplog):
 
 
 @pytest.fixture(scope="module")
-def mmi_bot(tiny_model_dir, tmp_path_factory, sample_store, tiny_config_path):
-    from chitchat.store import TokenStore
-    from chitchat.modeling import build_model, load_config, save_model, set_reverse
-
-    torch.manual_seed(1)
-    tok = TokenStore(sample_store).tokenizer()
-    model = build_model(load_config(tiny_config_path, tok))
-    set_reverse(model.config, True)
-    rev = tmp_path_factory.mktemp("model") / "tiny-reverse"
-    save_model(model, tok, rev)
-    return Chatbot.from_pretrained(tiny_model_dir, mmi_model_path=rev, num_candidates=4,
+def mmi_bot(tiny_model_dir, reverse_dir):
+    return Chatbot.from_pretrained(tiny_model_dir, mmi_model_path=reverse_dir, num_candidates=4,
                                    mmi_weight=0.5, max_len=10)
 
 

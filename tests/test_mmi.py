@@ -168,18 +168,6 @@ def test_reverse_input_order_budget_and_targets():
         [7, 7, 7, 7, 8, 8, 7, 7, 7]
 
 
-@pytest.fixture(scope="module")
-def reverse_dir(tmp_path_factory, sample_store, tiny_config_path):
-    """A tiny random reverse model on the sample vocab (a different seed than the forward)."""
-    torch.manual_seed(1)
-    tok = TokenStore(sample_store).tokenizer()
-    model = build_model(load_config(tiny_config_path, tok))
-    set_reverse(model.config, True)
-    out = tmp_path_factory.mktemp("model") / "tiny-reverse"
-    save_model(model, tok, out)
-    return out
-
-
 @pytest.mark.parametrize("kind", ["fast", "hf"])
 def test_reverse_scores_match_a_direct_computation(reverse_dir, kind):
     from chitchat.backends import make_backend
