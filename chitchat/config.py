@@ -110,6 +110,11 @@ class TrainConfig:
     dtype: str = opt("auto", "auto: bf16 on GPUs and CPUs that support it, fp16 on older "
                      "GPUs, else fp32", choices=["auto", "fp32", "bf16", "fp16"])
     compile: bool = opt(False, "torch.compile the model (slow first steps, faster after)")
+    dropout_kernel: str = opt("auto", "auto: on a CPU, dropout masks from cheap random bits "
+                              "(same rate, about 3x cheaper than PyTorch's) and attention "
+                              "with that dropout; on a GPU, PyTorch's fused kernels. native: "
+                              "PyTorch's dropout and SDPA everywhere",
+                              choices=["auto", "native", "cheap"])
     threads: int | None = opt(None, "CPU threads for torch (default: torch's choice, usually "
                               "one per core)")
     max_time: str | None = opt(None, "wall-clock budget, e.g. 30m, 2h, 1h30m: stop at the "

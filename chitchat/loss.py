@@ -28,7 +28,7 @@ class LossModel(nn.Module):
 
     def forward(self, input_ids, position_ids, attention_mask, target_pos, target_ids,
                 token_type_ids=None):
-        if self.model.config._attn_implementation != "sdpa":
+        if self.model.config._attn_implementation == "eager":
             # eager attention adds the mask to the scores: turn "may attend" into a bias
             attention_mask = torch.zeros(attention_mask.shape, device=attention_mask.device
                                          ).masked_fill_(~attention_mask,

@@ -27,6 +27,7 @@ from .modeling import (build_model, check_same_vocab, is_reverse, load_config, l
 from .precision import attention_kernel, autocast_ctx, resolve_dtype, set_fp32_precision
 from .store import ReversedStore, TokenStore, resplit
 from .tokenization import ChatTokenizer
+from .train_kernels import ATTENTION, fuse_gelu, install_cheap_dropout, pick_dropout
 from .utils import ChitchatError, get_logger
 
 
@@ -251,6 +252,9 @@ def _build(cfg, info, device, run_dir, log, store, data_print, tables, ckpt) -> 
     check_lengths(cfg, model)
     speaker_ids = speaker_token_ids(model.config)
     model.to(device)
+    fuse_gelu(model)
+    if pick_dropout(cfg.dropout_kernel, device.type) == "cheap":
+        install_cheap_dropout(model)
     dtype = resolve_dtype(cfg.dtype, device)
     amp = autocast_ctx(dtype, device)
     scaler = torch.amp.GradScaler("cuda") if dtype == "fp16" else None
@@ -290,7 +294,13 @@ def _log_start(run: Run, st: TrainState, n_train: int, n_valid: int) -> None:
                 "decay fitted to the measured speed)" if budget else
                 f"{run.total_steps} steps; warmup {run.warmup}")
              + ("; REVERSED utterance order (MMI reverse model)" if cfg.reverse else ""))
-    if model.config._attn_implementation == "sdpa":
+    if model.config._attn_implementation == ATTENTION:
+        log.info(f"attention: SDPA, and with attn_pdrop {model.config.attn_pdrop} in training "
+                 "chitchat's math path with cheap dropout masks (--dropout_kernel native: "
+                 "PyTorch's)" if model.config.attn_pdrop > 0 else
+                 f"attention: {attention_kernel(model, run.device, run.amp)}; dropout masks "
+                 "from cheap random bits (--dropout_kernel native: PyTorch's)")
+    elif model.config._attn_implementation == "sdpa":
         kernel = attention_kernel(model, run.device, run.amp)
         if "math" in kernel:
             log.warning(f"attention: {kernel}, SDPA's unfused path"

@@ -391,3 +391,33 @@ def test_the_attention_kernel_is_found_and_dropout_decides_it(sample_store, tmp_
         kernel = attention_kernel(model, cpu, autocast_ctx(dtype, cpu))
         assert kernel.startswith("_scaled_dot_product_")
         assert ("math" in kernel) == (p > 0), (dtype, kernel)
+
+
+@pytest.mark.slow
+def test_dropout_kernels_train_alike_and_say_so(sample_store, tmp_path):
+    """--dropout_kernel cheap (the CPU default) only changes how masks are drawn: with every
+    dropout rate 0 it trains exactly as native; train.log says which attention runs; the
+    saved model is a plain GPT-2 either way."""
+    def run(kernel, p, name):
+        cfg = tmp_path / f"{name}.json"
+        cfg.write_text(json.dumps({"model_type": "gpt2", "n_positions": 64, "n_embd": 64,
+                                   "n_head": 2, "n_layer": 2, "attn_pdrop": p,
+                                   "resid_pdrop": p, "embd_pdrop": p}))
+        train(cfg_for(sample_store, cfg, tmp_path, run_name=name, max_steps=3,
+                      dropout_kernel=kernel))
+        out = tmp_path / "runs" / name
+        losses = [r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text()
+                                         .splitlines()) if "loss" in r]
+        return out, losses
+
+    (_, native), (out, cheap) = run("native", 0.0, "n0"), run("cheap", 0.0, "c0")
+    assert len(native) == 3 and native == pytest.approx(cheap, abs=1e-6)
+    out, dropped = run("cheap", 0.1, "c1")
+    assert all(math.isfinite(x) for x in dropped) and dropped != pytest.approx(cheap)
+    log = (out / "train.log").read_text()
+    assert "cheap dropout masks" in log and "math path" in log
+    _, nat = run("native", 0.1, "n1")
+    assert "SDPA's unfused path" in (tmp_path / "runs" / "n1" / "train.log").read_text()
+    model_dir = next(p for p in out.rglob("config.json") if (p.parent / "model.safetensors")
+                     .exists()).parent
+    assert "chitchat" not in (model_dir / "config.json").read_text()

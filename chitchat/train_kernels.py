@@ -1,0 +1,131 @@
+"""In-memory swaps that make a GPT-2 train faster and change nothing that is saved.
+
+`fuse_gelu`: GPT-2's "gelu_new" is the tanh form of GELU written out in five elementwise
+operations (each kept for backward); PyTorch's `gelu(approximate="tanh")` is the same
+function in one kernel.
+
+Cheap dropout, for CPU training:
+
+PyTorch's CPU dropout draws one Bernoulli sample per element (`bernoulli_`), which costs
+more than the matrix products around it: 8-10 ms per residual dropout of an 8 x 150 x 768
+micro-batch, 13% of a bf16 training step of the small config (docs/benchmarks.md). Here each
+element gets 16 bits of one 64-bit draw of the same generator, kept when those bits are at
+or above p * 65536: the same independent masks at a rate within 1/65536 of p, for about a
+third of the cost. Attention dropout gets the same masks in an attention function of our own
+(the math path SDPA takes anyway when dropout is on, on a CPU); with dropout off (eval,
+attn_pdrop 0) that function hands over to SDPA unchanged.
+
+`install_cheap_dropout` swaps the modules of a model in memory only: the saved config and weights are the
+same as without it, so a saved model loads in plain transformers. GPUs keep PyTorch's fused
+dropout and SDPA's dropout kernels (`pick_dropout`).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+ATTENTION = "chitchat_cheap_dropout"  # the name the attention function is registered under
+_LEVELS = 1 << 16  # a mask element's bits: its rate is p rounded to a multiple of 1/65536
+
+
+def pick_dropout(name: str, device_type: str) -> str:
+    """--dropout_kernel auto -> "cheap" on a CPU, "native" on a GPU (pure)."""
+    if name != "auto":
+        return name
+    return "cheap" if device_type == "cpu" else "native"
+
+
+def drop_rate(p: float) -> float:
+    """The rate a cheap mask drops at: p rounded to a multiple of 1/65536."""
+    return round(p * _LEVELS) / _LEVELS
+
+
+def keep_mask(shape, p: float, dtype: torch.dtype, device) -> torch.Tensor:
+    """A `shape` tensor of 0 (dropped, with probability drop_rate(p)) and 1 / (1 - that rate)
+    (kept), independent per element; drawn from torch's default generator for `device`, so
+    seeding it replays the masks."""
+    n = math.prod(shape)
+    cut = round(p * _LEVELS)
+    words = torch.empty((n + 3) // 4, dtype=torch.int64, device=device)
+    words.random_(-(1 << 63), None)  # all 64 bits (random_() alone leaves the top bit 0)
+    bits = words.view(torch.int16)[:n].view(shape)  # uniform over [-32768, 32767]
+    keep = bits >= cut - _LEVELS // 2
+    return keep.to(dtype).mul_(_LEVELS / (_LEVELS - cut))
+
+
+class CheapDropout(nn.Dropout):
+    """nn.Dropout with a mask from keep_mask."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0:
+            return x
+        return x * keep_mask(x.shape, self.p, x.dtype, x.device)
+
+
+def cheap_dropout_attention(module, query, key, value, attention_mask, dropout: float = 0.0,
+                            scaling: float | None = None, is_causal=None, **kwargs):
+    """transformers' attention-function interface. With dropout on: softmax(q k^T * scale
+    + mask) with a keep_mask, times v, in the inputs' dtype as SDPA's math path does; with
+    dropout off: SDPA itself (its fused kernel where it has one)."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if dropout == 0.0:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=0.0,
+                                      scaling=scaling, is_causal=is_causal, **kwargs)
+    scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+    t, s = query.shape[-2], key.shape[-2]
+    with torch.autocast(query.device.type, enabled=False):  # autocast would softmax in fp32
+        scores = torch.matmul(query, key.transpose(-1, -2)).mul_(scaling)
+        if attention_mask is None:  # causal; a query at i sees keys up to i + (s - t)
+            attention_mask = torch.ones(t, s, dtype=torch.bool, device=query.device
+                                        ).tril(s - t)
+        if attention_mask.dtype == torch.bool:
+            scores.masked_fill_(~attention_mask, torch.finfo(scores.dtype).min)
+        else:
+            scores = scores + attention_mask.to(scores.dtype)
+        probs = scores.softmax(-1)
+        probs = probs * keep_mask(probs.shape, dropout, probs.dtype, probs.device)
+        out = torch.matmul(probs, value.to(probs.dtype))
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _register() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+    AttentionInterface.register(ATTENTION, cheap_dropout_attention)
+    # masks built by transformers (calls without our 4-D mask) take SDPA's boolean form
+    ALL_MASK_ATTENTION_FUNCTIONS.register(ATTENTION, sdpa_mask)
+
+
+def install_cheap_dropout(model: nn.Module) -> int:
+    """Give a GPT-2 model (in memory) cheap dropout: every nn.Dropout becomes a CheapDropout
+    of the same rate, and SDPA attention becomes cheap_dropout_attention. Returns the number
+    of dropout modules swapped. Models on eager attention keep it (its dropout module is
+    swapped like the others)."""
+    swapped = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is nn.Dropout:
+                setattr(parent, name, CheapDropout(child.p, child.inplace))
+                swapped += 1
+    if model.config._attn_implementation == "sdpa":
+        _register()
+        model.config._attn_implementation = ATTENTION
+    return swapped
+
+
+def fuse_gelu(model: nn.Module) -> bool:
+    """Swap each MLP's "gelu_new" module for the one-kernel tanh GELU (the same function).
+    Returns whether anything was swapped."""
+    from transformers.activations import GELUTanh, NewGELUActivation
+
+    swapped = False
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is NewGELUActivation:
+                setattr(parent, name, GELUTanh())
+                swapped = True
+    return swapped
