@@ -67,6 +67,7 @@ from chitchat.modeling import build_model, load_config  # noqa: E402
 from chitchat.precision import autocast_ctx  # noqa: E402
 from chitchat.preprocessing import preprocess  # noqa: E402
 from chitchat.store import TokenStore  # noqa: E402
+from chitchat.train_kernels import use_training_kernels  # noqa: E402
 from chitchat.train_setup import param_groups  # noqa: E402
 from chitchat.training import train_step  # noqa: E402
 
@@ -157,7 +158,8 @@ def time_fast(store, config_path, args, dtype: str, rng) -> tuple[float, float, 
     torch.manual_seed(0)
     tok = store.tokenizer()
     model = build_model(load_config(config_path, tok)).train()
-    opt = torch.optim.AdamW(param_groups(model, 0.01), lr=1e-4, eps=1e-8)
+    use_training_kernels(model, args.dropout_kernel, "cpu")
+    opt = torch.optim.AdamW(param_groups(model, 0.01), lr=1e-4, eps=1e-8, fused=True)
     runner = LossModel(model)
     if args.compile:
         runner = torch.compile(runner)
@@ -328,6 +330,7 @@ def profile(args):
     for dtype in args.dtypes.split(","):
         torch.manual_seed(0)
         model = build_model(load_config(cfg, tok)).train()
+        use_training_kernels(model, args.dropout_kernel, "cpu")
         opt = make_optimizer(model, TrainConfig(), torch.device("cpu"))
         runner = LossModel(model)
         rng = np.random.default_rng(0)
@@ -483,13 +486,13 @@ def run_dtype(run: Path) -> str:
     return json.loads(states[-1].read_text())["dtype"] if states else "?"
 
 
-def time_train_py(store, config_path, args) -> tuple[float, str]:
-    """(real tokens/s, dtype) of train.py with its default flags (--dtype auto): the
-    median of its logged tok/s over --repeats windows of --steps steps, after one warm-up
-    window. The final evaluation and save come after the last logged window."""
+def time_train_py(store, config_path, args, extra=()) -> tuple[float, str]:
+    """(real tokens/s, dtype) of train.py with its default flags (--dtype auto) plus
+    `extra`: the median of its logged tok/s over --repeats windows of --steps steps, after
+    one warm-up window. The final evaluation and save come after the last logged window."""
     n = (args.repeats + 1) * args.steps
     run = train_py(store, config_path, Path(args.work) / "speed-runs", "train_py",
-                   ["--max_steps", str(n), "--log_step", str(args.steps)])
+                   ["--max_steps", str(n), "--log_step", str(args.steps), *extra])
     tps = [r["tokens_per_s"] for r in run_records(run) if r["event"] == "train"][1:]
     return statistics.median(tps), run_dtype(run)
 
@@ -499,6 +502,9 @@ def trainer_rows(store, cfg, args, classic: float, fast: dict) -> None:
     tp, tp_dtype = time_train_py(store, cfg, args)
     print(f"train.py, default flags (--dtype auto -> {tp_dtype}): {tp:8.1f} real tok/s  "
           f"{tp / classic:5.2f}x classic")
+    native, _ = time_train_py(store, cfg, args, ["--dropout_kernel", "native"])
+    print(f"train.py --dropout_kernel native (PyTorch's dropout): {native:8.1f} real tok/s  "
+          f"{native / classic:5.2f}x classic; the defaults are {tp / native:.2f}x this")
     missing = trainer_missing()
     if missing:
         print(missing)
@@ -778,6 +784,9 @@ def main():
     ap.add_argument("--gemm", type=int, default=2048)
     ap.add_argument("--dtypes", default="fp32,bf16")
     ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--dropout_kernel", default="auto", choices=["auto", "native", "cheap"],
+                    help="the fast path's and profile's dropout (train.py's flag of that "
+                    "name; auto = cheap on a CPU)")
     ap.add_argument("--epochs_q", type=float, default=1.0, help="quality: token budget")
     args = ap.parse_args()
     {"speed": speed, "quality": quality, "profile": profile, "dropout": dropout,

@@ -117,6 +117,16 @@ def install_cheap_dropout(model: nn.Module) -> int:
     return swapped
 
 
+def use_training_kernels(model: nn.Module, dropout_kernel: str, device_type: str) -> str:
+    """What train.py does to its model before training: fuse the GELU, and on "cheap"
+    dropout (--dropout_kernel, resolved by pick_dropout) install it. Returns that choice."""
+    fuse_gelu(model)
+    kind = pick_dropout(dropout_kernel, device_type)
+    if kind == "cheap":
+        install_cheap_dropout(model)
+    return kind
+
+
 def fuse_gelu(model: nn.Module) -> bool:
     """Swap each MLP's "gelu_new" module for the one-kernel tanh GELU (the same function).
     Returns whether anything was swapped."""

@@ -27,7 +27,7 @@ from .modeling import (build_model, check_same_vocab, is_reverse, load_config, l
 from .precision import attention_kernel, autocast_ctx, resolve_dtype, set_fp32_precision
 from .store import ReversedStore, TokenStore, resplit
 from .tokenization import ChatTokenizer
-from .train_kernels import ATTENTION, fuse_gelu, install_cheap_dropout, pick_dropout
+from .train_kernels import ATTENTION, use_training_kernels
 from .utils import ChitchatError, get_logger
 
 
@@ -252,9 +252,7 @@ def _build(cfg, info, device, run_dir, log, store, data_print, tables, ckpt) -> 
     check_lengths(cfg, model)
     speaker_ids = speaker_token_ids(model.config)
     model.to(device)
-    fuse_gelu(model)
-    if pick_dropout(cfg.dropout_kernel, device.type) == "cheap":
-        install_cheap_dropout(model)
+    use_training_kernels(model, cfg.dropout_kernel, device.type)
     dtype = resolve_dtype(cfg.dtype, device)
     amp = autocast_ctx(dtype, device)
     scaler = torch.amp.GradScaler("cuda") if dtype == "fp16" else None
