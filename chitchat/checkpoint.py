@@ -37,8 +37,8 @@ RUN_FILES = ("metrics.jsonl", "train.log")
 # and changing them would silently make it a different run.
 RESUMABLE = {"device", "no_cuda", "num_workers", "epochs", "max_steps", "eval_interval",
              "save_interval", "keep_checkpoints", "log_step", "patience", "quiet",
-             "log_path", "resume", "compile", "dropout_kernel", "dtype", "exact_fp32", "save_model_path",
-             "run_name", "threads", "max_time"}
+             "log_path", "resume", "compile", "dropout_kernel", "dtype", "exact_fp32",
+             "save_model_path", "run_name", "threads", "max_time"}
 
 
 def is_checkpoint(path: Path) -> bool:

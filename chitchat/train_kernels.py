@@ -4,20 +4,18 @@
 operations (each kept for backward); PyTorch's `gelu(approximate="tanh")` is the same
 function in one kernel.
 
-Cheap dropout, for CPU training:
+Cheap dropout, for CPU training: PyTorch's CPU dropout draws one Bernoulli sample per
+element (`bernoulli_`): 8-10 ms per residual dropout of an 8 x 150 x 768 micro-batch, 15% of a
+bf16 training step of the small config on a CPU whose matrix products are fast
+(docs/benchmarks.md). Here each element gets 16 bits of one 64-bit draw of the same
+generator, kept when those bits are at or above p * 65536: the same independent masks at a
+rate within 1/65536 of p, for about a third of the cost. Attention dropout gets the same
+masks in an attention function of our own (the math path SDPA takes anyway when dropout is
+on, on a CPU); with dropout off (eval, attn_pdrop 0) that function hands over to SDPA.
 
-PyTorch's CPU dropout draws one Bernoulli sample per element (`bernoulli_`), which costs
-more than the matrix products around it: 8-10 ms per residual dropout of an 8 x 150 x 768
-micro-batch, 13% of a bf16 training step of the small config (docs/benchmarks.md). Here each
-element gets 16 bits of one 64-bit draw of the same generator, kept when those bits are at
-or above p * 65536: the same independent masks at a rate within 1/65536 of p, for about a
-third of the cost. Attention dropout gets the same masks in an attention function of our own
-(the math path SDPA takes anyway when dropout is on, on a CPU); with dropout off (eval,
-attn_pdrop 0) that function hands over to SDPA unchanged.
-
-`install_cheap_dropout` swaps the modules of a model in memory only: the saved config and weights are the
-same as without it, so a saved model loads in plain transformers. GPUs keep PyTorch's fused
-dropout and SDPA's dropout kernels (`pick_dropout`).
+`install_cheap_dropout` swaps the modules of a model in memory only: the saved config and
+weights are the same as without it, so a saved model loads in plain transformers. GPUs keep
+PyTorch's fused dropout and SDPA's dropout kernels (`pick_dropout`).
 """
 from __future__ import annotations
 

@@ -469,7 +469,19 @@ def torchrun_two_ranks(tmp_path, sample_store, config, **opts):
                              "2", "--master_port", str(30500 + os.getpid() % 1000),
                              str(wrapper), *args],
                             cwd=ROOT, env=env, text=True, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
+                            stderr=subprocess.PIPE, start_new_session=True)
+
+
+def finish(p, timeout: float) -> str:
+    """The torchrun job's stderr once it exits; past `timeout`, kill its whole session
+    (torchrun and both ranks: a stuck rank must not outlive the test and hold on to the
+    machine) and fail with what it printed."""
+    import signal
+    try:
+        return p.communicate(timeout=timeout)[1]
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        pytest.fail(f"torchrun did not finish in {timeout} s:\n{p.communicate()[1][-3000:]}")
 
 
 @pytest.mark.slow
@@ -479,7 +491,7 @@ def test_ddp_reads_the_stop_flag_only_at_logged_steps(sample_store, tiny_config_
     steps, validations and checkpoints, not at every step."""
     p = torchrun_two_ranks(tmp_path, sample_store, tiny_config_path, log_step=4,
                            max_steps=12, save_interval=12)
-    _, err = p.communicate(timeout=300)
+    err = finish(p, 300)
     assert p.returncode == 0, err[-3000:]
     events = [json.loads(l)["event"] for l in
               (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
@@ -506,7 +518,7 @@ def test_ddp_sigterm_on_one_rank_stops_both_at_a_logged_step(sample_store, tiny_
         assert p.poll() is None and time.time() < deadline, p.stderr.read()[-3000:]
         time.sleep(0.05)
     os.kill(int((tmp_path / "pid-1").read_text()), signal.SIGTERM)
-    _, err = p.communicate(timeout=180)
+    err = finish(p, 180)
     assert p.returncode == 0, err[-3000:]
     assert "stopped by a signal to another rank" in err  # rank 0 logs; it learnt by the vote
     ckpts = list((tmp_path / "ddp" / "checkpoints").iterdir())
