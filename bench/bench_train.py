@@ -33,7 +33,8 @@ The classic loop: fp32, batches of 8 dialogues cut to --max_len and padded to th
 labels -100 on padding, loss = mean over the batch, clip every micro-batch, loss.item()
 every step. The fast path is chitchat.training: whole-dialogue windows packed into rows of
 --pack_len with a block-diagonal mask, LM head only on target positions, one clip per
-step, bf16 autocast (and fp32 for comparison), optional --compile.
+step, train.py's training kernels (--dropout_kernel) and fused AdamW, bf16 autocast (and
+fp32 for comparison), optional --compile.
 Trainer: transformers' Trainer as run_clm sets it up: the training dialogues' ids end to end
 in blocks of 128 (labels = inputs; attention crosses dialogue boundaries), about the fast
 path's tokens per step, fused AdamW where torch has it, bf16=True or fp32, on the CPU, with
