@@ -23,6 +23,10 @@ import math
 
 import torch
 from torch import nn
+from transformers import AttentionInterface
+from transformers.activations import GELUTanh, NewGELUActivation
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
 ATTENTION = "chitchat_cheap_dropout"  # the name the attention function is registered under
 _LEVELS = 1 << 16  # a mask element's bits: its rate is p rounded to a multiple of 1/65536
@@ -67,8 +71,6 @@ def cheap_dropout_attention(module, query, key, value, attention_mask, dropout: 
     """transformers' attention-function interface. With dropout on: softmax(q k^T * scale
     + mask) with a keep_mask, times v, in the inputs' dtype as SDPA's math path does; with
     dropout off: SDPA itself (its fused kernel where it has one)."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
     if dropout == 0.0:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=0.0,
                                       scaling=scaling, is_causal=is_causal, **kwargs)
@@ -89,13 +91,15 @@ def cheap_dropout_attention(module, query, key, value, attention_mask, dropout: 
     return out.transpose(1, 2).contiguous(), None
 
 
-def _register() -> None:
-    from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
-
-    AttentionInterface.register(ATTENTION, cheap_dropout_attention)
-    # masks built by transformers (calls without our 4-D mask) take SDPA's boolean form
-    ALL_MASK_ATTENTION_FUNCTIONS.register(ATTENTION, sdpa_mask)
+def _swap(model: nn.Module, kind: type, make) -> int:
+    """Replace every submodule of exactly type `kind` by make(it); returns how many."""
+    swapped = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is kind:
+                setattr(parent, name, make(child))
+                swapped += 1
+    return swapped
 
 
 def install_cheap_dropout(model: nn.Module) -> int:
@@ -103,14 +107,11 @@ def install_cheap_dropout(model: nn.Module) -> int:
     of the same rate, and SDPA attention becomes cheap_dropout_attention. Returns the number
     of dropout modules swapped. Models on eager attention keep it (its dropout module is
     swapped like the others)."""
-    swapped = 0
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if type(child) is nn.Dropout:
-                setattr(parent, name, CheapDropout(child.p, child.inplace))
-                swapped += 1
+    swapped = _swap(model, nn.Dropout, lambda d: CheapDropout(d.p, d.inplace))
     if model.config._attn_implementation == "sdpa":
-        _register()
+        AttentionInterface.register(ATTENTION, cheap_dropout_attention)
+        # masks built by transformers (calls without our 4-D mask) take SDPA's boolean form
+        ALL_MASK_ATTENTION_FUNCTIONS.register(ATTENTION, sdpa_mask)
         model.config._attn_implementation = ATTENTION
     return swapped
 
@@ -128,12 +129,4 @@ def use_training_kernels(model: nn.Module, dropout_kernel: str, device_type: str
 def fuse_gelu(model: nn.Module) -> bool:
     """Swap each MLP's "gelu_new" module for the one-kernel tanh GELU (the same function).
     Returns whether anything was swapped."""
-    from transformers.activations import GELUTanh, NewGELUActivation
-
-    swapped = False
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if type(child) is NewGELUActivation:
-                setattr(parent, name, GELUTanh())
-                swapped = True
-    return swapped
+    return _swap(model, NewGELUActivation, lambda _: GELUTanh()) > 0
