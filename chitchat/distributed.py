@@ -3,7 +3,9 @@ what they must agree on (paths, the time budget, when to stop, equal weights).""
 from __future__ import annotations
 
 import dataclasses
+import gc
 import signal
+import time
 
 import torch
 import torch.distributed as dist
@@ -45,9 +47,27 @@ def join_group(info: DistInfo, device: torch.device) -> None:
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
 
 
-def leave_group(info: DistInfo) -> None:
-    if info.enabled and dist.is_initialized():
-        dist.destroy_process_group()
+_RETIRE_SECONDS = 0.2  # how long leave_group lets the gloo workers take the GIL
+
+
+def leave_group(info: DistInfo, clean: bool = True) -> None:
+    """Leave torchrun's process group, without the hang at exit that gloo can give.
+
+    A gloo worker thread retires each collective after the caller's wait has returned, and
+    freeing a collective's tensors takes the GIL. The group's destructor joins those threads
+    while the caller holds the GIL, so a destructor that runs right after a collective (for
+    instance when the finished run's DDP reducer, which holds the group, is freed) can wait
+    forever on a thread that waits for the GIL. Hence: after a clean run every rank meets at
+    a barrier (which also waits for this rank's queued work), what still holds the group is
+    collected, and the GIL is let go for a moment before the group is destroyed. After an
+    error the other ranks may never reach a barrier, so none is waited for."""
+    if not (info.enabled and dist.is_initialized()):
+        return
+    if clean:
+        dist.barrier()
+    gc.collect()
+    time.sleep(_RETIRE_SECONDS)  # releases the GIL: the workers retire the last collectives
+    dist.destroy_process_group()
 
 
 def training_device(cfg: TrainConfig, info: DistInfo) -> torch.device:

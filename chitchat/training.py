@@ -53,13 +53,22 @@ def train(cfg: TrainConfig) -> Path:
     info = dist_info(os.environ)
     device = training_device(cfg, info)
     join_group(info, device)
+    clean = False
     try:
-        run, st = setup(cfg, info, device)
-        fit(run, st)
-        _report_end(run, st)
-        return run.run_dir
+        run_dir = _train(cfg, info, device)
+        clean = True
+        return run_dir
     finally:
-        leave_group(info)
+        leave_group(info, clean)
+
+
+def _train(cfg: TrainConfig, info, device: torch.device) -> Path:
+    # The run (and the DDP wrapper in it, whose reducer holds the process group) must be
+    # gone when train() leaves the group: see distributed.leave_group.
+    run, st = setup(cfg, info, device)
+    fit(run, st)
+    _report_end(run, st)
+    return run.run_dir
 
 
 # ---- one optimizer step -----------------------------------------------------------------------

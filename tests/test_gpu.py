@@ -119,6 +119,60 @@ def test_ddp_rank_refuses_an_explicit_other_gpu(monkeypatch):
         training_device(TrainConfig(device="cuda:0"), info)
 
 
+def test_leave_group_retires_the_work_before_the_group_dies(monkeypatch, tmp_path):
+    """gloo's destructor joins worker threads that may still need the GIL to free the last
+    collective's tensors; leave_group must first meet the other ranks, drop what holds the
+    group, and let go of the GIL, and only then destroy it (a real one-rank gloo group)."""
+    import time
+    import weakref
+
+    import torch.distributed as dist
+    from chitchat import distributed
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0,
+                            world_size=1)
+
+    def a_run():  # what training._train leaves behind: a DDP wrapper, a gathered tensor
+        ddp = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(4, 4))
+        ddp(torch.ones(2, 4)).sum().backward()
+        dist.all_gather([torch.empty(3)], torch.ones(3))
+        ref = weakref.ref(ddp)
+        holder = [ddp]
+        holder.append(holder)  # a cycle: only a collection frees it
+        return ref
+
+    ref = a_run()
+    calls = []
+    real_sleep, real_destroy, real_barrier = time.sleep, dist.destroy_process_group, dist.barrier
+    monkeypatch.setattr(dist, "barrier", lambda: (calls.append("barrier"), real_barrier()))
+    monkeypatch.setattr(time, "sleep", lambda s: (calls.append(("sleep", s)), real_sleep(s)))
+    monkeypatch.setattr(dist, "destroy_process_group", lambda: (
+        calls.append(("destroy", ref() is None)), real_destroy()))
+    distributed.leave_group(DistInfo(0, 2, 0))
+    assert calls[0] == "barrier" and calls[-1] == ("destroy", True)
+    assert calls[1][0] == "sleep" and calls[1][1] >= 0.1
+    assert not dist.is_initialized()
+
+
+def test_train_leaves_the_group_without_a_barrier_after_an_error(monkeypatch):
+    """After an error the other ranks may never reach a barrier: train() must not wait."""
+    left = []
+    monkeypatch.setattr(training, "dist_info", lambda env: DistInfo(0, 2, 0))
+    monkeypatch.setattr(training, "training_device", lambda cfg, info: torch.device("cpu"))
+    monkeypatch.setattr(training, "join_group", lambda info, device: None)
+    monkeypatch.setattr(training, "leave_group", lambda info, clean=True: left.append(clean))
+
+    def fails(cfg, info, device):
+        raise ChitchatError("boom")
+
+    monkeypatch.setattr(training, "_train", fails)
+    with pytest.raises(ChitchatError, match="boom"):
+        training.train(TrainConfig())
+    monkeypatch.setattr(training, "_train", lambda cfg, info, device: "run")
+    assert training.train(TrainConfig()) == "run"
+    assert left == [False, True]
+
+
 def load_train_script():
     spec = importlib.util.spec_from_file_location("train_script", ROOT / "train.py")
     mod = importlib.util.module_from_spec(spec)
