@@ -17,7 +17,9 @@ first-token latency p50/p95, inter-token latency p50/p95 (gaps between a reply's
 all replies pooled) and the worst client's inter-token p95, replies/s and tokens/s, the
 longest wait for a first token against the wait the queue position implies, and the
 server's RSS after the setting. The decode step of a batch of 8 rows is timed in this
-process on the same model, for the inter-token target. Without --model_path an untrained
+process on the same model before each run (median kept), for the inter-token target, and so
+is the step in which a request joins 7 running rows (its context's compute is most of what
+the worst client's inter-token p95 waits for). Without --model_path an untrained
 model of --model_config (default: GPT2-chitchat's small shape) is built on the sample
 corpus's vocab: speed does not depend on the weights. Everything is bounded: at most 64
 clients and 20 requests each, and --time_limit seconds per setting.
@@ -196,10 +198,13 @@ async def drive(url: str, lengths: list[list[int]], spread: float, limit: float)
             "itl_p95_worst_client": worst_client, "overtaken": overtaken}
 
 
-def step_time(model: Path, rows: int = 8, context: int = 20, steps: int = 30,
-              threads: int | None = None) -> float:
+def step_time(model: Path, rows: int = 8, context: int = 20, join: int = 17, steps: int = 30,
+              threads: int | None = None) -> tuple[float, float]:
     """Median seconds of one decode step of `rows` rows (this checkout's lean backend),
-    after a context of `context` tokens, with serve.py's --threads."""
+    after a context of `context` tokens, with serve.py's --threads; and, timed after those,
+    of the step in which a request with a `join`-token context (a request of this bench is
+    16 to 18) joins rows - 1 running rows: the engine's costliest common step, and the
+    floor of a client's inter-token tail when joins are frequent."""
     import torch
 
     from chitchat.chat import Chatbot
@@ -209,15 +214,20 @@ def step_time(model: Path, rows: int = 8, context: int = 20, steps: int = 30,
     bot = Chatbot.from_pretrained(model, device="cpu")
     be = bot.backend
     cache = be.row_cache(rows, context + 60)
-    times = []
+    plain, joined = [], []
     with torch.inference_mode():
         be.prefill(cache, 0, [[5] * context] * rows)
         tokens = torch.full((rows,), 5, dtype=torch.long)
         for _ in range(steps):
             t0 = time.perf_counter()
             be.step_rows(cache, tokens)
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times[5:])
+            plain.append(time.perf_counter() - t0)
+        for _ in range(steps):
+            cache.lens[:] = context + steps  # the same positions every time
+            t0 = time.perf_counter()
+            be.step_and_prefill(cache, tokens[:rows - 1], False, [[5] * join])
+            joined.append(time.perf_counter() - t0)
+    return statistics.median(plain[5:]), statistics.median(joined[5:])
 
 
 def pct(xs: list[float], p: float) -> float:
@@ -262,10 +272,13 @@ def main(argv=None):
     print(f"model {model}, clients {args.clients}, {args.requests} replies each of {lo}-{hi} "
           f"tokens, starts over {args.spread} s, --max_batch {args.max_batch}, "
           f"{args.repeats} run(s)", flush=True)
-    step8 = step_time(model, rows=8, threads=args.threads)
-    print(f"decode step of 8 rows: {step8 * 1000:.1f} ms", flush=True)
     rows: dict[tuple[str, int], dict] = {}
+    steps = []  # this machine's speed drifts by a third over minutes: time the step each run
     for rep in range(args.repeats):
+        steps.append(step_time(model, rows=8, threads=args.threads))
+        print(f"  run {rep + 1}: decode step of 8 rows {steps[-1][0] * 1000:.1f} ms; a step in "
+              f"which a 17-token context joins 7 running rows {steps[-1][1] * 1000:.1f} ms "
+              f"({steps[-1][1] / steps[-1][0]:.2f}x)", flush=True)
         for name, tree in engines:
             server = Server(tree, model, hi, args.max_batch, extra)
             with server as url:
@@ -285,10 +298,11 @@ def main(argv=None):
                     print(f"  run {rep + 1} {name} {c} clients: first token p95 "
                           f"{res['ttft_p95']:.3f} s, {res['replies_per_s']:.2f} replies/s",
                           flush=True)
-    print_table(rows, engines, args.clients, step8)
+    step8, join8 = (statistics.median(s[i] for s in steps) for i in (0, 1))
+    print_table(rows, engines, args.clients, step8, join8)
 
 
-def print_table(rows, engines, clients, step8):
+def print_table(rows, engines, clients, step8, join8):
     print("\n| engine | clients | first token p50 / p95 (max) | inter-token p50 / p95 (worst "
           "client) | replies/s | tokens/s | overtaken | RSS |")
     print("|---|---|---|---|---|---|---|---|")
@@ -305,7 +319,8 @@ def print_table(rows, engines, clients, step8):
                   f"{m['itl_p50'] * 1000:.0f} / {m['itl_p95'] * 1000:.0f} "
                   f"({m['itl_p95_worst_client'] * 1000:.0f}) ms | {m['replies_per_s']:.2f} | "
                   f"{m['tokens_per_s']:.0f} | {m['overtaken']:.0f} | {m['rss_mb']:.0f} MB |")
-    print(f"\ndecode step of 8 rows (this checkout): {step8 * 1000:.1f} ms")
+    print(f"\ndecode step of 8 rows (this checkout, median of the runs): {step8 * 1000:.1f} ms; "
+          f"with a context joining: {join8 * 1000:.1f} ms ({join8 / step8:.2f}x)")
     for name, _ in engines:
         med = {c: {k: statistics.median(r[k] for r in rows[(name, c)])
                    for k in rows[(name, c)][0]} for c in clients
@@ -315,7 +330,8 @@ def print_table(rows, engines, clients, step8):
                   f"a lone client's (target <= 3x, moonshot 1.5x); replies/s "
                   f"{med[8]['replies_per_s'] / med[1]['replies_per_s']:.2f}x sequential "
                   f"(target >= 4x); worst client's inter-token p95 "
-                  f"{med[8]['itl_p95_worst_client'] / step8:.2f}x the 8-row step (target <= 2x)")
+                  f"{med[8]['itl_p95_worst_client'] / step8:.2f}x the 8-row step (target <= 2x), "
+                  f"{med[8]['itl_p95_worst_client'] / join8:.2f}x the join step")
         if 8 in med and 32 in med:
             print(f"{name}: 32 clients: RSS {med[32]['rss_mb'] / med[8]['rss_mb']:.2f}x the "
                   f"8-client RSS (target <= 1.2x), {med[32]['overtaken']:.0f} overtaken")
