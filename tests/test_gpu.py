@@ -148,7 +148,11 @@ def test_leave_group_retires_the_work_before_the_group_dies(monkeypatch, tmp_pat
     monkeypatch.setattr(time, "sleep", lambda s: (calls.append(("sleep", s)), real_sleep(s)))
     monkeypatch.setattr(dist, "destroy_process_group", lambda: (
         calls.append(("destroy", ref() is None)), real_destroy()))
-    distributed.leave_group(DistInfo(0, 2, 0))
+    try:
+        distributed.leave_group(DistInfo(0, 2, 0))
+    finally:
+        if dist.is_initialized():  # the group must not outlive a failing test
+            real_destroy()
     assert calls[0] == "barrier" and calls[-1] == ("destroy", True)
     assert calls[1][0] == "sleep" and calls[1][1] >= 0.1
     assert not dist.is_initialized()
