@@ -421,3 +421,29 @@ def test_dropout_kernels_train_alike_and_say_so(sample_store, tmp_path):
     model_dir = next(p for p in out.rglob("config.json") if (p.parent / "model.safetensors")
                      .exists()).parent
     assert "chitchat" not in (model_dir / "config.json").read_text()
+
+
+@pytest.mark.slow
+def test_bf16_trains_as_fp32_does_within_bf16_tolerance(sample_store, tmp_path):
+    """--dtype bf16 (what --dtype auto picks on a CPU with AVX512-BF16 or AMX) changes only
+    the precision of the forward and backward: the same seed, data and dropout masks give
+    the fp32 run's losses to within bf16's rounding, step by step and at validation."""
+    cfg = tmp_path / "c.json"
+    cfg.write_text(json.dumps({"model_type": "gpt2", "n_positions": 64, "n_embd": 64,
+                               "n_head": 2, "n_layer": 2}))  # GPT-2's dropout 0.1 everywhere
+
+    def run(dtype):
+        train(cfg_for(sample_store, cfg, tmp_path, run_name=dtype, dtype=dtype, max_steps=8,
+                      lr=1e-3))
+        rows = [json.loads(l) for l in
+                (tmp_path / "runs" / dtype / "metrics.jsonl").read_text().splitlines()]
+        return ([r["loss"] for r in rows if "loss" in r],
+                [r["val_loss"] for r in rows if "val_loss" in r])
+
+    (f_loss, f_val), (b_loss, b_val) = run("fp32"), run("bf16")
+    assert len(f_loss) == 8 and len(f_val) == 1
+    assert f_loss[-1] < f_loss[0] - 0.2  # it learns, so the comparison is not of noise
+    # bf16 keeps 8 bits of mantissa (relative rounding 2^-9); a loss averages many tokens
+    assert b_loss == pytest.approx(f_loss, rel=5e-3)
+    assert b_val == pytest.approx(f_val, rel=5e-3)
+    assert b_loss != f_loss  # the bf16 run did compute in bf16
