@@ -447,3 +447,31 @@ def test_bf16_trains_as_fp32_does_within_bf16_tolerance(sample_store, tmp_path):
     assert b_loss == pytest.approx(f_loss, rel=5e-3)
     assert b_val == pytest.approx(f_val, rel=5e-3)
     assert b_loss != f_loss  # the bf16 run did compute in bf16
+
+
+@pytest.mark.slow
+def test_compiled_training_matches_eager_and_saves_a_plain_model(monkeypatch, sample_store,
+                                                                 tiny_config_path, tmp_path):
+    """--compile wraps the loss model in torch.compile: the same steps give the same losses
+    (to float rounding: inductor fuses the elementwise work), the run resumes, and the saved
+    folder is the plain model (no compiled wrapper's `_orig_mod.` names in it)."""
+    from safetensors import safe_open
+
+    def losses(name):
+        return [r["loss"] for r in map(json.loads, (tmp_path / "runs" / name / "metrics.jsonl")
+                                       .read_text().splitlines()) if "loss" in r]
+
+    compiles, real = [], torch.compile
+    monkeypatch.setattr(torch, "compile", lambda m, **kw: compiles.append(1) or real(m, **kw))
+    for name, compiled in (("eager", False), ("compiled", True)):  # 2 steps, then resumed
+        train(cfg_for(sample_store, tiny_config_path, tmp_path, run_name=name, max_steps=2,
+                      compile=compiled, save_interval=2))
+        train(cfg_for(sample_store, tiny_config_path, tmp_path, run_name=name, max_steps=4,
+                      compile=compiled, resume="auto"))
+    assert len(compiles) == 2 and len(losses("compiled")) == 4
+    assert losses("compiled") == pytest.approx(losses("eager"), rel=1e-4)
+    with safe_open(tmp_path / "runs" / "compiled" / "model.safetensors", "pt") as f:
+        names = list(f.keys())
+    assert names and not any("_orig_mod" in n for n in names)
+    with safe_open(tmp_path / "runs" / "eager" / "model.safetensors", "pt") as f:
+        assert sorted(names) == sorted(f.keys())
