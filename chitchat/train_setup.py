@@ -282,7 +282,8 @@ def _log_start(run: Run, st: TrainState, n_train: int, n_valid: int) -> None:
     log.info(f"run {run.run_dir}  device {run.device}  dtype {run.dtype}"
              + ("  (TF32 matmuls)" if run.tf32 else "") + f"  processes {run.info.world}  "
              f"threads {torch.get_num_threads()}  params {n_params / 1e6:.1f}M  "
-             f"vocab {run.tok.vocab_size}")
+             f"vocab {run.tok.vocab_size}"
+             + ("  torch.compile (the first steps include compiling)" if cfg.compile else ""))
     log.info(f"data {run.store.path}: {n_train} train / {n_valid} validation "
              f"dialogues -> {len(run.train_table)} / {len(run.valid_table)} windows, "
              f"{int(run.train_table.lengths.sum()):,} tokens per epoch; "

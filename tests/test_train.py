@@ -469,6 +469,8 @@ def test_compiled_training_matches_eager_and_saves_a_plain_model(monkeypatch, sa
         train(cfg_for(sample_store, tiny_config_path, tmp_path, run_name=name, max_steps=4,
                       compile=compiled, resume="auto"))
     assert len(compiles) == 2 and len(losses("compiled")) == 4
+    assert "torch.compile" in (tmp_path / "runs" / "compiled" / "train.log").read_text()
+    assert "torch.compile" not in (tmp_path / "runs" / "eager" / "train.log").read_text()
     assert losses("compiled") == pytest.approx(losses("eager"), rel=1e-4)
     with safe_open(tmp_path / "runs" / "compiled" / "model.safetensors", "pt") as f:
         names = list(f.keys())
