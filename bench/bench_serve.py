@@ -273,7 +273,7 @@ def main(argv=None):
           f"tokens, starts over {args.spread} s, --max_batch {args.max_batch}, "
           f"{args.repeats} run(s)", flush=True)
     rows: dict[tuple[str, int], dict] = {}
-    steps = []  # this machine's speed drifts by a third over minutes: time the step each run
+    steps = []  # a shared machine's speed can drift over minutes: time the step before each run
     for rep in range(args.repeats):
         steps.append(step_time(model, rows=8, threads=args.threads))
         print(f"  run {rep + 1}: decode step of 8 rows {steps[-1][0] * 1000:.1f} ms; a step in "
