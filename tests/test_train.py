@@ -443,7 +443,7 @@ def test_bf16_trains_as_fp32_does_within_bf16_tolerance(sample_store, tmp_path):
     (f_loss, f_val), (b_loss, b_val) = run("fp32"), run("bf16")
     assert len(f_loss) == 8 and len(f_val) == 1
     assert f_loss[-1] < f_loss[0] - 0.2  # it learns, so the comparison is not of noise
-    # bf16 keeps 8 bits of mantissa (relative rounding 2^-9); a loss averages many tokens
+    # bf16 keeps 8 significant bits (rounding up to 2^-8 relative); a loss averages tokens
     assert b_loss == pytest.approx(f_loss, rel=5e-3)
     assert b_val == pytest.approx(f_val, rel=5e-3)
     assert b_loss != f_loss  # the bf16 run did compute in bf16
