@@ -129,8 +129,7 @@ def test_leave_group_retires_the_work_before_the_group_dies(monkeypatch, tmp_pat
     import torch.distributed as dist
     from chitchat import distributed
 
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0,
-                            world_size=1)
+    real_sleep, real_destroy, real_barrier = time.sleep, dist.destroy_process_group, dist.barrier
 
     def a_run():  # what training._train leaves behind: a DDP wrapper, a gathered tensor
         ddp = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(4, 4))
@@ -141,14 +140,16 @@ def test_leave_group_retires_the_work_before_the_group_dies(monkeypatch, tmp_pat
         holder.append(holder)  # a cycle: only a collection frees it
         return ref
 
-    ref = a_run()
     calls = []
-    real_sleep, real_destroy, real_barrier = time.sleep, dist.destroy_process_group, dist.barrier
-    monkeypatch.setattr(dist, "barrier", lambda: (calls.append("barrier"), real_barrier()))
-    monkeypatch.setattr(time, "sleep", lambda s: (calls.append(("sleep", s)), real_sleep(s)))
-    monkeypatch.setattr(dist, "destroy_process_group", lambda: (
-        calls.append(("destroy", ref() is None)), real_destroy()))
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0,
+                            world_size=1)
     try:
+        ref = a_run()
+        monkeypatch.setattr(dist, "barrier", lambda: (calls.append("barrier"), real_barrier()))
+        monkeypatch.setattr(time, "sleep", lambda s: (calls.append(("sleep", s)),
+                                                      real_sleep(s)))
+        monkeypatch.setattr(dist, "destroy_process_group", lambda: (
+            calls.append(("destroy", ref() is None)), real_destroy()))
         distributed.leave_group(DistInfo(0, 2, 0))
     finally:
         if dist.is_initialized():  # the group must not outlive a failing test
