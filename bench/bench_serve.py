@@ -3,14 +3,16 @@
     python bench/bench_serve.py                                      # quick look
     python bench/bench_serve.py --baseline_rev 4655e33 --repeats 3   # figures in the docs
     python bench/bench_serve.py --model_path model/<run>/best        # a trained model
+    python bench/bench_serve.py --variant "whole=--max_step_tokens 0"  # with other serve flags
 
 Each engine is `python serve.py` as its own process on 127.0.0.1 (so the clients in this
 process do not share its interpreter): this checkout's, and with --baseline_rev the serve.py
-of that git revision (exported with `git archive`), run with the same flags one after the
-other in the same run. For each client count (--clients, default 1 4 8 16 32) the clients
-start at even intervals over --spread seconds, and each streams --requests replies back to
-back, of 10 to 60 tokens (--lengths; the same pseudo-random lengths for every engine; the
-server runs with --min_len 60, so a request for n tokens gets exactly n).
+of that git revision (exported with `git archive`), and each --variant (this checkout's
+serve.py with extra flags), run with the same flags one after the other in the same run.
+For each client count (--clients, default 1 4 8 16 32) the clients start at even intervals
+over --spread seconds, and each streams --requests replies back to back, of 10 to 60 tokens
+(--lengths; the same pseudo-random lengths for every engine; the server runs with --min_len
+60, so a request for n tokens gets exactly n).
 
 Reported per engine and client count (median of --repeats runs, each on a fresh server):
 first-token latency p50/p95, inter-token latency p50/p95 (gaps between a reply's chunks,
@@ -132,8 +134,16 @@ class Server:
         return kb / 1024
 
 
-async def one_reply(client: httpx.AsyncClient, url: str, k: int, n_tokens: int) -> dict:
-    body = {"messages": [{"role": "user", "content": f"第{k}个问题：今天过得怎么样？"}],
+def prompt(k: int, chars: int) -> str:
+    """Request k's message: a short question, or with `chars` about that many characters
+    (a token each: the context's length, up to what the server's trimming keeps)."""
+    text = f"第{k}个问题：今天过得怎么样？"
+    return (text * (chars // len(text) + 1))[:chars] if chars else text
+
+
+async def one_reply(client: httpx.AsyncClient, url: str, k: int, n_tokens: int,
+                    chars: int = 0) -> dict:
+    body = {"messages": [{"role": "user", "content": prompt(k, chars)}],
             "stream": True, "max_tokens": n_tokens, "stream_options": {"include_usage": True}}
     t0 = time.perf_counter()
     times: list[float] = []  # arrival of each chunk with content
@@ -164,7 +174,8 @@ async def one_reply(client: httpx.AsyncClient, url: str, k: int, n_tokens: int) 
             "gaps": [b - a for a, b in zip(times, times[1:])], "tokens": n_tokens}
 
 
-async def drive(url: str, lengths: list[list[int]], spread: float, limit: float) -> dict:
+async def drive(url: str, lengths: list[list[int]], spread: float, limit: float,
+                chars: int = 0) -> dict:
     """One client per list of `lengths`, started at even intervals over `spread` seconds,
     each streaming its replies back to back."""
     clients = len(lengths)
@@ -173,11 +184,11 @@ async def drive(url: str, lengths: list[list[int]], spread: float, limit: float)
     async def client_loop(c: int, client: httpx.AsyncClient):
         await asyncio.sleep(spread * c / clients)
         for r, n in enumerate(lengths[c]):
-            results[c].append(await one_reply(client, url, c * 100 + r, n))
+            results[c].append(await one_reply(client, url, c * 100 + r, n, chars))
 
     limits = httpx.Limits(max_connections=clients)
     async with httpx.AsyncClient(timeout=limit, limits=limits) as client:
-        await one_reply(client, url, -1, 10)  # warm-up, not timed
+        await one_reply(client, url, -1, 10, chars)  # warm-up, not timed
         t0 = time.perf_counter()
         await asyncio.wait_for(asyncio.gather(*(client_loop(c, client)
                                                 for c in range(clients))), limit)
@@ -253,25 +264,37 @@ def main(argv=None):
                     help="seconds per client count and run, at most (then the larger client "
                          "counts of that run are skipped)")
     ap.add_argument("--threads", type=int, help="serve.py --threads")
+    ap.add_argument("--prompt_chars", type=int, default=0,
+                    help="make each request's message this many characters long (default: "
+                         "a short question, a context of 16 to 18 tokens)")
+    ap.add_argument("--variant", action="append", default=[], metavar="NAME=FLAGS",
+                    help="also run this checkout's serve.py with these extra flags, e.g. "
+                         "'whole=--max_step_tokens 0' (repeatable)")
     args = ap.parse_args(argv)
     lo, hi = args.lengths
     if not (all(1 <= c <= 64 for c in args.clients) and 1 <= args.requests <= 20
-            and args.repeats >= 1 and 1 <= lo <= hi <= 250):
+            and args.repeats >= 1 and 1 <= lo <= hi <= 250 and 0 <= args.prompt_chars <= 1000):
         ap.error("--clients must be 1..64, --requests 1..20, --repeats >= 1, "
-                 "--lengths 1 <= lo <= hi <= 250")
+                 "--lengths 1 <= lo <= hi <= 250, --prompt_chars 0..1000")
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     model = Path(args.model_path) if args.model_path else build_model(args.model_config, work)
     extra = ["--threads", str(args.threads)] if args.threads else []
-    engines = [("this", ROOT)]
+    engines = [("this", ROOT, [])]
+    for v in args.variant:
+        name, sep, flags = v.partition("=")
+        if not sep or not name:
+            ap.error(f"--variant {v!r}: expected NAME=FLAGS")
+        engines.append((name, ROOT, flags.split()))
     if args.baseline_rev:
-        engines.append((args.baseline_rev, export_rev(args.baseline_rev, work)))
+        engines.append((args.baseline_rev, export_rev(args.baseline_rev, work), []))
     rng = random.Random(0)
     lengths = {c: [[rng.randint(lo, hi) for _ in range(args.requests)] for _ in range(c)]
                for c in args.clients}
     print(f"model {model}, clients {args.clients}, {args.requests} replies each of {lo}-{hi} "
           f"tokens, starts over {args.spread} s, --max_batch {args.max_batch}, "
-          f"{args.repeats} run(s)", flush=True)
+          f"{args.repeats} run(s), messages of {args.prompt_chars or 'about 14'} characters",
+          flush=True)
     rows: dict[tuple[str, int], dict] = {}
     steps = []  # a shared machine's speed can drift over minutes: time the step before each run
     for rep in range(args.repeats):
@@ -279,13 +302,13 @@ def main(argv=None):
         print(f"  run {rep + 1}: decode step of 8 rows {steps[-1][0] * 1000:.1f} ms; a step in "
               f"which a 17-token context joins 7 running rows {steps[-1][1] * 1000:.1f} ms "
               f"({steps[-1][1] / steps[-1][0]:.2f}x)", flush=True)
-        for name, tree in engines:
-            server = Server(tree, model, hi, args.max_batch, extra)
+        for name, tree, flags in engines:
+            server = Server(tree, model, hi, args.max_batch, extra + flags)
             with server as url:
                 for c in args.clients:
                     try:
                         res = asyncio.run(drive(url, lengths[c], args.spread,
-                                                args.time_limit))
+                                                args.time_limit, args.prompt_chars))
                     except asyncio.TimeoutError:
                         # More clients would take longer still: this server is done.
                         print(f"  run {rep + 1} {name} {c} clients: not finished in "
@@ -306,7 +329,7 @@ def print_table(rows, engines, clients, step8, join8):
     print("\n| engine | clients | first token p50 / p95 (max) | inter-token p50 / p95 (worst "
           "client) | replies/s | tokens/s | overtaken | RSS |")
     print("|---|---|---|---|---|---|---|---|")
-    for name, _ in engines:
+    for name, *_ in engines:
         for c in clients:
             runs = [r for r in rows[(name, c)] if r is not None]
             if len(runs) < len(rows[(name, c)]):
@@ -321,7 +344,7 @@ def print_table(rows, engines, clients, step8, join8):
                   f"{m['tokens_per_s']:.0f} | {m['overtaken']:.0f} | {m['rss_mb']:.0f} MB |")
     print(f"\ndecode step of 8 rows (this checkout, median of the runs): {step8 * 1000:.1f} ms; "
           f"with a context joining: {join8 * 1000:.1f} ms ({join8 / step8:.2f}x)")
-    for name, _ in engines:
+    for name, *_ in engines:
         med = {c: {k: statistics.median(r[k] for r in rows[(name, c)])
                    for k in rows[(name, c)][0]} for c in clients
                if None not in rows[(name, c)]}

@@ -327,3 +327,130 @@ def test_step_and_prefill_equals_a_step_then_a_prefill(bot):
                                    rtol=1e-4)
         torch.testing.assert_close(twin.v[:, r, :, :n], cache.v[:, r, :, :n], atol=1e-4,
                                    rtol=1e-4)
+
+
+def test_a_context_fed_in_chunks_equals_the_whole_context(bot):
+    """Prefill in chunks (`starts`: each chunk continues its row, rows at different points,
+    padded to the longest chunk, beside running rows) leaves the cache a whole-context
+    prefill leaves, and the last chunk's logits are the whole context's."""
+    import copy
+
+    backend = bot.backend
+    running = [[2, 40, 41, 3]]
+    a = [2, 60, 61, 62, 63, 64, 65, 3]
+    b = [2, 70, 3, 71, 72, 3]
+    with torch.inference_mode():
+        whole = backend.row_cache(4, 16)
+        backend.prefill(whole, 0, running)
+        twin = copy.deepcopy(whole)
+        want = backend.prefill(whole, 1, [a, b])
+        # a: 3 + 5 tokens, b: 1 + 2 + 3; the running row steps beside the middle chunk.
+        backend.prefill(twin, 1, [a[:3], b[:1]])
+        tokens = torch.tensor([80])
+        backend.step_and_prefill(twin, tokens, False, [a[3:5], b[1:3]], starts=[3, 1])
+        got = backend.prefill(twin, 1, [a[5:], b[3:]], starts=[5, 3])
+        backend.step_rows(whole, tokens)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    assert twin.lens[:3].tolist() == whole.lens[:3].tolist() == [5, 8, 6]
+    for r, n in enumerate(whole.lens[:3].tolist()):
+        torch.testing.assert_close(twin.k[:, r, :, :n], whole.k[:, r, :, :n], atol=1e-4,
+                                   rtol=1e-4)
+        torch.testing.assert_close(twin.v[:, r, :, :n], whole.v[:, r, :, :n], atol=1e-4,
+                                   rtol=1e-4)
+    with pytest.raises(ValueError, match="at least one token"):
+        backend.prefill(twin, 1, [[]], starts=[3])
+
+
+def test_plan_prefill_keeps_a_step_within_its_token_budget():
+    from chitchat.serving.engine import plan_prefill
+
+    assert plan_prefill(0, 10, [30, 5]) == [30, 5]  # nobody is waiting on this step
+    assert plan_prefill(3, 0, [30, 5]) == [30, 5]  # no budget: contexts go in whole
+    assert plan_prefill(3, 10, [4, 5, 2]) == [4, 3]  # first come first served
+    assert plan_prefill(3, 10, [30, 5]) == [7]
+    assert plan_prefill(2, 10, [8, 5]) == [8]
+    assert plan_prefill(12, 10, [30]) == [1]  # a full batch still feeds a token a step
+    assert plan_prefill(3, 10, []) == []
+
+
+class Recorder:
+    """Records what each joining step computes (running rows, chunk lengths, starts) and
+    every row copy, with whether a context was being fed then."""
+
+    def __init__(self, bot):
+        self.backend = bot.backend
+        self.inner_join = self.backend.step_and_prefill
+        self.inner_copy = self.backend.copy_row
+        self.engine = None
+        self.joins: list[tuple[int, list[int], list[int] | None]] = []
+        self.copies: list[tuple[int, int, bool]] = []
+        self.backend.step_and_prefill = self.step_and_prefill
+        self.backend.copy_row = self.copy_row
+
+    def step_and_prefill(self, cache, tokens, types, contexts, **kw):
+        self.joins.append((tokens.shape[0], [len(c) for c in contexts], kw.get("starts")))
+        return self.inner_join(cache, tokens, types, contexts, **kw)
+
+    def copy_row(self, cache, src, dst):
+        pending = self.engine._pending
+        self.copies.append((src, dst, bool(pending and pending[0].fed)))
+        return self.inner_copy(cache, src, dst)
+
+    def remove(self) -> None:
+        del self.backend.step_and_prefill
+        del self.backend.copy_row
+
+
+def test_contexts_joining_running_rows_are_fed_in_chunks_and_decode_as_alone(tiny_model_dir):
+    """With a budget of 4 tokens a step, contexts that join 2 or 3 running rows go in one or
+    two tokens a step, rows finish (and move) while one is half in, and every reply is
+    still the one its request gets alone."""
+    bot = Chatbot.from_pretrained(tiny_model_dir, device="cpu", max_len=12)
+    rec = Recorder(bot)
+    try:
+        reqs = [(HISTORIES[k % 5], {**OPTIONS[k % 5], "max_len": 3 + 3 * k}) for k in range(9)]
+        engine = Engine(bot, max_batch=3, step_tokens=4, start=False)
+        rec.engine = engine
+        out, _ = run_jobs(bot, reqs, max_batch=3, engine=engine)
+    finally:
+        rec.remove()
+    for (h, o), (text, reply) in zip(reqs, out):
+        assert_alone(bot, h, o, text, reply)
+    assert all(rows + sum(chunks) <= 4 for rows, chunks, _ in rec.joins), rec.joins
+    assert any(starts and any(starts) for _, _, starts in rec.joins)  # a context continued
+    assert any(partial for _, _, partial in rec.copies)  # a half-fed row followed a move
+
+
+def test_a_request_cancelled_while_its_context_is_fed_frees_its_row(gate):
+    bot = gate.bot
+    run = {"seed": 4, "max_len": 20, "min_len": 20}
+    long = ["我想去北京看看", "好啊", "一起去吧", "什么时候"]
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        engine = Engine(bot, max_batch=2, step_tokens=2)
+        a = make_job(bot, ["你好"], loop, **run)
+        engine.submit(a)
+        gate.release(2)
+        await wait_pieces(a, 3)
+        b = make_job(bot, long, loop, **run)
+        engine.submit(b)
+        while not engine._pending or not engine._pending[0].fed:  # b is half in
+            gate.release(1)
+            await asyncio.sleep(0.01)
+        b.cancel()
+        joins = len(gate.joins)
+        c = make_job(bot, ["出去玩吗"], loop, **run)
+        engine.submit(c)  # it needs b's row: the batch has 2
+        gate.release()
+        text_a, reply_a = await collect(a)
+        text_c, reply_c = await collect(c)
+        engine.close()
+        return b, joins, text_a, reply_a, text_c, reply_c
+
+    b, joins, text_a, reply_a, text_c, reply_c = asyncio.run(main())
+    assert b.events.empty() and b.tokens_sent == 0
+    assert_alone(bot, ["出去玩吗"], run, text_c, reply_c)
+    assert len(reply_a.token_ids) == 20
+    # c was fed beside a, then decoded beside it: b's row was free again at once.
+    assert len(gate.joins) > joins and 2 in gate.rows

@@ -159,6 +159,30 @@ def test_client_disconnect_stops_generation(tiny_model_dir):
         assert bot.steps < 39  # not the whole reply
 
 
+def test_max_step_tokens_feeds_a_joining_context_in_chunks(tiny_model_dir):
+    """serve.py --max_step_tokens reaches the engine: a context that joins a running reply
+    goes in over several steps of at most that many tokens, and both replies complete."""
+    bot = slow_bot(tiny_model_dir)
+    inner, joins = bot.backend.step_and_prefill, []
+
+    def step_and_prefill(cache, tokens, types, contexts, **kw):
+        joins.append(tokens.shape[0] + sum(len(c) for c in contexts))
+        return inner(cache, tokens, types, contexts, **kw)
+    bot.backend.step_and_prefill = step_and_prefill
+    app = create_app(bot, ServerOptions(max_batch=2, max_step_tokens=3))
+    with LiveServer(app) as url:
+        def ask(text):
+            body = {"messages": [{"role": "user", "content": text}], "max_tokens": 20}
+            return httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60).json()
+        with ThreadPoolExecutor(2) as pool:
+            first = pool.submit(ask, "你好")
+            wait_for(lambda: bot.steps >= 2, "the first reply is running")
+            second = pool.submit(ask, "今天天气不错，我们出去玩吧")
+            replies = [first.result(), second.result()]
+    assert [r["usage"]["completion_tokens"] for r in replies] == [20, 20]
+    assert len(joins) >= 5 and max(joins) <= 3  # 12+ context tokens, 2 a step
+
+
 def send_raw(port: int, data: bytes) -> socket.socket:
     s = socket.create_connection(("127.0.0.1", port), timeout=60)
     s.sendall(data)

@@ -275,9 +275,12 @@ class FastGPT2:
                         torch.zeros(rows, dtype=torch.long, device=self.device))
 
     def prefill(self, cache: "RowCache", first: int, contexts, token_types=None,
-                reply_types=None) -> torch.Tensor:
-        """Feed `contexts` into rows first, first+1, ...; their logits (k, V)."""
-        seg, done = self._prefill_segment(cache, first, contexts, token_types, reply_types)
+                reply_types=None, starts=None) -> torch.Tensor:
+        """Feed `contexts` into rows first, first+1, ...; their logits (k, V). With `starts`,
+        row first+i already holds its first starts[i] tokens and contexts[i] continues it
+        (a context fed in chunks)."""
+        seg, done = self._prefill_segment(cache, first, contexts, token_types, reply_types,
+                                          starts)
         return done(self._blocks_of([seg])[0])
 
     def step_rows(self, cache: "RowCache", tokens: torch.Tensor, types: bool = False
@@ -288,28 +291,37 @@ class FastGPT2:
         return done(self._blocks_of([seg])[0])
 
     def step_and_prefill(self, cache: "RowCache", tokens: torch.Tensor, types: bool,
-                         contexts, token_types=None, reply_types=None
+                         contexts, token_types=None, reply_types=None, starts=None
                          ) -> tuple[torch.Tensor, torch.Tensor]:
         """`step_rows` for rows 0..n-1 and `prefill` of `contexts` into rows n, n+1, ... in
         one pass over the weights: a request joining a running batch costs its context's
         compute, not a second read of every matrix. Logits (n, V) and (k, V)."""
         n = tokens.shape[0]
         step, step_done = self._step_segment(cache, tokens, types)
-        pre, pre_done = self._prefill_segment(cache, n, contexts, token_types, reply_types)
+        pre, pre_done = self._prefill_segment(cache, n, contexts, token_types, reply_types,
+                                              starts)
         xs, xp = self._blocks_of([step, pre])
         return step_done(xs), pre_done(xp)
 
     def _final(self, h: torch.Tensor) -> torch.Tensor:
         return self.project(F.layer_norm(h, (self.d,), *self.ln_f, self.eps))
 
-    def _prefill_segment(self, cache, first, contexts, token_types, reply_types):
+    def _prefill_segment(self, cache, first, contexts, token_types, reply_types,
+                         starts=None):
         """The contexts right-padded into one batch (causal attention keeps every real token
         from seeing the padding after it, so positions and keys are a lone row's), and what
-        to do with its output: set the rows' lengths, return the last tokens' logits."""
+        to do with its output: set the rows' lengths, return the last tokens' logits.
+
+        With `starts` (not all 0), row first+i continues after its first starts[i] tokens:
+        its new keys go into the cache after them and its tokens attend to the whole row."""
         k = len(contexts)
         lens = torch.tensor([len(c) for c in contexts], dtype=torch.long, device=self.device)
+        if min(lens.tolist(), default=0) < 1:
+            raise ValueError("every context (or chunk) needs at least one token")
         S = int(lens.max())
-        check_fits(S, cache.k.shape[3])
+        st = torch.tensor(list(starts) if starts is not None else [0] * k, dtype=torch.long,
+                          device=self.device)
+        check_fits(int((st + lens).max()), cache.k.shape[3])
         if first + k > cache.k.shape[1]:
             raise ValueError(f"rows {first}..{first + k - 1} are beyond the cache's "
                              f"{cache.k.shape[1]}")
@@ -323,21 +335,41 @@ class FastGPT2:
         if types is not None:
             types = types.to(self.device)
         rows = slice(first, first + k)
+        cols = torch.arange(S, device=self.device)
+        # A padding position past n_positions would index past the position table; its
+        # output is never read.
+        pos = (st[:, None] + cols).clamp(max=self.n_positions - 1)
+        mask = None
+        if not bool((st == 0).all()):
+            T = int((st + lens).max())
+            real = cols[None, :] < lens[:, None]  # (k, S)
+            slot = torch.arange(first, first + k, device=self.device)[:, None].expand(k, S)
+            at, to = slot[real], pos[real]
+            # Query i of row r sees the row's positions up to its own (padding queries: up
+            # to the row's last real token), all of them in the cache by then.
+            last = st + lens - 1
+            upto = torch.minimum(st[:, None] + cols, last[:, None])  # (k, S)
+            mask = (torch.arange(T, device=self.device) <= upto[:, :, None]).unsqueeze(1)
 
         def kv(i, key, val):
-            cache.k[i, rows, :, :S] = key
-            cache.v[i, rows, :, :S] = val
-            return key, val
+            if mask is None:
+                cache.k[i, rows, :, :S] = key
+                cache.v[i, rows, :, :S] = val
+                return key, val
+            # (rows, length, H, hd) views: only the real tokens are written, each at its
+            # position, so a padded chunk never writes past its row's end.
+            cache.k[i].transpose(1, 2)[at, to] = key.transpose(1, 2)[real]
+            cache.v[i].transpose(1, 2)[at, to] = val.transpose(1, 2)[real]
+            return cache.k[i, rows, :, :T], cache.v[i, rows, :, :T]
 
         def done(x):  # (k, S, D)
-            cache.lens[rows] = lens
+            cache.lens[rows] = st + lens
             if reply_types is not None:
                 cache.types[rows] = torch.as_tensor(list(reply_types), dtype=torch.long,
                                                     device=self.device)
             return self._final(x[torch.arange(k, device=self.device), lens - 1])
 
-        pos = torch.arange(S, device=self.device).expand(k, S)
-        return _Segment(ids, pos, kv, None, True, types), done
+        return _Segment(ids, pos, kv, mask, mask is None, types), done
 
     def _step_segment(self, cache, tokens, types: bool):
         n = tokens.shape[0]

@@ -44,7 +44,8 @@ class AppState:
     def ready(self, bot) -> None:
         self.bot = bot
         self.engine = Engine(bot, self.options.max_batch, self.options.max_queue,
-                             self.options.max_context)
+                             self.options.max_context,
+                             step_tokens=self.options.max_step_tokens)
         self.status = "ready"
         log.info("model ready: serving %r", self.options.model_name)
 

@@ -4,7 +4,12 @@ One thread owns the model and runs it one decoding step at a time over every act
 
 * A new request is prefilled (its context pass, batched with the other requests admitted at
   the same moment, in the same pass over the weights as the running rows' step) and decodes
-  with the running batch from the next step on. A row that ends ([SEP],
+  with the running batch from the next step on. With `step_tokens`, a step that has rows
+  running computes at most that many tokens (their one each, and chunks of the joining
+  contexts, first come first served, `plan_prefill`): on a CPU a step's cost grows with its
+  tokens, so a long context computed in one step stalls every streaming reply for as long;
+  fed in chunks, it delays its own first token instead (docs/serving.md has both). A
+  context being fed sits in the row after the running ones. A row that ends ([SEP],
   max_tokens), is cancelled (client gone, stop sequence hit) or is cut at shutdown leaves at
   once; the last row moves into its cache slot, so the active rows stay packed in slots
   0..n-1 and a step is a single model call on a view of the cache.
@@ -38,6 +43,36 @@ from ..streams import Prepared, ReplyStream
 from ..utils import ChitchatError
 
 log = logging.getLogger("chitchat")
+
+
+def plan_prefill(running: int, budget: int, remaining: list[int]) -> list[int]:
+    """How many tokens of each joining context (in queue order, `remaining[i]` still to
+    feed) the next step computes beside `running` decoding rows: all of them when no row is
+    running or `budget` is 0, else at most `budget` tokens in all (the running rows'
+    included, and at least one context token), first come first served. A prefix of the
+    contexts, each with at least one token; only the last may be left unfinished."""
+    if not running or not budget:
+        return list(remaining)
+    left = max(budget - running, 1)
+    out = []
+    for r in remaining:
+        if left <= 0:
+            break
+        out.append(min(r, left))
+        left -= out[-1]
+    return out
+
+
+class _Pending:
+    """A request admitted to the batch whose context is not all in its row yet."""
+
+    def __init__(self, job: "Job"):
+        self.job = job
+        self.fed = 0  # tokens of its context already in its cache row
+
+    @property
+    def left(self) -> int:
+        return len(self.job.prep.context.ids) - self.fed
 
 
 class EngineError(ChitchatError):
@@ -121,7 +156,8 @@ class Engine:
     """The only thread that runs the model (see the module docstring)."""
 
     def __init__(self, bot, max_batch: int = 8, max_queue: int = 64,
-                 max_context: int | None = None, start: bool = True):
+                 max_context: int | None = None, start: bool = True,
+                 step_tokens: int = 0):
         backend = bot.backend
         if not hasattr(backend, "row_cache"):
             raise ChitchatError("the server batches rows in the fast backend's KV cache; "
@@ -130,6 +166,8 @@ class Engine:
         self.bot = bot
         self.max_batch = max_batch
         self.max_queue = max_queue
+        # See plan_prefill; 0: a joining context is computed whole in one step.
+        self.step_tokens = step_tokens
         self.max_context = min(max_context or bot.n_positions, bot.n_positions)
         mmi = getattr(bot, "mmi", None)
         # An MMI request needs all its candidates' rows at once.
@@ -139,6 +177,9 @@ class Engine:
         self._cond = threading.Condition()
         self._queue: collections.deque[Job] = collections.deque()
         self._live: list[_Live] = []  # row i of the cache is _live[i] (engine thread only)
+        # Admitted, context not all fed, in queue order: only the first may be partly fed,
+        # and it sits in row len(_live) (engine thread only).
+        self._pending: list[_Pending] = []
         self._candidates: dict[Job, list] = {}  # MMI: finished candidates per job
         self._closed = False
         self._stop = False
@@ -159,7 +200,7 @@ class Engine:
 
     @property
     def active(self) -> int:
-        return len(self._live)
+        return len(self._live) + len(self._pending)
 
     def submit(self, job: Job) -> None:
         if job.rows > self.rows:
@@ -195,10 +236,14 @@ class Engine:
             log.warning("the generation thread did not stop within %.0f s", timeout)
 
     # -- the engine thread --
+    def _jobs(self) -> dict[Job, None]:
+        """Every job holding rows (live or being prefilled), in order."""
+        return {**{lv.job: None for lv in self._live}, **{p.job: None for p in self._pending}}
+
     def _run(self) -> None:
         while True:
             with self._cond:
-                while not (self._queue or self._live or self._stop):
+                while not (self._queue or self._live or self._pending or self._stop):
                     self._cond.wait()
                 if self._stop:
                     leftovers = list(self._queue)
@@ -208,34 +253,39 @@ class Engine:
             cut = self._deadline is not None and time.monotonic() >= self._deadline
             try:
                 if cut:
-                    for job in {lv.job: None for lv in self._live}:
+                    for job in self._jobs():
                         self._cut(job)
                     self._live.clear()
+                    self._pending.clear()
                     self._candidates.clear()
                     continue
                 self._leave([i for i, lv in enumerate(self._live) if lv.job.cancelled.is_set()])
-                beams = [j for j in admitted if not j.prep.rows]
-                for job in beams:
-                    self._run_alone(job)
-                rows = [j for j in admitted if j.prep.rows and not j.cancelled.is_set()]
-                if rows:
-                    self._join(rows)  # the running rows take their step in the same pass
+                self._pending = [p for p in self._pending if not p.job.cancelled.is_set()]
+                for job in admitted:
+                    if not job.prep.rows:
+                        self._run_alone(job)
+                    elif not job.cancelled.is_set():
+                        self._pending.append(_Pending(job))
+                if self._pending:
+                    self._join()  # the running rows take their step in the same pass
                 elif self._live:
                     self._step()
             except Exception as e:  # reported to every client in the batch, and logged
                 log.exception("generation failed")
-                for job in {lv.job: None for lv in self._live}.keys() | set(admitted):
+                for job in self._jobs().keys() | set(admitted):
                     if not job.ended:
                         job.emit("error", e)
                 self._live.clear()
+                self._pending.clear()
                 self._candidates.clear()
-        for job in {lv.job: None for lv in self._live}.keys() | set(leftovers):
+        for job in self._jobs().keys() | set(leftovers):
             self._cut(job)
         self._live.clear()
+        self._pending.clear()
 
     def _admit(self) -> list[Job]:
         """Queued jobs whose rows fit now, first come first served (with the lock held)."""
-        free = self.rows - len(self._live)
+        free = self.rows - len(self._live) - sum(p.job.rows for p in self._pending)
         out = []
         while self._queue and self._queue[0].rows <= free:
             job = self._queue.popleft()
@@ -266,34 +316,54 @@ class Engine:
             rs.close()
         job.emit("done", rs.reply)
 
-    def _join(self, jobs: list[Job]) -> None:
-        """Prefill `jobs` into the rows after the running ones, and step the running rows,
-        in one pass over the weights (a separate context pass would stall every running
-        row for a whole extra step: on a CPU a step costs mostly the reading of the
-        weights). Each new row gets its first token, each running row its next."""
+    def _join(self) -> None:
+        """Feed the pending contexts (what `plan_prefill` allows) into the rows after the
+        running ones, and step the running rows, in one pass over the weights (a separate
+        context pass would stall every running row for a second read of every matrix
+        and a second step's fixed work). Each running row gets its next
+        token, each context fed to its end its first; an unfinished one waits in its row."""
         backend, cache = self.bot.backend, self.cache
         n = len(self._live)
-        ctxs = [j.prep.context for j in jobs]
-        speakers = ctxs[0].token_types is not None
-        kw = dict(token_types=[c.token_types for c in ctxs] if speakers else None,
-                  reply_types=[c.reply_type for c in ctxs] if speakers else None)
+        # Nothing starts after a request with more rows (MMI candidates): they are copied
+        # into the rows right after its own once its context is in.
+        batch = []
+        for p in self._pending:
+            batch.append(p)
+            if p.job.rows > 1:
+                break
+        takes = plan_prefill(n, self.step_tokens, [p.left for p in batch])
+        batch = batch[:len(takes)]
+        chunks, types = [], []
+        for p, t in zip(batch, takes):
+            ctx = p.job.prep.context
+            chunks.append(ctx.ids[p.fed:p.fed + t])
+            if ctx.token_types is not None:
+                types.append(ctx.token_types[p.fed:p.fed + t])
+        starts = [p.fed for p in batch]
+        ctxs = [p.job.prep.context for p in batch]
+        kw = dict(token_types=types if types else None,
+                  reply_types=[c.reply_type for c in ctxs] if types else None,
+                  starts=starts if any(starts) else None)
         with torch.inference_mode():
             if n:
                 self.steps[n] += 1
                 step_logits, logits = backend.step_and_prefill(
                     cache, self._last_tokens(), self._live[0].job.prep.context.reply_type
-                    is not None, [c.ids for c in ctxs], **kw)
+                    is not None, chunks, **kw)
             else:
-                step_logits, logits = None, backend.prefill(cache, 0, [c.ids for c in ctxs],
-                                                            **kw)
+                step_logits, logits = None, backend.prefill(cache, 0, chunks, **kw)
+        for p, t in zip(batch, takes):
+            p.fed += t
+        done = [p.job for p in batch if not p.left]
+        del self._pending[:len(done)]
         running = [(i, lv, step_logits[i]) for i, lv in enumerate(self._live)]
         tok = self.bot.tokenizer
-        heads = [_Live(j, j.prep.rows[0], tok) for j in jobs]
+        heads = [_Live(j, j.prep.rows[0], tok) for j in done]
         self._live.extend(heads)
         extra = []
-        for i, j in enumerate(jobs):  # MMI: the other candidates share the context pass
+        for i, j in enumerate(done):  # MMI: the other candidates share the context pass
             for row in j.prep.rows[1:]:
-                backend.copy_row(cache, n + i, n + len(jobs) + len(extra))
+                backend.copy_row(cache, n + i, n + len(done) + len(extra))
                 extra.append((_Live(j, row, tok), i))
         self._live.extend(lv for lv, _ in extra)
         chosen = [(lv, logits[i]) for i, lv in enumerate(heads)]
@@ -350,7 +420,9 @@ class Engine:
             job.emit("done", reply)
 
     def _leave(self, indices) -> None:
-        """Rows `indices` leave; the last rows move into their slots."""
+        """Rows `indices` leave; the last rows move into their slots, and a context being
+        fed follows them (it stays in the row after the running ones)."""
+        n = len(self._live)
         for i in sorted(indices, reverse=True):
             lv = self._live[i]
             if lv.job.cancelled.is_set() and not lv.job.ended:
@@ -363,3 +435,5 @@ class Engine:
                 self.bot.backend.copy_row(self.cache, last, i)
                 self._live[i] = self._live[last]
             self._live.pop()
+        if len(self._live) < n and self._pending and self._pending[0].fed:
+            self.bot.backend.copy_row(self.cache, n, len(self._live))

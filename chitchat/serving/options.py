@@ -27,6 +27,10 @@ class ServerOptions:
                          "request takes --num_candidates of them)")
     max_context: int | None = opt(None, "KV cache positions per row (default: the model's "
                                   "n_positions); histories are trimmed to fit with the reply")
+    max_step_tokens: int = opt(0, "most tokens a decoding step computes while replies "
+                               "stream (their rows plus chunks of joining contexts): smoother "
+                               "streams beside long contexts, later first tokens. 0: a "
+                               "joining context goes in whole")
     max_queue: int = opt(64, "requests waiting for a free row; more get 503 'overloaded'")
     max_connections: int = opt(128, "requests in progress at once (idle connections do not "
                                "count); more get 503 'overloaded'. /health is always answered")
@@ -47,6 +51,7 @@ class ServerOptions:
         check(self.max_tokens_limit >= 1, "--max_tokens_limit must be at least 1")
         check(self.max_batch >= 1, "--max_batch must be at least 1")
         check(self.max_queue >= 1, "--max_queue must be at least 1")
+        check(self.max_step_tokens >= 0, "--max_step_tokens must be >= 0")
         check(self.max_connections >= 1, "--max_connections must be at least 1")
         check(self.max_context is None or self.max_context >= 8,
               "--max_context must be at least 8")
