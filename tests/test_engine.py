@@ -454,3 +454,23 @@ def test_a_request_cancelled_while_its_context_is_fed_frees_its_row(gate):
     assert len(reply_a.token_ids) == 20
     # c was fed beside a, then decoded beside it: b's row was free again at once.
     assert len(gate.joins) > joins and 2 in gate.rows
+
+
+def test_mmi_candidates_of_a_context_fed_in_chunks_are_those_of_a_whole_one(mmi_bot):
+    """An MMI request whose context goes in over several steps beside running rows gets
+    the candidates (and the reply) it gets with the context in whole."""
+    reqs = [(["你好"], {"seed": 5}), (["今天天气不错", "是啊", "出去玩吗"], {"seed": 6}),
+            (["吃了吗"], {"seed": 7})]
+    rec = Recorder(mmi_bot)
+    try:
+        engine = Engine(mmi_bot, max_batch=8, step_tokens=6, start=False)
+        rec.engine = engine
+        chunked, _ = run_jobs(mmi_bot, reqs, max_batch=8, engine=engine)
+    finally:
+        rec.remove()
+    whole, _ = run_jobs(mmi_bot, reqs, max_batch=8)
+    assert any(starts and any(starts) for _, _, starts in rec.joins)
+    assert all(rows + sum(chunks) <= 6 for rows, chunks, _ in rec.joins), rec.joins
+    for (t1, r1), (t2, r2) in zip(chunked, whole):
+        assert (t1, r1.token_ids) == (t2, r2.token_ids)
+        assert [c.token_ids for c in r1.candidates] == [c.token_ids for c in r2.candidates]
