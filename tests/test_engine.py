@@ -35,6 +35,7 @@ class Gate:
         self.permits = threading.Semaphore(0)
         self.rows: list[int] = []
         self.joins: list[int] = []
+        self.chunks: list[list[int]] = []  # the joining contexts' tokens, per join step
         self.backend.step_rows = self.step_rows
         self.backend.step_and_prefill = self.step_and_prefill
 
@@ -46,6 +47,7 @@ class Gate:
     def step_and_prefill(self, cache, tokens, types, contexts, **kw):
         assert self.permits.acquire(timeout=60), "the test never released this step"
         self.joins.append(len(self.rows))
+        self.chunks.append([len(c) for c in contexts])
         self.rows.append(tokens.shape[0])
         return self.inner_join(cache, tokens, types, contexts, **kw)
 
@@ -459,8 +461,9 @@ def test_a_request_cancelled_while_its_context_is_fed_frees_its_row(gate):
 def test_mmi_candidates_of_a_context_fed_in_chunks_are_those_of_a_whole_one(mmi_bot):
     """An MMI request whose context goes in over several steps beside running rows gets
     the candidates (and the reply) it gets with the context in whole."""
-    reqs = [(["你好"], {"seed": 5}), (["今天天气不错", "是啊", "出去玩吗"], {"seed": 6}),
-            (["吃了吗"], {"seed": 7})]
+    # a and b start together; c joins a's 4 running rows when b's short replies end.
+    reqs = [(["你好"], {"seed": 5, "min_len": 10}), (["吃了吗"], {"seed": 6, "max_len": 4}),
+            (["今天天气不错", "是啊", "出去玩吗"], {"seed": 7})]
     rec = Recorder(mmi_bot)
     try:
         engine = Engine(mmi_bot, max_batch=8, step_tokens=6, start=False)
@@ -469,8 +472,50 @@ def test_mmi_candidates_of_a_context_fed_in_chunks_are_those_of_a_whole_one(mmi_
     finally:
         rec.remove()
     whole, _ = run_jobs(mmi_bot, reqs, max_batch=8)
-    assert any(starts and any(starts) for _, _, starts in rec.joins)
+    assert any(starts and any(starts) for _, _, starts in rec.joins), rec.joins
     assert all(rows + sum(chunks) <= 6 for rows, chunks, _ in rec.joins), rec.joins
     for (t1, r1), (t2, r2) in zip(chunked, whole):
+        assert (t1, r1.token_ids) == (t2, r2.token_ids)
+        assert [c.token_ids for c in r1.candidates] == [c.token_ids for c in r2.candidates]
+
+
+def test_an_mmi_request_fed_to_its_end_leaves_the_next_context_for_the_next_step(
+        tiny_model_dir, reverse_dir):
+    """Two MMI requests join 4 running rows at once with a budget that would finish the
+    first context and start the second: the step stops after the first (its 3 other
+    candidates are copied into the rows after it, where the second would have waited), the
+    second goes in at the next step, and every reply is the one it gets with whole
+    contexts."""
+    bot = Chatbot.from_pretrained(tiny_model_dir, mmi_model_path=reverse_dir,
+                                  num_candidates=4, mmi_weight=0.5, max_len=10)
+    reqs = [(["你好"], {"seed": 5, "min_len": 10}), (["今天天气不错", "是啊"], {"seed": 6}),
+            (["吃了吗"], {"seed": 7})]
+    b_len = len(bot.prepare(reqs[1][0], **reqs[1][1]).context.ids)
+    gate = Gate(bot)
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        engine = Engine(bot, max_batch=12, step_tokens=4 + b_len + 1)
+        jobs = [make_job(bot, h, loop, **o) for h, o in reqs]
+        engine.submit(jobs[0])
+        gate.release(1)
+        while len(gate.rows) < 1 or engine.active < 4:  # a's 4 candidates are running
+            await asyncio.sleep(0.01)
+        engine.submit(jobs[1])
+        engine.submit(jobs[2])
+        gate.release()
+        out = [await collect(j) for j in jobs]
+        engine.close()
+        return out
+
+    try:
+        out = asyncio.run(main())
+    finally:
+        gate.release()
+        gate.remove()
+    whole, _ = run_jobs(bot, reqs, max_batch=12)
+    k = gate.chunks.index([b_len])  # the first join after b and c came: b alone
+    assert gate.rows[gate.joins[k]] == 4 and gate.chunks[k + 1][0] >= 1
+    for (t1, r1), (t2, r2) in zip(out, whole):
         assert (t1, r1.token_ids) == (t2, r2.token_ids)
         assert [c.token_ids for c in r1.candidates] == [c.token_ids for c in r2.candidates]

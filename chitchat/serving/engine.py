@@ -324,15 +324,16 @@ class Engine:
         token, each context fed to its end its first; an unfinished one waits in its row."""
         backend, cache = self.bot.backend, self.cache
         n = len(self._live)
-        # Nothing starts after a request with more rows (MMI candidates): they are copied
-        # into the rows right after its own once its context is in.
-        batch = []
-        for p in self._pending:
-            batch.append(p)
-            if p.job.rows > 1:
-                break
-        takes = plan_prefill(n, self.step_tokens, [p.left for p in batch])
-        batch = batch[:len(takes)]
+        takes = plan_prefill(n, self.step_tokens, [p.left for p in self._pending])
+        batch = self._pending[:len(takes)]
+        if takes and takes[-1] < batch[-1].left:
+            # The last one stays partly fed, in the row right after the others; a request
+            # before it with more rows (MMI candidates) needs that row for its copies once
+            # its context is in, so this step stops after that request.
+            for k, p in enumerate(batch[:-1]):
+                if p.job.rows > 1:
+                    batch, takes = batch[:k + 1], takes[:k + 1]
+                    break
         chunks, types = [], []
         for p, t in zip(batch, takes):
             ctx = p.job.prep.context
