@@ -488,8 +488,8 @@ def test_an_mmi_request_fed_to_its_end_leaves_the_next_context_for_the_next_step
     contexts."""
     bot = Chatbot.from_pretrained(tiny_model_dir, mmi_model_path=reverse_dir,
                                   num_candidates=4, mmi_weight=0.5, max_len=10)
-    reqs = [(["你好"], {"seed": 5, "min_len": 10}), (["今天天气不错", "是啊"], {"seed": 6}),
-            (["吃了吗"], {"seed": 7})]
+    reqs = [(["你好"], {"seed": 5, "min_len": 10}),
+            (["今天天气不错", "是啊"], {"seed": 6}), (["吃了吗"], {"seed": 7})]
     b_len = len(bot.prepare(reqs[1][0], **reqs[1][1]).context.ids)
     gate = Gate(bot)
 
