@@ -315,13 +315,15 @@ class FastGPT2:
         With `starts` (not all 0), row first+i continues after its first starts[i] tokens:
         its new keys go into the cache after them and its tokens attend to the whole row."""
         k = len(contexts)
-        lens = torch.tensor([len(c) for c in contexts], dtype=torch.long, device=self.device)
-        if min(lens.tolist(), default=0) < 1:
+        sizes = [len(c) for c in contexts]
+        if not all(sizes):
             raise ValueError("every context (or chunk) needs at least one token")
-        S = int(lens.max())
-        st = torch.tensor(list(starts) if starts is not None else [0] * k, dtype=torch.long,
-                          device=self.device)
-        check_fits(int((st + lens).max()), cache.k.shape[3])
+        lens = torch.tensor(sizes, dtype=torch.long, device=self.device)
+        S = max(sizes)
+        starts = list(starts) if starts is not None else [0] * k
+        st = torch.tensor(starts, dtype=torch.long, device=self.device)
+        T = max(a + b for a, b in zip(starts, sizes))  # the longest row after this
+        check_fits(T, cache.k.shape[3])
         if first + k > cache.k.shape[1]:
             raise ValueError(f"rows {first}..{first + k - 1} are beyond the cache's "
                              f"{cache.k.shape[1]}")
@@ -340,8 +342,7 @@ class FastGPT2:
         # output is never read.
         pos = (st[:, None] + cols).clamp(max=self.n_positions - 1)
         mask = None
-        if not bool((st == 0).all()):
-            T = int((st + lens).max())
+        if any(starts):
             real = cols[None, :] < lens[:, None]  # (k, S)
             slot = torch.arange(first, first + k, device=self.device)[:, None].expand(k, S)
             at, to = slot[real], pos[real]
