@@ -403,11 +403,20 @@ class Recorder:
         del self.backend.copy_row
 
 
-def test_contexts_joining_running_rows_are_fed_in_chunks_and_decode_as_alone(tiny_model_dir):
+@pytest.mark.parametrize("speakers", [False, True], ids=["plain", "speaker-ids"])
+def test_contexts_joining_running_rows_are_fed_in_chunks_and_decode_as_alone(tiny_model_dir,
+                                                                              speakers):
     """With a budget of 4 tokens a step, contexts that join 2 or 3 running rows go in one or
     two tokens a step, rows finish (and move) while one is half in, and every reply is
-    still the one its request gets alone."""
-    bot = Chatbot.from_pretrained(tiny_model_dir, device="cpu", max_len=12)
+    still the one its request gets alone; with a speaker-id model, each chunk with its
+    tokens' speaker ids."""
+    from chitchat.modeling import load_model, set_speaker_token_ids
+
+    model, tok = load_model(tiny_model_dir)
+    if speakers:
+        set_speaker_token_ids(model.config, tok.speaker_ids())
+    bot = Chatbot(model, tok, max_len=12)
+    assert (bot.context(HISTORIES[1]).token_types is not None) == speakers
     rec = Recorder(bot)
     try:
         reqs = [(HISTORIES[k % 5], {**OPTIONS[k % 5], "max_len": 3 + 3 * k}) for k in range(9)]
