@@ -283,8 +283,8 @@ def main(argv=None):
     engines = [("this", ROOT, [])]
     for v in args.variant:
         name, sep, flags = v.partition("=")
-        if not sep or not name:
-            ap.error(f"--variant {v!r}: expected NAME=FLAGS")
+        if not sep or not name or name in [e[0] for e in engines] + [args.baseline_rev]:
+            ap.error(f"--variant {v!r}: expected NAME=FLAGS with a name of its own")
         engines.append((name, ROOT, flags.split()))
     if args.baseline_rev:
         engines.append((args.baseline_rev, export_rev(args.baseline_rev, work), []))
@@ -293,7 +293,7 @@ def main(argv=None):
                for c in args.clients}
     print(f"model {model}, clients {args.clients}, {args.requests} replies each of {lo}-{hi} "
           f"tokens, starts over {args.spread} s, --max_batch {args.max_batch}, "
-          f"{args.repeats} run(s), messages of {args.prompt_chars or 'about 14'} characters",
+          f"{args.repeats} run(s), messages of {args.prompt_chars or '14 to 16'} characters",
           flush=True)
     rows: dict[tuple[str, int], dict] = {}
     steps = []  # a shared machine's speed can drift over minutes: time the step before each run
