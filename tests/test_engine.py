@@ -35,7 +35,7 @@ class Gate:
         self.permits = threading.Semaphore(0)
         self.rows: list[int] = []
         self.joins: list[int] = []
-        self.chunks: list[list[int]] = []  # the joining contexts' tokens, per join step
+        self.chunks: list[list[int]] = []  # the joining chunks' lengths, per join step
         self.backend.step_rows = self.step_rows
         self.backend.step_and_prefill = self.step_and_prefill
 
@@ -346,7 +346,7 @@ def test_a_context_fed_in_chunks_equals_the_whole_context(bot):
         backend.prefill(whole, 0, running)
         twin = copy.deepcopy(whole)
         want = backend.prefill(whole, 1, [a, b])
-        # a: 3 + 5 tokens, b: 1 + 2 + 3; the running row steps beside the middle chunk.
+        # a: 3 + 2 + 3 tokens, b: 1 + 2 + 3; the running row steps beside the middle chunk.
         backend.prefill(twin, 1, [a[:3], b[:1]])
         tokens = torch.tensor([80])
         backend.step_and_prefill(twin, tokens, False, [a[3:5], b[1:3]], starts=[3, 1])

@@ -319,9 +319,9 @@ class Engine:
     def _join(self) -> None:
         """Feed the pending contexts (what `plan_prefill` allows) into the rows after the
         running ones, and step the running rows, in one pass over the weights (a separate
-        context pass would stall every running row for a second read of every matrix
-        and a second step's fixed work). Each running row gets its next
-        token, each context fed to its end its first; an unfinished one waits in its row."""
+        context pass would stall every running row for a second read of every matrix and
+        a second step's fixed work). Each running row gets its next token, each context fed
+        to its end its first; an unfinished one waits in its row."""
         backend, cache = self.bot.backend, self.cache
         n = len(self._live)
         takes = plan_prefill(n, self.step_tokens, [p.left for p in self._pending])
