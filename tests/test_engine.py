@@ -92,6 +92,19 @@ async def wait_pieces(job: Job, n: int) -> list[str]:
     return got
 
 
+async def until(predicate, what: str, step=None, timeout: float = 60.0) -> None:
+    """Poll until predicate() holds (calling step() before each look); a broken engine
+    fails the test instead of hanging it."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        if step is not None:
+            step()
+        if predicate():
+            return
+        assert asyncio.get_running_loop().time() < deadline, f"never happened: {what}"
+        await asyncio.sleep(0.01)
+
+
 def make_job(bot, history, loop, **overrides) -> Job:
     return Job(bot.prepare(history, **overrides), loop, f"job-{len(history)}")
 
@@ -446,9 +459,8 @@ def test_a_request_cancelled_while_its_context_is_fed_frees_its_row(gate):
         await wait_pieces(a, 3)
         b = make_job(bot, long, loop, **run)
         engine.submit(b)
-        while not engine._pending or not engine._pending[0].fed:  # b is half in
-            gate.release(1)
-            await asyncio.sleep(0.01)
+        await until(lambda: engine._pending and engine._pending[0].fed, "b is half in",
+                    step=lambda: gate.release(1))
         b.cancel()
         joins = len(gate.joins)
         c = make_job(bot, ["出去玩吗"], loop, **run)
@@ -508,8 +520,7 @@ def test_an_mmi_request_fed_to_its_end_leaves_the_next_context_for_the_next_step
         jobs = [make_job(bot, h, loop, **o) for h, o in reqs]
         engine.submit(jobs[0])
         gate.release(1)
-        while len(gate.rows) < 1 or engine.active < 4:  # a's 4 candidates are running
-            await asyncio.sleep(0.01)
+        await until(lambda: gate.rows and engine.active == 4, "a's 4 candidates running")
         engine.submit(jobs[1])
         engine.submit(jobs[2])
         gate.release()
