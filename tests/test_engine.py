@@ -36,15 +36,18 @@ class Gate:
         self.rows: list[int] = []
         self.joins: list[int] = []
         self.chunks: list[list[int]] = []  # the joining chunks' lengths, per join step
+        self.entered = 0  # steps the engine has begun (it may be waiting for their permit)
         self.backend.step_rows = self.step_rows
         self.backend.step_and_prefill = self.step_and_prefill
 
     def step_rows(self, cache, tokens, types=False):
+        self.entered += 1
         assert self.permits.acquire(timeout=60), "the test never released this step"
         self.rows.append(tokens.shape[0])
         return self.inner(cache, tokens, types)
 
     def step_and_prefill(self, cache, tokens, types, contexts, **kw):
+        self.entered += 1
         assert self.permits.acquire(timeout=60), "the test never released this step"
         self.joins.append(len(self.rows))
         self.chunks.append([len(c) for c in contexts])
@@ -406,10 +409,10 @@ class Recorder:
         self.joins.append((tokens.shape[0], [len(c) for c in contexts], kw.get("starts")))
         return self.inner_join(cache, tokens, types, contexts, **kw)
 
-    def copy_row(self, cache, src, dst):
+    def copy_row(self, cache, src, dst, src_cache=None):
         pending = self.engine._pending
         self.copies.append((src, dst, bool(pending and pending[0].fed)))
-        return self.inner_copy(cache, src, dst)
+        return self.inner_copy(cache, src, dst, src_cache)
 
     def remove(self) -> None:
         del self.backend.step_and_prefill
@@ -539,3 +542,217 @@ def test_an_mmi_request_fed_to_its_end_leaves_the_next_context_for_the_next_step
     for (t1, r1), (t2, r2) in zip(out, whole):
         assert (t1, r1.token_ids) == (t2, r2.token_ids)
         assert [c.token_ids for c in r1.candidates] == [c.token_ids for c in r2.candidates]
+
+
+# -- the prefill thread (Engine(prefill_thread=True), serve.py --prefill_thread) --
+
+class ThreadPrefill:
+    """Wraps the backend's prefill: counts the calls made on the prefill thread, and can
+    hold them (until `go` is set) or make them fail."""
+
+    def __init__(self, bot, hold: bool = False, fail: bool = False):
+        self.backend = bot.backend
+        self.inner = self.backend.prefill
+        self.calls = 0
+        self.entered = threading.Event()
+        self.go = threading.Event()
+        if not hold:
+            self.go.set()
+        self.fail = fail
+        self.backend.prefill = self.prefill
+
+    def prefill(self, cache, first, contexts, **kw):
+        if threading.current_thread().name == "chitchat-prefill":
+            self.calls += 1
+            self.entered.set()
+            assert self.go.wait(60), "the test never let the prefill go"
+            if self.fail:
+                raise RuntimeError("prefill broke")
+        return self.inner(cache, first, contexts, **kw)
+
+    def remove(self) -> None:
+        del self.backend.prefill
+
+
+def test_use_prefill_thread_needs_a_cpu_core_beside_torchs_threads():
+    from chitchat.serving.engine import use_prefill_thread
+
+    assert use_prefill_thread("auto", "cpu", 1, 2)
+    assert not use_prefill_thread("auto", "cpu", 2, 2)  # torch already takes every core
+    assert not use_prefill_thread("auto", "cpu", 1, None)  # unknown: one core
+    assert not use_prefill_thread("auto", "cuda", 1, 8)  # one device: the one-pass join
+    assert use_prefill_thread("on", "cuda", 4, 1)
+    assert not use_prefill_thread("off", "cpu", 1, 8)
+
+
+@pytest.mark.parametrize("speakers", [False, True], ids=["plain", "speaker-ids"])
+def test_rows_prefilled_on_the_prefill_thread_decode_as_alone(tiny_model_dir, speakers):
+    """Requests that come while rows run are prefilled on the second thread (with their
+    speaker ids on a speaker-id model), copied into the batch, and decode what they decode
+    alone; none goes through a joining step."""
+    from chitchat.modeling import load_model, set_speaker_token_ids
+
+    model, tok = load_model(tiny_model_dir)
+    if speakers:
+        set_speaker_token_ids(model.config, tok.speaker_ids())
+    bot = Chatbot(model, tok, max_len=12)
+    spy = ThreadPrefill(bot)
+    rec = Recorder(bot)
+    try:
+        reqs = [(HISTORIES[k % 5], {**OPTIONS[k % 5], "max_len": 3 + 3 * k}) for k in range(9)]
+        engine = Engine(bot, max_batch=3, prefill_thread=True, start=False)
+        rec.engine = engine
+        out, steps = run_jobs(bot, reqs, max_batch=3, engine=engine)
+    finally:
+        rec.remove()
+        spy.remove()
+    for (h, o), (text, reply) in zip(reqs, out):
+        assert_alone(bot, h, o, text, reply)
+    assert spy.calls >= 4  # the first 3 came to an idle engine; most later ones joined
+    assert rec.joins == []
+    assert max(steps) == 3 and engine.active == 0
+
+
+def test_a_newcomer_is_prefilled_during_the_running_step_and_joins_without_a_join_step(
+        gate):
+    """While the engine is held inside a step of the running row, a new request's context
+    goes in on the prefill thread; its first token is sent when its row joins, right before
+    its first step (so its first gap is one step), and no step computes its context."""
+    bot = gate.bot
+    long = {"seed": 1, "max_len": 20, "min_len": 20}
+    short = {"seed": 2, "max_len": 6, "min_len": 6}
+    b_hist = ["吃了吗", "吃了", "吃的什么"]
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        engine = Engine(bot, max_batch=4, prefill_thread=True)
+        a = make_job(bot, ["你好"], loop, **long)
+        engine.submit(a)
+        gate.release(2)
+        first = await wait_pieces(a, 3)
+        await until(lambda: gate.entered == 3, "the engine waits in a's third step")
+        b = make_job(bot, b_hist, loop, **short)
+        engine.submit(b)
+        gate.release(1)  # a's third step; then b is admitted and the fourth waits
+        await until(lambda: engine._ready, "b is prefilled")
+        seen = (len(gate.rows), b.events.qsize())  # during the fourth step: nothing sent
+        gate.release(1)
+        b_first = await wait_pieces(b, 1)
+        seen += (len(gate.rows),)  # sent before the fifth step (b's first) was let go
+        gate.release()
+        text_a, reply_a = await collect(a)
+        text_b, reply_b = await collect(b)
+        engine.close()
+        return ("".join(first) + text_a, reply_a, "".join(b_first) + text_b, reply_b, seen)
+
+    text_a, reply_a, text_b, reply_b, seen = asyncio.run(main())
+    assert seen == (3, 0, 4)
+    assert_alone(bot, ["你好"], long, text_a, reply_a)
+    assert_alone(bot, b_hist, short, text_b, reply_b)
+    assert gate.joins == [] and len(gate.rows) == 19
+    assert gate.rows[:4] == [1] * 4 and gate.rows[4:9] == [2] * 5  # b's 5 steps, then a's
+
+
+def _with_running_row(gate, tweak, max_batch=2, **engine_kw):
+    """a runs (its steps released one by one as the test's `tweak` needs), b comes and is
+    held in the prefill thread; tweak(engine, a, b, spy, loop) acts and returns jobs to
+    collect."""
+    bot = gate.bot
+    spy = ThreadPrefill(bot, hold=True)
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        engine = Engine(bot, max_batch=max_batch, prefill_thread=True, **engine_kw)
+        a = make_job(bot, ["你好"], loop, seed=4, max_len=20, min_len=20)
+        engine.submit(a)
+        gate.release(2)
+        await wait_pieces(a, 3)
+        b = make_job(bot, ["出去玩吗"], loop, seed=5, max_len=20, min_len=20)
+        engine.submit(b)
+        await until(spy.entered.is_set, "b is in the prefill thread",
+                    step=lambda: gate.release(1))
+        out = await tweak(engine, a, b, spy, loop)
+        engine.close()
+        return out
+
+    try:
+        return asyncio.run(main())
+    finally:
+        spy.remove()
+
+
+def test_a_request_cancelled_in_the_prefill_thread_frees_its_row(gate):
+    run = {"seed": 6, "max_len": 20, "min_len": 20}
+
+    async def tweak(engine, a, b, spy, loop):
+        b.cancel()
+        spy.go.set()
+        c = make_job(gate.bot, ["吃了吗"], loop, **run)
+        engine.submit(c)  # it needs b's row: the batch has 2
+        gate.release()
+        return b, await collect(a), await collect(c)
+
+    b, (text_a, reply_a), (text_c, reply_c) = _with_running_row(gate, tweak)
+    assert b.events.empty() and b.tokens_sent == 0
+    assert len(reply_a.token_ids) == 20
+    assert_alone(gate.bot, ["吃了吗"], run, text_c, reply_c)
+
+
+def test_a_failed_prefill_ends_its_request_alone(gate, caplog):
+    run = {"seed": 6, "max_len": 8}
+
+    async def tweak(engine, a, b, spy, loop):
+        spy.fail = True
+        spy.go.set()
+        with pytest.raises(RuntimeError, match="prefill broke"):
+            await collect(b)
+        spy.fail = False
+        c = make_job(gate.bot, ["吃了吗"], loop, **run)
+        engine.submit(c)
+        gate.release()
+        return await collect(a), await collect(c)
+
+    with caplog.at_level("ERROR", logger="chitchat"):
+        (text_a, reply_a), (text_c, reply_c) = _with_running_row(gate, tweak)
+    assert len(reply_a.token_ids) == 20  # a went on
+    assert_alone(gate.bot, ["吃了吗"], run, text_c, reply_c)
+    assert any("prefill failed" in r.getMessage() for r in caplog.records)
+
+
+def test_drain_cuts_a_request_still_in_the_prefill_thread(gate, caplog):
+    async def tweak(engine, a, b, spy, loop):
+        engine.drain(0)
+        spy.go.set()
+        gate.release()
+        out = []
+        for job in (a, b):
+            while True:
+                kind, value = await asyncio.wait_for(job.events.get(), 60)
+                if kind != "piece":
+                    out.append((kind, getattr(value, "code", None), job.tokens_sent))
+                    break
+        return out
+
+    with caplog.at_level("WARNING", logger="chitchat"):
+        out = _with_running_row(gate, tweak)
+    assert out[0][:2] == out[1][:2] == ("error", "shutting_down")
+    assert out[1][2] == 0  # b was cut before its first token
+    assert sum("cut after" in r.getMessage() for r in caplog.records) == 2
+
+
+def test_mmi_requests_are_prefilled_by_the_engine(mmi_bot):
+    """MMI candidates share one context pass in the batch: with the prefill thread on,
+    such requests still join as before, with the same replies."""
+    reqs = [(["你好"], {"seed": 5, "min_len": 10}), (["吃了吗"], {"seed": 6, "max_len": 4}),
+            (["今天天气不错", "是啊", "出去玩吗"], {"seed": 7})]
+    spy = ThreadPrefill(mmi_bot)
+    try:
+        threaded, _ = run_jobs(mmi_bot, reqs, max_batch=8,
+                               engine=Engine(mmi_bot, max_batch=8, prefill_thread=True,
+                                             start=False))
+    finally:
+        spy.remove()
+    whole, _ = run_jobs(mmi_bot, reqs, max_batch=8)
+    assert spy.calls == 0
+    for (t1, r1), (t2, r2) in zip(threaded, whole):
+        assert (t1, r1.token_ids) == (t2, r2.token_ids)

@@ -395,13 +395,16 @@ class FastGPT2:
                        cache.types[:n].view(n, 1) if types else None)
         return seg, done
 
-    def copy_row(self, cache: "RowCache", src: int, dst: int) -> None:
-        """Row dst becomes a copy of row src (its filled positions only)."""
-        n = int(cache.lens[src])
-        cache.k[:, dst, :, :n] = cache.k[:, src, :, :n]
-        cache.v[:, dst, :, :n] = cache.v[:, src, :, :n]
-        cache.lens[dst] = cache.lens[src]
-        cache.types[dst] = cache.types[src]
+    def copy_row(self, cache: "RowCache", src: int, dst: int,
+                 src_cache: "RowCache | None" = None) -> None:
+        """Row dst becomes a copy of row src (its filled positions only) of `src_cache`
+        (default: the same cache)."""
+        sc = cache if src_cache is None else src_cache
+        n = int(sc.lens[src])
+        cache.k[:, dst, :, :n] = sc.k[:, src, :, :n]
+        cache.v[:, dst, :, :n] = sc.v[:, src, :, :n]
+        cache.lens[dst] = sc.lens[src]
+        cache.types[dst] = sc.types[src]
 
     # -- scoring whole sequences (MMI's reverse model) --
     def hidden(self, ids: torch.Tensor, types: torch.Tensor | None = None) -> torch.Tensor:

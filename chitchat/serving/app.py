@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import os
 import threading
 import time
 import uuid
@@ -17,9 +18,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
+import torch
 
 from ..utils import ChitchatError
-from .engine import Engine, Job
+from .engine import Engine, Job, use_prefill_thread
 from .options import ServerOptions
 from .schema import (ApiError, StopMatcher, error_for, finish_reason, loading_error,
                      parse_request, sse, stop_strings, to_history, to_overrides, usage_of)
@@ -43,11 +45,14 @@ class AppState:
 
     def ready(self, bot) -> None:
         self.bot = bot
-        self.engine = Engine(bot, self.options.max_batch, self.options.max_queue,
-                             self.options.max_context,
-                             step_tokens=self.options.max_step_tokens)
+        opts = self.options
+        worker = use_prefill_thread(opts.prefill_thread, bot.backend.device.type,
+                                    torch.get_num_threads(), os.cpu_count())
+        self.engine = Engine(bot, opts.max_batch, opts.max_queue, opts.max_context,
+                             step_tokens=opts.max_step_tokens, prefill_thread=worker)
         self.status = "ready"
-        log.info("model ready: serving %r", self.options.model_name)
+        log.info("model ready: serving %r%s", opts.model_name,
+                 " (prefill thread on)" if worker else "")
 
     def begin_shutdown(self) -> None:
         """Stop taking requests and give running replies --shutdown_timeout to finish."""

@@ -31,6 +31,10 @@ class ServerOptions:
                                "stream (their rows plus chunks of joining contexts): smoother "
                                "streams beside long contexts, later first tokens. 0: a "
                                "joining context goes in whole")
+    prefill_thread: str = opt("auto", "prefill requests that arrive while replies stream on "
+                              "a second thread, so the streams never wait for a newcomer's "
+                              "context. auto: on a CPU with a core beside --threads",
+                              choices=["auto", "on", "off"])
     max_queue: int = opt(64, "requests waiting for a free row; more get 503 'overloaded'")
     max_connections: int = opt(128, "requests in progress at once (idle connections do not "
                                "count); more get 503 'overloaded'. /health is always answered")
