@@ -615,9 +615,10 @@ def test_rows_prefilled_on_the_prefill_thread_decode_as_alone(tiny_model_dir, sp
 
 def test_a_newcomer_is_prefilled_during_the_running_step_and_joins_without_a_join_step(
         gate):
-    """While the engine is held inside a step of the running row, a new request's context
-    goes in on the prefill thread; its first token is sent when its row joins, right before
-    its first step (so its first gap is one step), and no step computes its context."""
+    """While the engine is held inside a step of the running row, a new request is taken
+    from the queue by the prefill thread and its context goes in there; its first token is
+    sent when its row joins, right before its first step (so its first gap is one step),
+    and no step computes its context."""
     bot = gate.bot
     long = {"seed": 1, "max_len": 20, "min_len": 20}
     short = {"seed": 2, "max_len": 6, "min_len": 6}
@@ -633,12 +634,11 @@ def test_a_newcomer_is_prefilled_during_the_running_step_and_joins_without_a_joi
         await until(lambda: gate.entered == 3, "the engine waits in a's third step")
         b = make_job(bot, b_hist, loop, **short)
         engine.submit(b)
-        gate.release(1)  # a's third step; then b is admitted and the fourth waits
         await until(lambda: engine._ready, "b is prefilled")
-        seen = (len(gate.rows), b.events.qsize())  # during the fourth step: nothing sent
+        seen = (len(gate.rows), b.events.qsize())  # during a's third step: nothing sent
         gate.release(1)
         b_first = await wait_pieces(b, 1)
-        seen += (len(gate.rows),)  # sent before the fifth step (b's first) was let go
+        seen += (len(gate.rows),)  # sent before the fourth step (b's first) was let go
         gate.release()
         text_a, reply_a = await collect(a)
         text_b, reply_b = await collect(b)
@@ -646,11 +646,11 @@ def test_a_newcomer_is_prefilled_during_the_running_step_and_joins_without_a_joi
         return ("".join(first) + text_a, reply_a, "".join(b_first) + text_b, reply_b, seen)
 
     text_a, reply_a, text_b, reply_b, seen = asyncio.run(main())
-    assert seen == (3, 0, 4)
+    assert seen == (2, 0, 3)
     assert_alone(bot, ["你好"], long, text_a, reply_a)
     assert_alone(bot, b_hist, short, text_b, reply_b)
     assert gate.joins == [] and len(gate.rows) == 19
-    assert gate.rows[:4] == [1] * 4 and gate.rows[4:9] == [2] * 5  # b's 5 steps, then a's
+    assert gate.rows[:3] == [1] * 3 and gate.rows[3:8] == [2] * 5  # b's 5 steps, then a's
 
 
 def _with_running_row(gate, tweak, max_batch=2, **engine_kw):

@@ -207,9 +207,8 @@ class Engine:
         self.steps = collections.Counter()  # rows in a step -> steps, for tests and logs
         self._thread = threading.Thread(target=self._run, name="chitchat-generate",
                                         daemon=True)
-        # The prefill thread's state; the deque, dicts and lists are guarded by _cond.
+        # The prefill thread's state; the dict and lists are guarded by _cond.
         self._worker = None
-        self._to_prefill: collections.deque[Job] = collections.deque()
         self._away: dict[Job, None] = {}  # given to the prefill thread, not in _live yet
         self._ready: list[tuple[_Live, int]] = []  # prefilled: (row, its scratch row)
         if prefill_thread:
@@ -281,23 +280,19 @@ class Engine:
                            or (self._queue and self._queue[0].rows <= self._free_rows())):
                     self._cond.wait()
                 if self._stop:
-                    leftovers = list(self._queue) + list(self._to_prefill)
+                    leftovers = list(self._queue)
                     self._queue.clear()
-                    self._to_prefill.clear()
                     break
                 admitted = self._admit()
                 ready, self._ready = self._ready, []
-                cut = self._deadline is not None and time.monotonic() >= self._deadline
-                if cut:  # what the prefill thread has not started is cut here
-                    leftovers = list(self._to_prefill)
-                    self._to_prefill.clear()
-                    for job in leftovers:
-                        self._away.pop(job)
+                if self._worker is not None and self._queue:
+                    self._cond.notify_all()  # rows may have freed for the prefill thread
+            cut = self._deadline is not None and time.monotonic() >= self._deadline
             try:
                 if cut:
                     self._release(ready)
                     for job in {**self._jobs(), **{lv.job: None for lv, _ in ready},
-                                **dict.fromkeys(leftovers + admitted)}:
+                                **dict.fromkeys(admitted)}:
                         self._cut(job)
                     self._live.clear()
                     self._pending.clear()
@@ -309,22 +304,13 @@ class Engine:
                 for job in admitted:
                     if not job.prep.rows:
                         self._run_alone(job)
-                    elif job.cancelled.is_set():
-                        pass
-                    elif self._worker is not None and self._live and not job.prep.mmi:
-                        with self._cond:
-                            self._to_prefill.append(job)
-                            self._away[job] = None
-                            self._cond.notify_all()
-                    else:
-                        self._pending.append(_Pending(job))
                 if self._pending:
                     self._join()  # the running rows take their step in the same pass
                 elif self._live:
                     self._step()
             except Exception as e:  # reported to every client in the batch, and logged
                 log.exception("generation failed")
-                for job in self._jobs().keys() | (set(admitted) - self._away.keys()):
+                for job in self._jobs().keys() | set(admitted):
                     if not job.ended:
                         job.emit("error", e)
                 self._live.clear()
@@ -342,19 +328,15 @@ class Engine:
         self._pending.clear()
 
     def _install(self, ready: list[tuple["_Live", int]]) -> None:
-        """Rows the prefill thread has filled take the next slots (a context being fed in
-        chunks moves past them), and decode from the next step on."""
+        """Rows the prefill thread has filled take the next slots and decode from the next
+        step on; their first pieces are sent now. (No context is half fed then: the
+        engine feeds in chunks only MMI requests, which the prefill thread never gets, and
+        with MMI every request is one.)"""
         backend, cache = self.bot.backend, self.cache
-        keep = []
         for lv, r in ready:
             if lv.job.cancelled.is_set():
                 self._drop(lv)
-            else:
-                keep.append((lv, r))
-        n = len(self._live)
-        if keep and self._pending and self._pending[0].fed:
-            backend.copy_row(cache, n, n + len(keep))
-        for lv, r in keep:
+                continue
             backend.copy_row(cache, r, len(self._live), self._scratch)
             self._live.append(lv)
             if lv.held:
@@ -373,19 +355,19 @@ class Engine:
             self._cond.notify_all()
 
     def _prefill_run(self) -> None:
-        """The prefill thread: a context at a time into a free scratch row, and the row's
-        first token; then the row waits in _ready for the engine to copy it in. The token
-        is sent when the row joins, right before its first step, so that the reply's first
-        gap is one step and not up to two (the wait for the running step to end, then that
-        step)."""
+        """The prefill thread: while rows run, it takes the request at the head of the
+        queue if it is a single row that fits, prefills its context into a free scratch
+        row and samples its first token; then the row waits in _ready for the engine to
+        copy it in. The token is sent when the row joins, right before its first step, so
+        that the reply's first gap is one step and not up to two (the wait for the running
+        step to end, then that step)."""
         backend, tok = self.bot.backend, self.bot.tokenizer
         while True:
             with self._cond:
-                while not (self._stop or (self._to_prefill and self._free_scratch)):
+                while not self._stop and (job := self._take()) is None:
                     self._cond.wait()
                 if self._stop:
                     return
-                job = self._to_prefill.popleft()
                 r = self._free_scratch.pop()
             lv = _Live(job, job.prep.rows[0], tok)
             done = True
@@ -398,9 +380,7 @@ class Engine:
                             self._scratch, r, [ctx.ids],
                             token_types=[ctx.token_types] if types else None,
                             reply_types=[ctx.reply_type] if types else None)
-                    if self._deadline is not None and time.monotonic() >= self._deadline:
-                        self._cut(job)
-                    elif not job.cancelled.is_set():
+                    if not job.cancelled.is_set():
                         done = self._advance(lv, logits[0], hold=True)
             except Exception as e:  # this request's alone: the others go on
                 log.exception("prefill failed")
@@ -414,16 +394,38 @@ class Engine:
                     self._cond.notify_all()
 
     def _admit(self) -> list[Job]:
-        """Queued jobs whose rows fit now, first come first served (with the lock held)."""
+        """Queued jobs whose rows fit now, first come first served (with the lock held);
+        those that decode in the batch are pending from here on. While rows run, a
+        single-row request at the head is left to the prefill thread (`_take`)."""
         free = self._free_rows()
+        worker = self._worker is not None and bool(self._live or self._ready)
         out = []
         while self._queue and self._queue[0].rows <= free:
-            job = self._queue.popleft()
+            job = self._queue[0]
             if job.cancelled.is_set():
+                self._queue.popleft()
                 continue
-            free -= job.rows
+            if worker and len(job.prep.rows) == 1:
+                break
+            self._queue.popleft()
+            if job.prep.rows:  # (beam search decodes alone, in no row of the cache)
+                free -= job.rows
+                self._pending.append(_Pending(job))
             out.append(job)
         return out
+
+    def _take(self) -> Job | None:
+        """The prefill thread's next request (with the lock held), if rows are running, a
+        scratch row is free, and the head of the queue is a single row that fits."""
+        if not (self._live and self._free_scratch):
+            return None
+        while self._queue and self._queue[0].cancelled.is_set():
+            self._queue.popleft()
+        if not self._queue or len(self._queue[0].prep.rows) != 1 or self._free_rows() < 1:
+            return None
+        job = self._queue.popleft()
+        self._away[job] = None
+        return job
 
     def _free_rows(self) -> int:
         return (self.rows - len(self._live) - sum(p.job.rows for p in self._pending)
@@ -490,17 +492,18 @@ class Engine:
         for p, t in zip(batch, takes):
             p.fed += t
         done = [p.job for p in batch if not p.left]
-        del self._pending[:len(done)]
         running = [(i, lv, step_logits[i]) for i, lv in enumerate(self._live)]
         tok = self.bot.tokenizer
         heads = [_Live(j, j.prep.rows[0], tok) for j in done]
-        self._live.extend(heads)
         extra = []
         for i, j in enumerate(done):  # MMI: the other candidates share the context pass
             for row in j.prep.rows[1:]:
                 backend.copy_row(cache, n + i, n + len(done) + len(extra))
                 extra.append((_Live(j, row, tok), i))
-        self._live.extend(lv for lv, _ in extra)
+        with self._cond:  # the prefill thread counts free rows from these
+            self._live.extend(heads)
+            self._live.extend(lv for lv, _ in extra)
+            del self._pending[:len(done)]
         chosen = [(lv, logits[i]) for i, lv in enumerate(heads)]
         chosen += [(lv, logits[i]) for lv, i in extra]
         self._choose(running + [(n + k, lv, lg) for k, (lv, lg) in enumerate(chosen)])
