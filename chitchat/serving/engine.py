@@ -25,12 +25,14 @@ One thread owns the model and runs it one decoding step at a time over every act
   into their slots); when the last one ends they are reranked and the reply is sent at once.
 * Beam search (num_beams > 1) is not a row-by-row decode: such a request runs alone between
   two steps, through `Chatbot.start`.
-* With `prefill_thread` (CPU, a core to spare), a request that arrives while replies stream
-  is prefilled by a second thread into a scratch row of its own, which also samples its first
-  token; the engine copies the row in at its next step. The running rows then never wait
-  for a newcomer's context (a joining step costs 1.5x-1.8x a plain one on a CPU), and the
-  newcomer's first token does not wait for the running step. MMI requests and requests
-  that arrive to an idle engine are prefilled by the engine as above.
+* With `prefill_thread` (a CPU with a core to spare), a single-row request that arrives
+  while replies stream is taken from the queue by a second thread, which prefills it into a
+  scratch row of its own during the running step and samples its first token; the engine
+  copies the row in at its next step and sends that token then. The running rows never
+  wait for a newcomer's context (on a CPU a step in which one joins costs 1.5x-1.8x a plain
+  one), and the newcomer's context does not wait for the running step to end. MMI
+  requests, beam search and requests that come to an idle engine are the engine's, as
+  above.
 
 Jobs report to the request's event loop through `Job.events`: ("piece", str), then
 ("done", Reply) or ("error", Exception).
