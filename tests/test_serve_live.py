@@ -169,7 +169,7 @@ def test_max_step_tokens_feeds_a_joining_context_in_chunks(tiny_model_dir):
         joins.append(tokens.shape[0] + sum(len(c) for c in contexts))
         return inner(cache, tokens, types, contexts, **kw)
     bot.backend.step_and_prefill = step_and_prefill
-    app = create_app(bot, ServerOptions(max_batch=2, max_step_tokens=3))
+    app = create_app(bot, ServerOptions(max_batch=2, max_step_tokens=3, prefill_thread="off"))
     with LiveServer(app) as url:
         def ask(text):
             body = {"messages": [{"role": "user", "content": text}], "max_tokens": 20}
@@ -181,6 +181,31 @@ def test_max_step_tokens_feeds_a_joining_context_in_chunks(tiny_model_dir):
             replies = [first.result(), second.result()]
     assert [r["usage"]["completion_tokens"] for r in replies] == [20, 20]
     assert len(joins) >= 5 and max(joins) <= 3  # 12+ context tokens, 2 a step
+
+
+@pytest.mark.parametrize("choice", ["on", "off"])
+def test_prefill_thread_reaches_the_engine(tiny_model_dir, choice):
+    """serve.py --prefill_thread: on, a request that comes while a reply runs has its
+    context computed beside the running steps, never inside one; off, in a joining step."""
+    bot = slow_bot(tiny_model_dir)
+    inner, joins = bot.backend.step_and_prefill, []
+
+    def step_and_prefill(cache, tokens, types, contexts, **kw):
+        joins.append(len(contexts))
+        return inner(cache, tokens, types, contexts, **kw)
+    bot.backend.step_and_prefill = step_and_prefill
+    app = create_app(bot, ServerOptions(max_batch=2, prefill_thread=choice))
+    with LiveServer(app) as url:
+        def ask(text):
+            body = {"messages": [{"role": "user", "content": text}], "max_tokens": 20}
+            return httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60).json()
+        with ThreadPoolExecutor(2) as pool:
+            first = pool.submit(ask, "你好")
+            wait_for(lambda: bot.steps >= 2, "the first reply is running")
+            second = pool.submit(ask, "今天天气不错，我们出去玩吧")
+            replies = [first.result(), second.result()]
+    assert [r["usage"]["completion_tokens"] for r in replies] == [20, 20]
+    assert joins == ([] if choice == "on" else [1])
 
 
 def send_raw(port: int, data: bytes) -> socket.socket:

@@ -133,7 +133,7 @@ class FastGPT2:
 
     def prepare(self, batch_size: int) -> None:
         """Get ready to decode `batch_size` rows at once (MMI candidates, beams, a server
-        batch): on CPU in fp32, from 4 rows on, make the blocked weights now rather than on
+        batch): on CPU in fp32, from 2 rows on, make the blocked weights now rather than on
         the first batched step."""
         if batch_size >= BLOCKED_MIN_ROWS and self.can_block and self.blocked is None:
             blk = block_weight

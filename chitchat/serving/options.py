@@ -30,10 +30,13 @@ class ServerOptions:
     max_step_tokens: int = opt(0, "most tokens a decoding step computes while replies "
                                "stream (their rows plus chunks of joining contexts): smoother "
                                "streams beside long contexts, later first tokens. 0: a "
-                               "joining context goes in whole")
-    prefill_thread: str = opt("auto", "prefill requests that arrive while replies stream on "
-                              "a second thread, so the streams never wait for a newcomer's "
-                              "context. auto: on a CPU with a core beside --threads",
+                               "joining context goes in whole. For the contexts the engine "
+                               "computes in its steps: MMI requests, or every request with "
+                               "the prefill thread off")
+    prefill_thread: str = opt("auto", "compute the context of a request that comes while "
+                              "replies stream on a second thread, so the streams never wait "
+                              "for it (MMI requests excepted). auto: on a CPU with a core "
+                              "that --threads leaves free (e.g. --threads 1 on 2 cores)",
                               choices=["auto", "on", "off"])
     max_queue: int = opt(64, "requests waiting for a free row; more get 503 'overloaded'")
     max_connections: int = opt(128, "requests in progress at once (idle connections do not "
