@@ -159,18 +159,18 @@ def test_client_disconnect_stops_generation(tiny_model_dir):
         assert bot.steps < 39  # not the whole reply
 
 
-def test_max_step_tokens_feeds_a_joining_context_in_chunks(tiny_model_dir):
-    """serve.py --max_step_tokens reaches the engine: a context that joins a running reply
-    goes in over several steps of at most that many tokens, and both replies complete."""
+def join_while_running(tiny_model_dir, options: ServerOptions):
+    """A reply runs on a live server, and a second request comes meanwhile; both ask for 20
+    tokens. Returns the usage of both and, per step that computed joining contexts, its
+    (running rows, context tokens)."""
     bot = slow_bot(tiny_model_dir)
     inner, joins = bot.backend.step_and_prefill, []
 
     def step_and_prefill(cache, tokens, types, contexts, **kw):
-        joins.append(tokens.shape[0] + sum(len(c) for c in contexts))
+        joins.append((tokens.shape[0], sum(len(c) for c in contexts)))
         return inner(cache, tokens, types, contexts, **kw)
     bot.backend.step_and_prefill = step_and_prefill
-    app = create_app(bot, ServerOptions(max_batch=2, max_step_tokens=3, prefill_thread="off"))
-    with LiveServer(app) as url:
+    with LiveServer(create_app(bot, options)) as url:
         def ask(text):
             body = {"messages": [{"role": "user", "content": text}], "max_tokens": 20}
             return httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60).json()
@@ -179,33 +179,26 @@ def test_max_step_tokens_feeds_a_joining_context_in_chunks(tiny_model_dir):
             wait_for(lambda: bot.steps >= 2, "the first reply is running")
             second = pool.submit(ask, "今天天气不错，我们出去玩吧")
             replies = [first.result(), second.result()]
-    assert [r["usage"]["completion_tokens"] for r in replies] == [20, 20]
-    assert len(joins) >= 5 and max(joins) <= 3  # 12+ context tokens, 2 a step
+    return [r["usage"]["completion_tokens"] for r in replies], joins
+
+
+def test_max_step_tokens_feeds_a_joining_context_in_chunks(tiny_model_dir):
+    """serve.py --max_step_tokens reaches the engine: a context that joins a running reply
+    goes in over several steps of at most that many tokens, and both replies complete."""
+    usage, joins = join_while_running(
+        tiny_model_dir, ServerOptions(max_batch=2, max_step_tokens=3, prefill_thread="off"))
+    assert usage == [20, 20]
+    assert len(joins) >= 5 and max(a + b for a, b in joins) <= 3  # 12+ tokens, 2 a step
 
 
 @pytest.mark.parametrize("choice", ["on", "off"])
 def test_prefill_thread_reaches_the_engine(tiny_model_dir, choice):
     """serve.py --prefill_thread: on, a request that comes while a reply runs has its
     context computed beside the running steps, never inside one; off, in a joining step."""
-    bot = slow_bot(tiny_model_dir)
-    inner, joins = bot.backend.step_and_prefill, []
-
-    def step_and_prefill(cache, tokens, types, contexts, **kw):
-        joins.append(len(contexts))
-        return inner(cache, tokens, types, contexts, **kw)
-    bot.backend.step_and_prefill = step_and_prefill
-    app = create_app(bot, ServerOptions(max_batch=2, prefill_thread=choice))
-    with LiveServer(app) as url:
-        def ask(text):
-            body = {"messages": [{"role": "user", "content": text}], "max_tokens": 20}
-            return httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60).json()
-        with ThreadPoolExecutor(2) as pool:
-            first = pool.submit(ask, "你好")
-            wait_for(lambda: bot.steps >= 2, "the first reply is running")
-            second = pool.submit(ask, "今天天气不错，我们出去玩吧")
-            replies = [first.result(), second.result()]
-    assert [r["usage"]["completion_tokens"] for r in replies] == [20, 20]
-    assert joins == ([] if choice == "on" else [1])
+    usage, joins = join_while_running(tiny_model_dir,
+                                      ServerOptions(max_batch=2, prefill_thread=choice))
+    assert usage == [20, 20]
+    assert len(joins) == (0 if choice == "on" else 1)
 
 
 def send_raw(port: int, data: bytes) -> socket.socket:
