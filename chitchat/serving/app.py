@@ -46,8 +46,10 @@ class AppState:
     def ready(self, bot) -> None:
         self.bot = bot
         opts = self.options
+        cores = (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                 else os.cpu_count())  # the cores this process may run on
         worker = use_prefill_thread(opts.prefill_thread, bot.backend.device.type,
-                                    torch.get_num_threads(), os.cpu_count())
+                                    torch.get_num_threads(), cores)
         self.engine = Engine(bot, opts.max_batch, opts.max_queue, opts.max_context,
                              step_tokens=opts.max_step_tokens, prefill_thread=worker)
         self.status = "ready"

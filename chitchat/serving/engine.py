@@ -400,7 +400,8 @@ class Engine:
         those that decode in the batch are pending from here on. While rows run, a
         single-row request at the head is left to the prefill thread (`_take`)."""
         free = self._free_rows()
-        worker = self._worker is not None and bool(self._live or self._ready)
+        worker = (self._worker is not None and self._worker.is_alive()
+                  and bool(self._live or self._ready))
         out = []
         while self._queue and self._queue[0].rows <= free:
             job = self._queue[0]
