@@ -756,3 +756,37 @@ def test_mmi_requests_are_prefilled_by_the_engine(mmi_bot):
     assert spy.calls == 0
     for (t1, r1), (t2, r2) in zip(threaded, whole):
         assert (t1, r1.token_ids) == (t2, r2.token_ids)
+
+
+def test_a_failure_while_rows_join_from_the_prefill_thread_is_reported_and_survived(gate):
+    """Copying a prefilled row in fails: every job of the batch and the joining one get
+    the error (none is left waiting), the rows are free again, and the next request is
+    served."""
+    bot = gate.bot
+    inner = bot.backend.copy_row
+
+    def copy_row(cache, src, dst, src_cache=None):
+        if src_cache is not None:
+            raise RuntimeError("copy broke")
+        return inner(cache, src, dst, src_cache)
+
+    async def tweak(engine, a, b, spy, loop):
+        bot.backend.copy_row = copy_row
+        spy.go.set()
+        gate.release()
+        errors = []
+        for job in (a, b):
+            with pytest.raises(RuntimeError, match="copy broke"):
+                await collect(job)
+            errors.append(job.ended)
+        del bot.backend.copy_row
+        c = make_job(bot, ["吃了吗"], loop, seed=6, max_len=8)
+        engine.submit(c)
+        out = await collect(c)
+        await until(lambda: engine.active == 0, "c's row left")
+        return errors, out, engine._free_rows()
+
+    errors, (text_c, reply_c), free = _with_running_row(gate, tweak)
+    assert errors == [True, True]
+    assert free == 2  # every row (and none counted twice)
+    assert_alone(bot, ["吃了吗"], {"seed": 6, "max_len": 8}, text_c, reply_c)

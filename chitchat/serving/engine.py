@@ -312,7 +312,7 @@ class Engine:
                     self._step()
             except Exception as e:  # reported to every client in the batch, and logged
                 log.exception("generation failed")
-                for job in self._jobs().keys() | set(admitted):
+                for job in self._jobs().keys() | set(admitted) | {lv.job for lv, _ in ready}:
                     if not job.ended:
                         job.emit("error", e)
                 self._live.clear()
@@ -335,16 +335,18 @@ class Engine:
         engine feeds in chunks only MMI requests, which the prefill thread never gets, and
         with MMI every request is one.)"""
         backend, cache = self.bot.backend, self.cache
-        for lv, r in ready:
-            if lv.job.cancelled.is_set():
-                self._drop(lv)
-                continue
-            backend.copy_row(cache, r, len(self._live), self._scratch)
-            self._live.append(lv)
-            if lv.held:
-                lv.job.tokens_sent += 1
-                lv.job.emit("piece", lv.held)
-        self._release(ready)
+        try:
+            for lv, r in ready:
+                if lv.job.cancelled.is_set():
+                    self._drop(lv)
+                    continue
+                backend.copy_row(cache, r, len(self._live), self._scratch)
+                self._live.append(lv)
+                if lv.held:
+                    lv.job.tokens_sent += 1
+                    lv.job.emit("piece", lv.held)
+        finally:  # (on an error, _run reports it to every job of `ready`)
+            self._release(ready)
 
     def _release(self, ready: list[tuple["_Live", int]]) -> None:
         """The scratch rows of `ready` are free again, and their jobs no longer away."""
