@@ -12,11 +12,12 @@ from ..utils import ChitchatError
 # A product of a few rows with a 768-wide weight is memory-bound. At one row MKL's GEMV on the
 # (out, in) weight is about as fast as anything; from 2 rows on, oneDNN on weights reordered
 # once into its blocked layout is much faster (small config, 8 rows: 33 vs 60 ms per decode
-# step, bench/bench_chat.py --mmi; 2 and 3 rows: 33 vs 51-66 ms and 28 vs 65-71 ms, which is
-# slower than 8 rows on the plain weights, docs/benchmarks.md). The blocked copy doubles the
-# float weights in memory, so it is made only once a batch of that size is decoded. The hint is the row count the layout is
-# tuned for; 8 served 4 to 32 rows best in that measurement. oneDNN's call costs ~45 us, more
-# than a whole small product: at 8 rows, blocking loses below ~0.5M weights (256 wide: 0.5x),
+# step, bench/bench_chat.py --mmi; 2 and 3 rows: 33 vs 51-66 ms and 28 vs 65-71 ms, slower
+# than 8 rows on the plain weights, on an AMD EPYC with avx512_bf16 and no AMX,
+# docs/benchmarks.md). The blocked copy doubles the float weights in memory, so it is made
+# only once a batch of that size is decoded. The hint is the row count the layout is tuned
+# for; 8 served 4 to 32 rows best in that measurement. oneDNN's call costs ~45 us, more than
+# a whole small product: at 8 rows, blocking loses below ~0.5M weights (256 wide: 0.5x),
 # breaks even at 384 wide and wins from 512 (1.5x); those smaller matrices stay plain
 # (bench/bench_blocked.py).
 BLOCKED_MIN_ROWS = 2

@@ -270,7 +270,8 @@ class Engine:
 
     # -- the engine thread --
     def _jobs(self) -> dict[Job, None]:
-        """Every job holding rows (live or being prefilled), in order."""
+        """Every job holding rows of the batch (live, or its context being fed), in order;
+        not those the prefill thread holds."""
         return {**{lv.job: None for lv in self._live}, **{p.job: None for p in self._pending}}
 
     def _run(self) -> None:
