@@ -69,7 +69,8 @@ from chitchat.budget import TimeBudget, parse_duration  # noqa: E402
 from chitchat.config import PreprocessConfig  # noqa: E402
 from chitchat.loss import LossModel  # noqa: E402
 from chitchat.modeling import build_model, load_config  # noqa: E402
-from chitchat.precision import autocast_ctx  # noqa: E402
+from chitchat.precision import (autocast_ctx, cpu_vendor, fp32_matmul,  # noqa: E402
+                                pick_fp32_matmul, probe_onednn_fp32)
 from chitchat.preprocessing import preprocess  # noqa: E402
 from chitchat.store import TokenStore  # noqa: E402
 from chitchat.train_kernels import use_training_kernels  # noqa: E402
@@ -171,6 +172,16 @@ def time_fast(store, config_path, args, dtype: str, rng) -> tuple[float, float, 
     table = build_windows(store, store.train_indices(), args.max_len)
     rows = pack_rows(rng.permutation(len(table)), table.lengths, args.pack_len)
     amp = autocast_ctx(dtype, torch.device("cpu"))
+    with fp32_matmul(train_py_library(dtype, args.fp32_matmul)):
+        return _time_fast(store, table, rows, tok, runner, model, opt, amp, args)
+
+
+def train_py_library(dtype: str, name: str = "auto") -> str:
+    """The library of fp32 products that train.py's --fp32_matmul `name` picks here."""
+    return pick_fp32_matmul(name, "cpu", dtype, False, cpu_vendor(), probe_onednn_fp32)
+
+
+def _time_fast(store, table, rows, tok, runner, model, opt, amp, args):
     per_step = args.fast_batch * args.accum
     pos = 0
     results, tgt, toks = [], 0, 0
@@ -202,10 +213,15 @@ def speed(args):
     print(f"corpus {store.path} ({len(store)} dialogues), {args.config}, {threads} threads, "
           f"torch {torch.__version__}, AMX {torch.cpu._is_amx_tile_supported()}, "
           f"avx512_bf16 {torch.cpu._is_avx512_bf16_supported()}")
-    peak32 = matmul_peak(torch.float32, args.gemm, args.repeats)
+    blas32 = matmul_peak(torch.float32, args.gemm, args.repeats)
+    with fp32_matmul("onednn"):  # the switch is a no-op where oneDNN does not take them
+        onednn32 = matmul_peak(torch.float32, args.gemm, args.repeats)
+    peak32 = max(blas32, onednn32)  # MFU against the better library: no flattering peak
     peak16 = matmul_peak(torch.bfloat16, args.gemm, args.repeats)
-    print(f"matmul peak ({args.gemm}^3): fp32 {peak32 / 1e9:.1f} GFLOP/s, "
-          f"bf16 {peak16 / 1e9:.1f} GFLOP/s ({peak16 / peak32:.2f}x)")
+    print(f"matmul peak ({args.gemm}^3): fp32 {peak32 / 1e9:.1f} GFLOP/s (BLAS "
+          f"{blas32 / 1e9:.1f}, oneDNN {onednn32 / 1e9:.1f}), bf16 {peak16 / 1e9:.1f} "
+          f"GFLOP/s ({peak16 / peak32:.2f}x); train.py's fp32 products here: "
+          f"{train_py_library('fp32')} (cpu vendor {cpu_vendor()})")
     rng = np.random.default_rng(0)
     classic, _ = time_classic(store, cfg, args, rng)
     lens = np.minimum(store.lengths()[store.train_indices()], args.max_len)
@@ -217,7 +233,9 @@ def speed(args):
         tps, ctx, share = time_fast(store, cfg, args, dtype, rng)
         f = flops_per_token(probe, ctx, share)
         rows.append((dtype, tps))
-        print(f"fast     {dtype}, packed rows of {args.pack_len} x {args.fast_batch}"
+        lib = (" (oneDNN products)" if train_py_library(dtype, args.fp32_matmul) == "onednn"
+               else "")
+        print(f"fast     {dtype}{lib}, packed rows of {args.pack_len} x {args.fast_batch}"
               f"{' compiled' if args.compile else ''}: {tps:8.1f} real tok/s  "
               f"{tps / classic:5.2f}x classic  MFU {tps * f / peak32:6.1%} of fp32 peak, "
               f"{tps * f / peak16:6.1%} of bf16 peak")
@@ -355,13 +373,16 @@ def profile(args):
             train_step(runner, None, model, opt, micro, len(micro[0]["target_ids"]), 1, amp,
                        None, 2.0, torch.device("cpu"))
 
-        for k in range(args.steps):
-            step(k)
-        with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
-            step(args.steps)
+        library = train_py_library(dtype, args.fp32_matmul)
+        with fp32_matmul(library):
+            for k in range(args.steps):
+                step(k)
+            with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+                step(args.steps)
         total = sum(e.self_cpu_time_total for e in prof.key_averages())
         print(f"\n{dtype}: one step of {args.fast_batch} packed rows of {args.pack_len}, "
-              f"{total / 1e6:.2f} s of operator time")
+              f"{total / 1e6:.2f} s of operator time"
+              + (", fp32 products by oneDNN" if library == "onednn" else ""))
         print(f"{'operator':40s} {'self s':>8s} {'share':>7s} {'calls':>6s}")
         for e in sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:args.top]:
             print(f"{e.key[:40]:40s} {e.self_cpu_time_total / 1e6:8.3f} "
@@ -522,6 +543,12 @@ def trainer_rows(store, cfg, args, classic: float, fast: dict) -> None:
             by_dtype[dtype], _ = time_train_py(store, cfg, args, ["--dtype", dtype])
             print(f"train.py --dtype {dtype}: {by_dtype[dtype]:8.1f} real tok/s  "
                   f"{by_dtype[dtype] / classic:5.2f}x classic")
+    onednn = "fp32" in by_dtype and train_py_library("fp32") == "onednn"
+    if onednn:  # what the oneDNN products give train.py, side by side
+        blas, _ = time_train_py(store, cfg, args, ["--dtype", "fp32", "--fp32_matmul", "blas"])
+        print(f"train.py --dtype fp32 --fp32_matmul blas: {blas:8.1f} real tok/s  "
+              f"{blas / classic:5.2f}x classic; with oneDNN's products train.py --dtype "
+              f"fp32 is {by_dtype['fp32'] / blas:.2f}x this")
     missing = trainer_missing()
     if missing:
         print(missing)
@@ -534,6 +561,11 @@ def trainer_rows(store, cfg, args, classic: float, fast: dict) -> None:
         print(f"trainer  {dtype}, run_clm blocks of {TRAINER_BLOCK} x {batch}, {optim}: "
               f"{tps:8.1f} real tok/s  {tps / classic:5.2f}x classic{vs}  train.py "
               f"{dtype} {by_dtype[dtype] / tps:5.2f}x Trainer")
+    if onednn:  # a peer given the same switch: how much of the lead is the library
+        with fp32_matmul("onednn"):
+            tps, _, _ = time_trainer(store, cfg, args, "fp32")
+        print(f"trainer  fp32 with oneDNN's products (not its default): {tps:8.1f} real "
+              f"tok/s  train.py fp32 {by_dtype['fp32'] / tps:5.2f}x this")
     # the issue's targets: >= 1.3x Trainer fp32 where the CPU has only fp32, >= 1.6x
     # Trainer bf16 on AMX; a CPU with avx512_bf16 alone sits between the two. Each ratio
     # compares the same dtype; train.py's is against Trainer at the dtype --dtype auto chose.
@@ -803,6 +835,8 @@ def main():
     ap.add_argument("--gemm", type=int, default=2048)
     ap.add_argument("--dtypes", default="fp32,bf16")
     ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--fp32_matmul", default="auto", choices=["auto", "blas", "onednn"],
+                    help="speed/profile: fp32 products of the fast path, as train.py's flag")
     ap.add_argument("--dropout_kernel", default="auto", choices=["auto", "native", "cheap"],
                     help="the fast path's and profile's dropout (train.py's flag of that "
                     "name; auto = cheap on a CPU)")

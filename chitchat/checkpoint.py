@@ -38,6 +38,7 @@ RUN_FILES = ("metrics.jsonl", "train.log")
 RESUMABLE = {"device", "no_cuda", "num_workers", "epochs", "max_steps", "eval_interval",
              "save_interval", "keep_checkpoints", "log_step", "patience", "quiet",
              "log_path", "resume", "compile", "dropout_kernel", "dtype", "exact_fp32",
+             "fp32_matmul",
              "save_model_path", "run_name", "threads", "max_time"}
 
 

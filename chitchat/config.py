@@ -123,6 +123,11 @@ class TrainConfig:
                                "measured speed")
     exact_fp32: bool = opt(False, "on GPUs, keep float32 matrix products in full fp32 "
                            "(default: TF32 on Ampere and newer, see docs/gpu.md)")
+    fp32_matmul: str = opt("auto", "CPU runs in fp32: the library of the matrix products. "
+                           "auto: oneDNN on AMD CPUs (faster than MKL there) when it computes "
+                           "them in full fp32, else BLAS; a resumed run keeps the library it "
+                           "started with",
+                           choices=["auto", "blas", "onednn"])
     # ---- checkpoints, evaluation, logging -----------------------------------------------
     eval_interval: int = opt(1000, "validate every N optimizer steps, at epoch ends "
                           "and at the last step (0: not by step count)")

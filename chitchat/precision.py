@@ -1,8 +1,9 @@
-"""Number formats of training and evaluation: --dtype auto, TF32, autocast, and which
-attention kernel the chosen format gets."""
+"""Number formats of training and evaluation: --dtype auto, TF32, autocast, which
+attention kernel the chosen format gets, and which library computes CPU float32 products."""
 from __future__ import annotations
 
 import contextlib
+import math
 
 import torch
 import torch.nn.functional as F
@@ -75,3 +76,89 @@ def attention_kernel(model, device: torch.device, amp) -> str:
                     if e.key.startswith("aten::_scaled_dot_product_")
                     and not e.key.endswith("_backward")})
     return ", ".join(n.removeprefix("aten::") for n in names) or "unknown"
+
+
+# ---- which library computes float32 products on a CPU ---------------------------------------
+# PyTorch sends CPU float32 products to BLAS (MKL in the pip wheels) unless oneDNN may use
+# bf16 inside them: `torch.backends.mkldnn.matmul.fp32_precision = "bf16"` routes mm, addmm
+# and bmm, forward and backward, to oneDNN, which then computes in bf16 where the CPU has a
+# kernel for it (AMX) and in full fp32 elsewhere. MKL picks its fast kernels by CPU vendor;
+# on the AMD CPU of docs/benchmarks.md oneDNN's fp32 products were 1.15x-1.45x faster than
+# MKL's at training's shapes. So auto takes oneDNN on AMD CPUs, after a check that it
+# really computes the products and in full fp32. The rule is fixed, not timed at start, so
+# that the same command gives the same numbers every time.
+EXACT_REL_ERROR = 1e-4  # fp32 products err ~1e-6 relative; bf16 ones ~3e-3
+ONEDNN_VENDORS = ("AuthenticAMD",)  # where oneDNN was measured faster; elsewhere BLAS
+
+
+def cpu_vendor() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("vendor_id"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:  # not Linux: the rule falls back to BLAS
+        pass
+    return "unknown"
+
+
+def pick_fp32_matmul(name: str, device_type: str, dtype: str, exact_fp32: bool,
+                     vendor: str, probe, kept: str | None = None) -> str:
+    """--fp32_matmul auto|blas|onednn -> "blas" or "onednn" (pure but for `probe`, called
+    only when the answer depends on it and returning (whether oneDNN takes the products,
+    its relative error)). Only CPU runs in fp32 are concerned; --exact_fp32 asks for no
+    switch that could lower precision anywhere, so it keeps BLAS. `kept`: the library a
+    resumed run started with, which auto keeps (its losses go on as they would have)."""
+    if name == "onednn" and exact_fp32:
+        raise ChitchatError("--fp32_matmul onednn and --exact_fp32 exclude each other")
+    if name == "auto":
+        want = kept or ("onednn" if vendor in ONEDNN_VENDORS else "blas")
+    else:
+        want = name
+    if device_type != "cpu" or dtype != "fp32" or exact_fp32 or want == "blas":
+        return "blas"
+    routed, err = probe()
+    if routed and err <= EXACT_REL_ERROR:
+        return "onednn"
+    if name == "onednn":
+        raise ChitchatError(
+            "--fp32_matmul onednn: " + (f"oneDNN's float32 products on this CPU are not "
+                                        f"exact fp32 (relative error {err:.1e}: it uses "
+                                        "bf16 inside)" if routed else
+                                        "this PyTorch build or CPU keeps float32 products "
+                                        "on BLAS") + "; use --fp32_matmul blas")
+    return "blas"
+
+
+@contextlib.contextmanager
+def fp32_matmul(library: str):
+    """CPU float32 products from `library` ("onednn" or "blas") inside the block; the
+    process's setting is restored after. "blas" leaves the setting alone: touching it
+    beside torch.set_float32_matmul_precision (the TF32 switch on GPUs) would make
+    torch.get_float32_matmul_precision(), which torch.compile calls, raise."""
+    if library != "onednn":
+        yield
+        return
+    knob = torch.backends.mkldnn.matmul
+    old = knob.fp32_precision
+    knob.fp32_precision = "bf16"
+    try:
+        yield
+    finally:
+        knob.fp32_precision = old
+
+
+def probe_onednn_fp32() -> tuple[bool, float]:
+    """(whether the switch moves float32 products off BLAS, oneDNN's relative error against
+    float64); milliseconds, and the same answer on every call on one machine. The inner
+    size is long enough that two libraries' sums are never bit-equal by chance."""
+    if not torch.backends.mkldnn.is_available():
+        return False, math.inf
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(256, 1024, generator=g)
+    w = torch.randn(1024, 1024, generator=g) / 32
+    blas = x @ w
+    with fp32_matmul("onednn"):
+        got = x @ w
+    ref = x.double() @ w.double()
+    return not torch.equal(got, blas), float((got.double() - ref).norm() / ref.norm())

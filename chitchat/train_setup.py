@@ -24,7 +24,8 @@ from .distributed import DistInfo, broadcast_text
 from .loss import LossModel
 from .modeling import (build_model, check_same_vocab, is_reverse, load_config, load_model,
                        read_config, set_reverse, set_speaker_token_ids, speaker_token_ids)
-from .precision import attention_kernel, autocast_ctx, resolve_dtype, set_fp32_precision
+from .precision import (attention_kernel, autocast_ctx, cpu_vendor, pick_fp32_matmul,
+                        probe_onednn_fp32, resolve_dtype, set_fp32_precision)
 from .store import ReversedStore, TokenStore, resplit
 from .tokenization import ChatTokenizer
 from .train_kernels import ATTENTION, use_training_kernels
@@ -75,11 +76,17 @@ class Run:
     amp: object
     dtype: str
     tf32: bool
+    fp32_matmul: str  # "onednn" or "blas": precision.fp32_matmul, around the loop
     speaker_ids: tuple[int, int] | None
     first_plan: list
     total_steps: int
     warmup: int
     metrics: object = None
+
+    @property
+    def cpu_fp32(self) -> bool:
+        """Whether --fp32_matmul concerns this run: fp32 on a CPU."""
+        return self.device.type == "cpu" and self.dtype == "fp32"
 
 
 # ---- optimizer --------------------------------------------------------------------------------
@@ -182,7 +189,7 @@ def setup(cfg: TrainConfig, info: DistInfo, device: torch.device) -> tuple[Run, 
         raise ChitchatError(f"{store.path}: no training window has a target token "
                             f"({len(train_idx)} training dialogues, --loss_on {cfg.loss_on})."
                             " With --loss_on response every dialogue needs two utterances.")
-    run = _build(cfg, info, device, run_dir, log, store, data_print, tables, ckpt)
+    run = _build(cfg, info, device, run_dir, log, store, data_print, tables, ckpt, saved)
     st = TrainState(bad_loss=torch.zeros((), device=device),
                     last_norm=torch.zeros((), device=device))
     if ckpt is not None:
@@ -239,7 +246,7 @@ def choose_run(cfg: TrainConfig, info: DistInfo, device: torch.device):
     return cfg, ckpt, saved, run_dir
 
 
-def _build(cfg, info, device, run_dir, log, store, data_print, tables, ckpt) -> Run:
+def _build(cfg, info, device, run_dir, log, store, data_print, tables, ckpt, saved) -> Run:
     """The model on its device, its optimizer, precision and the step plan."""
     tok = store.tokenizer()
     train_table, valid_table = tables
@@ -258,6 +265,13 @@ def _build(cfg, info, device, run_dir, log, store, data_print, tables, ckpt) -> 
     scaler = torch.amp.GradScaler("cuda") if dtype == "fp16" else None
     optimizer = make_optimizer(model, cfg, device)
     tf32 = set_fp32_precision(device, cfg.exact_fp32)
+    library = "blas"
+    if info.main:  # rank 0's choice holds everywhere, as the checkpoint has only its word
+        library = pick_fp32_matmul(
+            cfg.fp32_matmul, device.type, dtype, cfg.exact_fp32, cpu_vendor(),
+            probe_onednn_fp32,
+            kept=saved.get("fp32_matmul") if ckpt is not None else None)
+    library = broadcast_text(library, info, device)
     runner = loss_model = LossModel(model)
     ddp = None
     if info.enabled:
@@ -273,14 +287,17 @@ def _build(cfg, info, device, run_dir, log, store, data_print, tables, ckpt) -> 
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else int(0.05 * total_steps)
     return Run(cfg, info, device, run_dir, log, store, tok, data_print, train_table,
                valid_table, row_len, model, runner, ddp, optimizer, scaler, amp, dtype, tf32,
-               speaker_ids, first_plan, total_steps, warmup)
+               library, speaker_ids, first_plan, total_steps, warmup)
 
 
 def _log_start(run: Run, st: TrainState, n_train: int, n_valid: int) -> None:
     cfg, log, model, budget = run.cfg, run.log, run.model, st.budget
     n_params = sum(p.numel() for p in model.parameters())
     log.info(f"run {run.run_dir}  device {run.device}  dtype {run.dtype}"
-             + ("  (TF32 matmuls)" if run.tf32 else "") + f"  processes {run.info.world}  "
+             + ("  (TF32 matmuls)" if run.tf32 else "")
+             + (f"  (fp32 products by {'oneDNN' if run.fp32_matmul == 'onednn' else 'BLAS'})"
+                if run.cpu_fp32 else "")
+             + f"  processes {run.info.world}  "
              f"threads {torch.get_num_threads()}  params {n_params / 1e6:.1f}M  "
              f"vocab {run.tok.vocab_size}"
              + ("  torch.compile (the first steps include compiling)" if cfg.compile else ""))

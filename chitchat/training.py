@@ -43,6 +43,7 @@ from .distributed import (StopSignals, barrier, dist_info, join_group, leave_gro
                           vote_to_stop)
 from .loss import to_device, windowed_loss
 from .modeling import save_model
+from .precision import fp32_matmul
 from .train_setup import Run, TrainState, epoch_loader, setup
 from .utils import (ChitchatError, atomic_dir, out_of_memory_advice, python_command,
                     write_json)
@@ -66,7 +67,8 @@ def _train(cfg: TrainConfig, info, device: torch.device) -> Path:
     # The run (and the DDP wrapper in it, whose reducer holds the process group) must be
     # gone when train() leaves the group: see distributed.leave_group.
     run, st = setup(cfg, info, device)
-    fit(run, st)
+    with fp32_matmul(run.fp32_matmul):
+        fit(run, st)
     _report_end(run, st)
     return run.run_dir
 
@@ -341,6 +343,7 @@ def trainer_state(run: Run, st: TrainState, epoch: int, pos: int, val=None) -> d
             "step_in_epoch": pos, "tokens_seen": st.tokens_seen,
             "best_val_loss": None if math.isinf(st.best) else st.best,
             "bad_evals": st.bad_evals, "world_size": run.info.world, "dtype": run.dtype,
+            "fp32_matmul": run.fp32_matmul if run.cpu_fp32 else None,
             "last_val": val,
             "scheduler": {"kind": cfg.lr_schedule, "base_lr": cfg.lr,
                           "lr": run.optimizer.param_groups[0]["lr"],
