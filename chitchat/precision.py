@@ -81,13 +81,13 @@ def attention_kernel(model, device: torch.device, amp) -> str:
 # ---- which library computes float32 products on a CPU ---------------------------------------
 # PyTorch sends CPU float32 products to BLAS (MKL in the pip wheels) unless oneDNN may use
 # bf16 inside them: `torch.backends.mkldnn.matmul.fp32_precision = "bf16"` routes mm, addmm
-# and bmm, forward and backward, to oneDNN, which then computes in bf16 where the CPU has a
-# kernel for it (AMX) and in full fp32 elsewhere. MKL picks its fast kernels by CPU vendor;
-# on the AMD CPU of docs/benchmarks.md oneDNN's fp32 products were 1.15x-1.45x faster than
-# MKL's at training's shapes. So auto takes oneDNN on AMD CPUs, after a check that it
-# really computes the products and in full fp32. The rule is fixed, not timed at start, so
-# that the same command gives the same numbers every time.
-EXACT_REL_ERROR = 1e-4  # fp32 products err ~1e-6 relative; bf16 ones ~3e-3
+# and bmm, forward and backward, to oneDNN, which may then use bf16 (on CPUs with AMX: what
+# the switch is for) and on the CPU measured computed in full fp32. MKL is tuned for
+# Intel's CPUs; on the AMD CPU of docs/benchmarks.md a whole fp32 training step ran
+# 1.18x-1.50x faster with oneDNN's products. So auto takes oneDNN on AMD CPUs, after a
+# check that the switch really moves the products and that they stay full fp32. The rule
+# is fixed, not timed at start, so that the same command gives the same numbers every time.
+EXACT_REL_ERROR = 1e-4  # the check's product errs 2.5e-7 (MKL), 4.1e-7 (oneDNN), 2.9e-3 (bf16)
 ONEDNN_VENDORS = ("AuthenticAMD",)  # where oneDNN was measured faster; elsewhere BLAS
 
 
@@ -151,7 +151,8 @@ def fp32_matmul(library: str):
 def probe_onednn_fp32() -> tuple[bool, float]:
     """(whether the switch moves float32 products off BLAS, oneDNN's relative error against
     float64); milliseconds, and the same answer on every call on one machine. The inner
-    size is long enough that two libraries' sums are never bit-equal by chance."""
+    size is long enough for the two libraries to sum in different orders (at 64 and 128
+    their results were bit-equal here, so equality would not show which one ran)."""
     if not torch.backends.mkldnn.is_available():
         return False, math.inf
     g = torch.Generator().manual_seed(0)
