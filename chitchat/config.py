@@ -124,9 +124,9 @@ class TrainConfig:
     exact_fp32: bool = opt(False, "on GPUs, keep float32 matrix products in full fp32 "
                            "(default: TF32 on Ampere and newer, see docs/gpu.md)")
     fp32_matmul: str = opt("auto", "CPU runs in fp32: the library of the matrix products. "
-                           "auto: oneDNN on AMD CPUs (faster than MKL there) when it computes "
-                           "them in full fp32, else BLAS; a resumed run keeps the library it "
-                           "started with",
+                           "auto: oneDNN on AMD CPUs (measured faster than MKL on one, see "
+                           "docs/benchmarks.md) if it computes them in full fp32, else BLAS; "
+                           "a resumed run keeps the library it started with",
                            choices=["auto", "blas", "onednn"])
     # ---- checkpoints, evaluation, logging -----------------------------------------------
     eval_interval: int = opt(1000, "validate every N optimizer steps, at epoch ends "
