@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 
 import pytest
 import torch
@@ -585,11 +586,14 @@ def test_use_prefill_thread_needs_a_cpu_core_beside_torchs_threads():
     assert not use_prefill_thread("off", "cpu", 1, 8)
 
 
-@pytest.mark.parametrize("speakers", [False, True], ids=["plain", "speaker-ids"])
-def test_rows_prefilled_on_the_prefill_thread_decode_as_alone(tiny_model_dir, speakers):
+@pytest.mark.parametrize("speakers,late", [(False, False), (True, False), (False, True)],
+                         ids=["plain", "speaker-ids", "late-prefill-thread"])
+def test_rows_prefilled_on_the_prefill_thread_decode_as_alone(tiny_model_dir, speakers, late):
     """Requests that come while rows run are prefilled on the second thread (with their
     speaker ids on a speaker-id model), copied into the batch, and decode what they decode
-    alone; none goes through a joining step."""
+    alone; none goes through a joining step. `late`: the prefill thread is slow to start
+    (a busy machine); the engine must not run its first steps without it, or rows that
+    free then would be refilled by joining steps."""
     from chitchat.modeling import load_model, set_speaker_token_ids
 
     model, tok = load_model(tiny_model_dir)
@@ -602,6 +606,14 @@ def test_rows_prefilled_on_the_prefill_thread_decode_as_alone(tiny_model_dir, sp
         reqs = [(HISTORIES[k % 5], {**OPTIONS[k % 5], "max_len": 3 + 3 * k}) for k in range(9)]
         engine = Engine(bot, max_batch=3, prefill_thread=True, start=False)
         rec.engine = engine
+        if late:
+            worker_start = engine._worker.start
+
+            def slow_start():
+                time.sleep(0.5)  # time for the first rows to end, were the engine running
+                worker_start()
+
+            engine._worker.start = slow_start
         out, steps = run_jobs(bot, reqs, max_batch=3, engine=engine)
     finally:
         rec.remove()

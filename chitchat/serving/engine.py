@@ -223,9 +223,12 @@ class Engine:
 
     # -- any thread --
     def start(self) -> None:
-        self._thread.start()
+        # The prefill thread first: the engine admits single-row requests itself while
+        # it is not alive, so on a busy machine a late start would turn the first free
+        # rows into joining steps.
         if self._worker is not None:
             self._worker.start()
+        self._thread.start()
 
     @property
     def waiting(self) -> int:
