@@ -18,6 +18,12 @@ def bench():
     return mod
 
 
+def test_dtypes_auto_skips_bf16_where_the_cpu_has_no_fast_bf16(bench):
+    assert bench.bench_dtypes("auto", True) == "fp32,bf16"
+    assert bench.bench_dtypes("auto", False) == "fp32"
+    assert bench.bench_dtypes("bf16", False) == "bf16"  # asked for: run it anyway
+
+
 def test_reach_time_interpolates_between_evaluations(bench):
     curve = [(10.0, 6.0), (20.0, 5.0), (30.0, 4.0)]
     assert bench.reach_time(curve, 4.5) == pytest.approx(25.0)
