@@ -860,9 +860,10 @@ def main():
                     "name; auto = cheap on a CPU)")
     ap.add_argument("--epochs_q", type=float, default=1.0, help="quality: token budget")
     args = ap.parse_args()
-    if args.dtypes == "auto" and not cpu_has_fast_bf16() and args.mode in ("speed", "profile"):
+    dtypes = bench_dtypes(args.dtypes, cpu_has_fast_bf16())
+    if dtypes != args.dtypes and "bf16" not in dtypes and args.mode in ("speed", "profile"):
         print("no AMX or avx512_bf16 here: bf16 rows skipped (--dtypes fp32,bf16 runs them)")
-    args.dtypes = bench_dtypes(args.dtypes, cpu_has_fast_bf16())
+    args.dtypes = dtypes
     {"speed": speed, "quality": quality, "profile": profile, "dropout": dropout,
      "time_to_loss": time_to_loss}[args.mode](args)
 
