@@ -27,6 +27,9 @@
     python bench/bench_train.py --mode time_to_loss --config model_config_dialogue_tiny.json
     python bench/bench_train.py --mode time_to_loss --config model_config_dialogue_middle.json \
         --budget 10m --evals 10
+    # the same at another peak lr for every path, without Trainer (an lr sweep)
+    python bench/bench_train.py --mode time_to_loss --config model_config_dialogue_middle.json \
+        --budget 5m --evals 20 --lr 6e-4 --no_trainer
 
 --train_path takes a train.txt (preprocessed once into --work) or a token store.
 The classic loop: fp32, batches of 8 dialogues cut to --max_len and padded to the longest,
@@ -40,13 +43,14 @@ in blocks of 128 (labels = inputs; attention crosses dialogue boundaries), about
 path's tokens per step, fused AdamW where torch has it, bf16=True or fp32, on the CPU, with
 no evaluation, saving or logging. The train.py row runs train.py itself (subprocess, default
 flags, --max_steps) and takes the median of the tok/s it logs.
-time_to_loss: every path gets train.py's peak lr (2e-4) with warmup and linear decay fitted
-to the budget (chitchat.budget.TimeBudget, which train.py --max_time uses); the classic loop
-and Trainer (bf16 where the CPU has fast bf16, as --dtype auto picks) pause their clock to
-evaluate. train.py's --max_time clock runs through its evaluations, so it is given the time
-the classic loop's evaluations took on top, and its curve's clock is rebuilt from the tok/s
-windows in metrics.jsonl with the evaluations taken out; it runs with --save_interval
-1000000 (the other paths do not checkpoint). Its final model is evaluated again in float32.
+time_to_loss: every path gets train.py's peak lr (2e-4; --lr another) with warmup and
+linear decay fitted to the budget (chitchat.budget.TimeBudget, which train.py --max_time
+uses); the classic loop and Trainer (bf16 where the CPU has fast bf16, as --dtype auto
+picks) pause their clock to evaluate. train.py's --max_time clock runs through its
+evaluations, so it is given the time the classic loop's evaluations took on top, and its
+curve's clock is rebuilt from the tok/s windows in metrics.jsonl with the evaluations taken
+out; it runs with --save_interval 1000000 (the other paths do not checkpoint). Its final
+model is evaluated again in float32.
 """
 from __future__ import annotations
 
@@ -66,7 +70,7 @@ sys.path.insert(0, str(ROOT))
 
 from chitchat.batching import build_windows, collate_rows, pack_rows  # noqa: E402
 from chitchat.budget import TimeBudget, parse_duration  # noqa: E402
-from chitchat.config import PreprocessConfig  # noqa: E402
+from chitchat.config import PreprocessConfig, TrainConfig  # noqa: E402
 from chitchat.loss import LossModel  # noqa: E402
 from chitchat.modeling import build_model, load_config  # noqa: E402
 from chitchat.precision import (autocast_ctx, cpu_has_fast_bf16, cpu_vendor,  # noqa: E402
@@ -408,7 +412,8 @@ def profile(args):
 
 # ---- transformers Trainer and train.py as peers ---------------------------------------------
 TRAINER_BLOCK = 128  # run_clm's --block_size, near --max_len so attention spans compare
-TTL_LR = 2e-4  # train.py's default peak lr, given to every path of --mode time_to_loss
+# train.py's default peak lr: what every path of --mode time_to_loss gets unless --lr is given
+TTL_LR = TrainConfig.__dataclass_fields__["lr"].default
 
 
 def hardware_line() -> str:
@@ -648,24 +653,24 @@ class BudgetClock:
         return self.paused / max(1, len(self.curve))
 
 
-def classic_to_budget(store, cfg, args, clock: BudgetClock):
+def classic_to_budget(store, cfg, args, clock: BudgetClock, lr: float):
     """The classic loop (see time_classic) until the budget is spent, epoch after epoch."""
     torch.manual_seed(0)
     model = build_model(load_config(cfg, store.tokenizer())).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=TTL_LR, eps=1e-8)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, eps=1e-8)
     rng = np.random.default_rng(0)
     clock.begin()
     while True:
         for ids, labels, _ in classic_batches(store, store.train_indices(), args.max_len, 8,
                                               rng):
             for g in opt.param_groups:
-                g["lr"] = TTL_LR * clock.factor()
+                g["lr"] = lr * clock.factor()
             classic_step(model, opt, ids, labels)
             if clock.after_step(model):
                 return
 
 
-def trainer_to_budget(store, cfg, args, dtype: str, clock: BudgetClock) -> str:
+def trainer_to_budget(store, cfg, args, dtype: str, clock: BudgetClock, lr: float) -> str:
     """Trainer on run_clm blocks until the budget is spent; the lr follows the clock's
     schedule (Trainer's own schedules count steps, which a time budget does not know)."""
     from transformers import TrainerCallback
@@ -676,7 +681,7 @@ def trainer_to_budget(store, cfg, args, dtype: str, clock: BudgetClock) -> str:
 
         def on_step_begin(self, targs, state, control, optimizer=None, **kw):
             for g in optimizer.param_groups:
-                g["lr"] = TTL_LR * clock.factor()
+                g["lr"] = lr * clock.factor()
 
         def on_step_end(self, targs, state, control, model=None, **kw):
             if clock.after_step(model):
@@ -686,7 +691,7 @@ def trainer_to_budget(store, cfg, args, dtype: str, clock: BudgetClock) -> str:
     model = build_model(load_config(cfg, store.tokenizer())).train()
     trainer, optim = make_trainer(model, clm_blocks(store, store.train_indices()),
                                   Path(args.work) / "trainer-ttl", dtype, trainer_batch(args),
-                                  10 ** 9, [Budget()], TTL_LR, "constant")
+                                  10 ** 9, [Budget()], lr, "constant")
     trainer.train()
     return optim
 
@@ -750,12 +755,13 @@ def time_to_loss(args):
     n_valid = len(store.valid_indices())
     if n_valid == 0:
         sys.exit(f"{store.path} has no validation dialogues")
+    lr = TTL_LR if args.lr is None else args.lr
     print(f"corpus {store.path} ({len(store)} dialogues, {n_valid} held out), {args.config}, "
           f"{hardware_line()}")
     print(f"budget {seconds:.0f} s of training per path (evaluation not counted), "
           f"{args.evals} evaluations; loss: mean next-token cross-entropy over the windows "
           f"of <= {args.max_len} tokens of the held-out dialogues, float32 "
-          f"(chitchat.evaluation.perplexity); peak lr {TTL_LR:g} for all, warmup and linear "
+          f"(chitchat.evaluation.perplexity); peak lr {lr:g} for all, warmup and linear "
           "decay fitted to the budget", flush=True)
 
     def evaluate(model):
@@ -763,18 +769,18 @@ def time_to_loss(args):
 
     results = {}  # name -> (curve, trained seconds, final loss)
     clock = BudgetClock(seconds, args.evals, evaluate)
-    classic_to_budget(store, cfg, args, clock)
+    classic_to_budget(store, cfg, args, clock, lr)
     results["classic fp32"] = (clock.curve, clock.curve[-1][0], clock.curve[-1][1])
     eval_s = clock.eval_seconds
     print(f"classic: {clock.done} steps", flush=True)
 
-    missing = trainer_missing()
+    missing = "Trainer path skipped (--no_trainer)" if args.no_trainer else trainer_missing()
     if missing:
         print(missing)
     else:
         dtype = "bf16" if cpu_has_fast_bf16() else "fp32"
         clock = BudgetClock(seconds, args.evals, evaluate)
-        optim = trainer_to_budget(store, cfg, args, dtype, clock)
+        optim = trainer_to_budget(store, cfg, args, dtype, clock, lr)
         results[f"trainer {dtype}"] = (clock.curve, clock.curve[-1][0], clock.curve[-1][1])
         print(f"trainer: {clock.done} steps, {optim}", flush=True)
 
@@ -786,7 +792,8 @@ def time_to_loss(args):
     every = max(1, round(seconds / args.evals / per_step / log_step)) * log_step
     run = train_py(store, cfg, runs, "train_py",
                    ["--max_time", f"{seconds + args.evals * eval_s:.1f}s", "--eval_interval",
-                    str(every), "--log_step", str(log_step), "--save_interval", "1000000"])
+                    str(every), "--log_step", str(log_step), "--save_interval", "1000000",
+                    "--lr", str(lr)])
     curve, trained, in_clock = train_py_curve(run_records(run))
     from chitchat.modeling import load_model
     from transformers.utils import logging as hf_logging
@@ -832,7 +839,10 @@ def main():
                     help="time_to_loss: validations per path within the budget")
     ap.add_argument("--eval_every", type=int, default=50, help="dropout: validation interval")
     ap.add_argument("--lr", type=float, default=None,
-                    help="dropout: train.py --lr (default: train.py's own)")
+                    help="dropout: train.py --lr; time_to_loss: the peak lr of every path "
+                    "(default: train.py's own)")
+    ap.add_argument("--no_trainer", action="store_true",
+                    help="time_to_loss: leave out the Trainer path (for an lr sweep)")
     ap.add_argument("--seed", type=int, default=42, help="dropout: train.py --seed")
     ap.add_argument("--compare", choices=["attn", "kernel"], default="attn",
                     help="dropout: attn_pdrop 0.1 vs 0, or --dropout_kernel native vs cheap")

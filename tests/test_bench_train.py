@@ -79,3 +79,26 @@ def test_clm_blocks_concatenate_and_drop_the_tail(bench):
 def test_trainer_rows_are_skipped_without_accelerate(bench, monkeypatch):
     monkeypatch.setitem(sys.modules, "accelerate", None)
     assert "accelerate is not installed" in bench.trainer_missing()
+
+
+def test_time_to_loss_gives_every_path_the_asked_lr(bench, sample_store, tmp_path, monkeypatch,
+                                                   capsys):
+    """--mode time_to_loss end to end on a tiny model with a 2-second budget: the classic
+    loop and train.py both run at the --lr given (an lr sweep), and Trainer is left out."""
+    import json
+
+    from conftest import TINY_CONFIG
+
+    config = tmp_path / "tiny.json"  # positions for train.py's default windows of 150
+    config.write_text(json.dumps({**TINY_CONFIG, "n_positions": 160}))
+    monkeypatch.setattr(sys, "argv", [
+        "bench_train.py", "--mode", "time_to_loss", "--config", str(config),
+        "--train_path", str(sample_store), "--work", str(tmp_path), "--budget", "2s",
+        "--evals", "1", "--lr", "0.0007", "--no_trainer"])
+    bench.main()
+    out = capsys.readouterr().out
+    assert "peak lr 0.0007 for all" in out
+    assert "Trainer path skipped (--no_trainer)" in out
+    assert "classic fp32" in out and "train.py / classic time" in out
+    states = sorted((tmp_path / "ttl-runs" / "train_py").glob("checkpoints/*/trainer_state.json"))
+    assert json.loads(states[-1].read_text())["scheduler"]["base_lr"] == 0.0007
