@@ -1,9 +1,9 @@
 """Training throughput and packing quality, measured side by side in one run.
 
     # speed: real (non-pad) tokens/s of the fast path vs the classic GPT2-chitchat loop on
-    # the small config, and MFU against the fp32 and bf16 matmul peaks measured here; then
-    # train.py with its default flags (--dtype auto) and transformers' Trainer (fp32, bf16;
-    # needs accelerate) as peers
+    # the small config, and MFU against the fp32 and bf16 matmul peaks measured here (fp32:
+    # the best of torch's BLAS, oneDNN and numpy's BLAS); then train.py with its default
+    # flags (--dtype auto) and transformers' Trainer (fp32, bf16; needs accelerate) as peers
     python bench/bench_train.py --train_path ../shared/corpora/chitchat50w_slice/train.txt
     python bench/bench_train.py --repeats 5 --steps 8           # final figures (quiet machine)
 
@@ -96,26 +96,38 @@ def get_store(path: str, work: Path) -> TokenStore:
     return TokenStore(out)
 
 
-def matmul_peak(dtype: torch.dtype, n: int, repeats: int) -> float:
-    """Median FLOP/s of an n x n x n matmul (the best case for the hardware)."""
+def matmul_peak(dtype: torch.dtype, n: int, repeats: int, library: str = "torch") -> float:
+    """Median FLOP/s of an n x n x n matmul (the best case for the hardware); library
+    "numpy": the same float32 product by numpy's BLAS, which torch does not use."""
     a = torch.randn(n, n).to(dtype)
     b = torch.randn(n, n).to(dtype)
+    mm = torch.matmul
+    if library == "numpy":
+        a, b, mm = a.numpy(), b.numpy(), np.matmul
     t = time.perf_counter()
-    a @ b
+    mm(a, b)
     first = time.perf_counter() - t
     if first > 2.0:
         # No fast kernel for this dtype (bf16 on an AVX2-only CPU: 0.3 GFLOP/s, a minute
         # a product): the one product's rate says enough.
         return 2 * n ** 3 / first
     for _ in range(2):
-        a @ b
+        mm(a, b)
     times = []
     for _ in range(repeats):
         t = time.perf_counter()
         for _ in range(5):
-            a @ b
+            mm(a, b)
         times.append((time.perf_counter() - t) / 5)
     return 2 * n ** 3 / statistics.median(times)
+
+
+def numpy_blas() -> str:
+    """The BLAS numpy was built with (OpenBLAS in pip's wheels), as numpy reports it."""
+    try:
+        return np.show_config(mode="dicts")["Build Dependencies"]["blas"]["name"]
+    except (KeyError, TypeError):  # an older numpy, or one built without a BLAS entry
+        return "unknown"
 
 
 def bench_dtypes(name: str, fast_bf16: bool) -> str:
@@ -236,11 +248,15 @@ def speed(args):
     if probe_onednn_fp32()[0]:  # else the switch leaves the products on BLAS
         with fp32_matmul("onednn"):
             onednn32 = matmul_peak(torch.float32, args.gemm, args.repeats)
-    peak32 = max(blas32, onednn32)  # MFU against the better library: no flattering peak
+    # numpy's BLAS is not on torch's path, but it is this CPU's float32 products too (on an
+    # AVX2-only AMD CPU OpenBLAS ran 1.4x-1.9x torch's MKL): MFU against the best library
+    numpy32 = matmul_peak(torch.float32, args.gemm, args.repeats, "numpy")
+    peak32 = max(blas32, onednn32, numpy32)  # no flattering peak
     peak16 = matmul_peak(torch.bfloat16, args.gemm, args.repeats)
     onednn = f"{onednn32 / 1e9:.1f}" if onednn32 else "n/a: it does not take them here"
     print(f"matmul peak ({args.gemm}^3): fp32 {peak32 / 1e9:.1f} GFLOP/s (BLAS "
-          f"{blas32 / 1e9:.1f}, oneDNN {onednn}), bf16 {peak16 / 1e9:.1f} "
+          f"{blas32 / 1e9:.1f}, oneDNN {onednn}, numpy's {numpy_blas()} "
+          f"{numpy32 / 1e9:.1f}), bf16 {peak16 / 1e9:.1f} "
           f"GFLOP/s ({peak16 / peak32:.2f}x); train.py's fp32 products here: "
           f"{train_py_library('fp32')} (cpu vendor {cpu_vendor()})")
     rng = np.random.default_rng(0)

@@ -24,6 +24,19 @@ def test_dtypes_auto_skips_bf16_where_the_cpu_has_no_fast_bf16(bench):
     assert bench.bench_dtypes("bf16", False) == "bf16"  # asked for: run it anyway
 
 
+def test_numpy_peak_is_measured_with_numpys_blas(bench, monkeypatch):
+    """The fp32 reference peak comes from numpy.matmul (its own BLAS), not torch's."""
+    calls = []
+    real = np.matmul
+    monkeypatch.setattr(bench.np, "matmul", lambda a, b: calls.append(type(a)) or real(a, b))
+    assert bench.matmul_peak(bench.torch.float32, 32, 2, "numpy") > 0
+    assert calls and set(calls) == {np.ndarray}
+    calls.clear()
+    bench.matmul_peak(bench.torch.float32, 32, 2)
+    assert calls == []
+    assert bench.numpy_blas()
+
+
 def test_reach_time_interpolates_between_evaluations(bench):
     curve = [(10.0, 6.0), (20.0, 5.0), (30.0, 4.0)]
     assert bench.reach_time(curve, 4.5) == pytest.approx(25.0)
