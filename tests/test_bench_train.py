@@ -108,8 +108,17 @@ def test_time_to_loss_gives_every_path_the_asked_lr(bench, sample_store, tmp_pat
         "bench_train.py", "--mode", "time_to_loss", "--config", str(config),
         "--train_path", str(sample_store), "--work", str(tmp_path), "--budget", "2s",
         "--evals", "1", "--lr", "0.0007", "--no_trainer"])
+    classic_lrs = []
+    real_classic = bench.classic_to_budget
+
+    def classic_to_budget(store, cfg, args, clock, lr):
+        classic_lrs.append(lr)
+        return real_classic(store, cfg, args, clock, lr)
+
+    monkeypatch.setattr(bench, "classic_to_budget", classic_to_budget)
     bench.main()
     out = capsys.readouterr().out
+    assert classic_lrs == [0.0007]
     assert "peak lr 0.0007 for all" in out
     assert "Trainer path skipped (--no_trainer)" in out
     assert "classic fp32" in out and "train.py / classic time" in out
