@@ -14,6 +14,9 @@ from torch import nn
 from .batching import WindowTable, collate_rows, epoch_rows
 
 
+CHUNK_FLOATS = 1 << 20  # _HeadLoss's rows of fp32 at a time: 4 MB, which stays in cache
+
+
 class LossModel(nn.Module):
     """GPT-2 plus the summed next-token loss over the target positions of a batch.
 
@@ -37,8 +40,72 @@ class LossModel(nn.Module):
             input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
             token_type_ids=token_type_ids, use_cache=False).last_hidden_state  # (B, T, H)
         hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, target_pos)  # (N, H)
-        logits = self.model.lm_head(hidden)  # (N, V)
-        return F.cross_entropy(logits.float(), target_ids, reduction="sum")
+        return head_loss(hidden, self.model.lm_head, target_ids)
+
+
+def head_loss(hidden: torch.Tensor, head: nn.Linear, targets: torch.Tensor) -> torch.Tensor:
+    """Summed cross-entropy of `head(hidden)` (N, V) against `targets` (N,).
+
+    With gradients on, `_HeadLoss` computes it without the fp32 (N, V) tensors that
+    cross-entropy keeps for backward; under torch.compile (which fuses the plain form
+    itself), without gradients (validation) or with a biased head, the plain form.
+    """
+    if (torch.is_grad_enabled() and head.bias is None
+            and not torch.compiler.is_compiling()):
+        rows = max(1, CHUNK_FLOATS // head.out_features)
+        return _HeadLoss.apply(hidden, head.weight, targets, rows)
+    return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
+
+
+class _HeadLoss(torch.autograd.Function):
+    """LM head and summed cross-entropy in one autograd node, gradient made in the forward.
+
+    The plain form (`cross_entropy(logits.float())`) makes, per micro-batch, an fp32 copy of
+    the logits, its log-softmax (kept for backward), a zero-filled gradient and the
+    log-softmax's gradient, each N x V fp32, plus a cast back to the product dtype. Fresh
+    memory that size is paid in page faults on every step (in a bf16 step of the middle
+    config on a CPU, the head and loss took 59 ms this way and 30 ms here:
+    docs/benchmarks.md). Here the logits stay in the product dtype and are overwritten, a
+    few rows of fp32 at a time, with d(loss)/d(logits) = softmax - one_hot, which backward
+    only scales and multiplies out. The numbers are the plain form's, up to rounding: the
+    loss in fp32, the logits' gradient rounded once to the product dtype before its two
+    products (before the loss's scale is applied, where the plain form rounds after it).
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, rows):
+        dev = hidden.device.type
+        dtype = (torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev)
+                 else hidden.dtype)
+        with torch.autocast(dev, enabled=False):
+            h, w = hidden.to(dtype), weight.to(dtype)  # what autocast's linear would use
+            logits = torch.mm(h, w.t())  # (N, V); becomes the logits' gradient in place
+            n = len(logits)
+            loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
+            minus_one = torch.full((min(rows, n), 1), -1.0, device=hidden.device)
+            for i in range(0, n, rows):
+                part = logits[i:i + rows].float()
+                t = targets[i:i + rows, None]
+                lse = torch.logsumexp(part, -1, keepdim=True)
+                loss += (lse - part.gather(1, t)).sum()
+                part.sub_(lse).exp_().scatter_add_(1, t, minus_one[:len(t)])
+                logits[i:i + rows] = part
+        ctx.save_for_backward(h, w, logits)
+        ctx.dtypes = hidden.dtype, weight.dtype
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad):
+        h, w, grad_logits = ctx.saved_tensors
+        h_dtype, w_dtype = ctx.dtypes
+        # the loss's scale (1 / targets, a GradScaler's factor) is applied after the products,
+        # in the inputs' dtype (fp32 under autocast), so fp16 products cannot overflow on it
+        grad_h = grad_w = None
+        if ctx.needs_input_grad[0]:
+            grad_h = torch.mm(grad_logits, w).to(h_dtype).mul_(grad)
+        if ctx.needs_input_grad[1]:
+            grad_w = torch.mm(grad_logits.t(), h).to(w_dtype).mul_(grad)
+        return grad_h, grad_w, None, None
 
 
 def to_device(batch: dict, device: torch.device) -> dict:

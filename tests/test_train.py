@@ -477,3 +477,80 @@ def test_compiled_training_matches_eager_and_saves_a_plain_model(monkeypatch, sa
     assert names and not any("_orig_mod" in n for n in names)
     with safe_open(tmp_path / "runs" / "eager" / "model.safetensors", "pt") as f:
         assert sorted(names) == sorted(f.keys())
+
+
+# ---- the fused LM head and loss -----------------------------------------------------------
+def plain_head_loss(hidden, head, targets):
+    return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
+
+
+def head_grads(fn, hidden, head, targets, amp, scale=0.37):
+    hidden.grad = head.weight.grad = None
+    with amp:
+        loss = fn(hidden, head, targets)
+    (loss * scale).backward()
+    return loss.detach(), hidden.grad.clone(), head.weight.grad.clone()
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_head_loss_equals_cross_entropy_of_the_head(monkeypatch, dtype):
+    """The fused head and loss give the plain form's loss and gradients, over several
+    chunks of rows with a short last one, the loss's scale applied."""
+    import chitchat.loss as loss_mod
+    monkeypatch.setattr(loss_mod, "CHUNK_FLOATS", 3 * 53 + 7)  # 3 rows of 53 per chunk
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 53, bias=False)
+    hidden = torch.randn(11, 16, requires_grad=True)  # chunks of 3, 3, 3, 2 rows
+    targets = torch.randint(0, 53, (11,))
+    amp = (torch.autocast("cpu", dtype=torch.bfloat16) if dtype == "bf16"
+           else torch.autocast("cpu", enabled=False))
+    want = head_grads(plain_head_loss, hidden, head, targets, amp)
+    got = head_grads(loss_mod.head_loss, hidden, head, targets, amp)
+    assert got[0].dtype == torch.float32 and got[1].dtype == got[2].dtype == torch.float32
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == "fp32" else dict(rtol=2e-2, atol=2e-3)
+    torch.testing.assert_close(got[0], want[0], **tol)
+    torch.testing.assert_close(got[1], want[1], **tol)
+    torch.testing.assert_close(got[2], want[2], **tol)
+
+
+def test_head_loss_without_gradients_is_the_plain_form():
+    """Validation (no_grad) and a frozen input take the plain path or skip its gradient."""
+    import chitchat.loss as loss_mod
+    torch.manual_seed(1)
+    head = torch.nn.Linear(8, 20, bias=False)
+    hidden, targets = torch.randn(5, 8), torch.randint(0, 20, (5,))
+    with torch.no_grad():
+        assert float(loss_mod.head_loss(hidden, head, targets)) == pytest.approx(
+            float(plain_head_loss(hidden, head, targets)), rel=1e-6)
+    loss_mod.head_loss(hidden, head, targets).backward()  # hidden needs no gradient
+    head.weight.grad, want = None, head.weight.grad
+    plain_head_loss(hidden, head, targets).backward()
+    torch.testing.assert_close(want, head.weight.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_loss_model_gradients_with_the_fused_head(store, tiny_config_path, monkeypatch):
+    """Through a whole GPT-2 (LM head tied to the embedding), the training loss and every
+    parameter's gradient are the plain cross-entropy's."""
+    import chitchat.loss as loss_mod
+    table = build_windows(store, store.train_indices()[:20], 64)
+    rows = pack_rows(np.arange(len(table)), table.lengths, 128)[:3]
+    mb = collate_rows(store, table, rows, store.tokenizer().pad_id, 128)
+    mb = {k: v for k, v in mb.items() if k != "n_tokens"}
+    torch.manual_seed(0)
+    model = build_model(load_config(tiny_config_path, store.tokenizer())).eval()
+    assert model.lm_head.weight is model.transformer.wte.weight
+
+    def run():
+        model.zero_grad(set_to_none=True)
+        loss = LossModel(model)(**mb)
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    fused_loss, fused = run()
+    monkeypatch.setattr(loss_mod, "head_loss", plain_head_loss)
+    plain_loss, plain = run()
+    assert float(fused_loss) == pytest.approx(float(plain_loss), rel=1e-6)
+    for name in plain:
+        scale = float(plain[name].abs().max())  # a sum over every target: large gradients
+        torch.testing.assert_close(fused[name], plain[name], rtol=1e-5, atol=1e-6 * scale,
+                                   msg=name)
