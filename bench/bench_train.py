@@ -42,7 +42,9 @@ Trainer: transformers' Trainer as run_clm sets it up: the training dialogues' id
 in blocks of 128 (labels = inputs; attention crosses dialogue boundaries), about the fast
 path's tokens per step, fused AdamW where torch has it, bf16=True or fp32, on the CPU, with
 no evaluation, saving or logging. The train.py row runs train.py itself (subprocess, default
-flags, --max_steps) and takes the median of the tok/s it logs.
+flags, --max_steps) and takes the median of the tok/s it logs. train.py sets up its own
+process's malloc (--allocator auto; a row with --allocator system shows its share); the
+paths run inside this process (classic, fast, Trainer) keep the system's, as they ship.
 time_to_loss: every path gets train.py's peak lr (2e-4; --lr another) with warmup and
 linear decay fitted to the budget (chitchat.budget.TimeBudget, which train.py --max_time
 uses); the classic loop and Trainer (bf16 where the CPU has fast bf16, as --dtype auto
@@ -575,6 +577,9 @@ def trainer_rows(store, cfg, args, classic: float, fast: dict) -> None:
     native, _ = time_train_py(store, cfg, args, ["--dropout_kernel", "native"])
     print(f"train.py --dropout_kernel native (PyTorch's dropout): {native:8.1f} real tok/s  "
           f"{native / classic:5.2f}x classic; the defaults are {tp / native:.2f}x this")
+    system, _ = time_train_py(store, cfg, args, ["--allocator", "system"])
+    print(f"train.py --allocator system (malloc as it is): {system:8.1f} real tok/s  "
+          f"{system / classic:5.2f}x classic; the defaults are {tp / system:.2f}x this")
     by_dtype = {tp_dtype: tp}
     for dtype in args.dtypes.split(","):
         if dtype not in by_dtype:  # train.py at the dtype auto did not pick, for its ratio

@@ -118,9 +118,13 @@ def preprocess_main(argv=None):
 
 
 def train_main(argv=None):
+    cfg = parse_config(TrainConfig, argv, description=TRAIN_HELP)
+    from chitchat.allocator import tune_allocator
+
+    tune_allocator(cfg.allocator)  # before torch is imported: see chitchat/allocator.py
     from chitchat.training import train
 
-    train(parse_config(TrainConfig, argv, description=TRAIN_HELP))
+    train(cfg)
 
 
 def interact_main(argv=None):

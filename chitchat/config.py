@@ -128,6 +128,11 @@ class TrainConfig:
                            "docs/benchmarks.md) if it computes them in full fp32, else BLAS; "
                            "a resumed run keeps the library it started with",
                            choices=["auto", "blas", "onednn"])
+    allocator: str = opt("auto", "auto: on Linux, keep freed CPU memory for the next step "
+                         "(glibc mallopt) and ask for huge pages for big tensors, unless the "
+                         "environment sets either (1.1x-1.4x on one CPU, see "
+                         "docs/benchmarks.md); system: leave malloc as it is",
+                         choices=["auto", "system"])
     # ---- checkpoints, evaluation, logging -----------------------------------------------
     eval_interval: int = opt(1000, "validate every N optimizer steps, at epoch ends "
                           "and at the last step (0: not by step count)")

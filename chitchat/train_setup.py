@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from . import allocator
 from .batching import WindowTable, build_windows, collate_rows, epoch_rows, plan_steps
 from .budget import TimeBudget, parse_duration
 from .checkpoint import (check_run_dir, check_same_data, checkpoints_of,
@@ -300,7 +301,8 @@ def _log_start(run: Run, st: TrainState, n_train: int, n_valid: int) -> None:
              + f"  processes {run.info.world}  "
              f"threads {torch.get_num_threads()}  params {n_params / 1e6:.1f}M  "
              f"vocab {run.tok.vocab_size}"
-             + ("  torch.compile (the first steps include compiling)" if cfg.compile else ""))
+             + ("  torch.compile (the first steps include compiling)" if cfg.compile else "")
+             + f"  memory: {allocator.applied().note}")
     log.info(f"data {run.store.path}: {n_train} train / {n_valid} validation "
              f"dialogues -> {len(run.train_table)} / {len(run.valid_table)} windows, "
              f"{int(run.train_table.lengths.sum()):,} tokens per epoch; "

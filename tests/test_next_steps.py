@@ -143,6 +143,8 @@ def test_max_time_stops_saves_and_exits_0_with_a_decayed_lr(sample_store, tiny_c
     assert "stopped by the time budget (--max_time 4s)" in r.stderr
     assert "--resume auto --run_name b" in r.stderr and "--max_time 4s" in r.stderr
     assert "threads 1" in r.stderr
+    if sys.platform.startswith("linux") and not any(k.startswith("MALLOC_") for k in ENV):
+        assert "memory: freed memory kept (glibc mallopt)" in r.stderr  # --allocator auto
     recs = [json.loads(l) for l in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
             if '"train"' in l]
     lrs = [r["lr"] for r in recs]
