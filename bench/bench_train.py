@@ -44,7 +44,9 @@ path's tokens per step, fused AdamW where torch has it, bf16=True or fp32, on th
 no evaluation, saving or logging. The train.py row runs train.py itself (subprocess, default
 flags, --max_steps) and takes the median of the tok/s it logs. train.py sets up its own
 process's malloc (--allocator auto; a row with --allocator system shows its share); the
-paths run inside this process (classic, fast, Trainer) keep the system's, as they ship.
+paths run inside this process (classic, fast, Trainer) keep the system's, as they ship, and
+one more Trainer row runs in a child process whose environment gives it what --allocator
+auto gives train.py (the same lever handed to the peer).
 time_to_loss: every path gets train.py's peak lr (2e-4; --lr another) with warmup and
 linear decay fitted to the budget (chitchat.budget.TimeBudget, which train.py --max_time
 uses); the classic loop and Trainer (bf16 where the CPU has fast bf16, as --dtype auto
@@ -58,6 +60,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -70,6 +75,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from chitchat.allocator import plan_allocator, plan_environment  # noqa: E402
 from chitchat.batching import build_windows, collate_rows, pack_rows  # noqa: E402
 from chitchat.budget import TimeBudget, parse_duration  # noqa: E402
 from chitchat.config import PreprocessConfig, TrainConfig  # noqa: E402
@@ -503,18 +509,20 @@ def make_trainer(model, blocks, out: Path, dtype: str, batch: int, max_steps: in
     raise RuntimeError(f"Trainer: no AdamW could be built: {last}")
 
 
-def time_trainer(store, config_path, args, dtype: str) -> tuple[float, str, int]:
-    """(real tokens/s, optimizer, blocks per step) of Trainer on run_clm-packed blocks:
-    median over --repeats blocks of --steps steps after one warm-up block, timed at step
-    ends (the wall time between them holds the data loading and the whole step)."""
+def time_trainer(store, config_path, args, dtype: str) -> tuple[float, str, int, float]:
+    """(real tokens/s, optimizer, blocks per step, minor page faults per step) of Trainer on
+    run_clm-packed blocks: median over --repeats blocks of --steps steps after one warm-up
+    block, timed at step ends (the wall time between them holds the data loading and the
+    whole step)."""
     from transformers import TrainerCallback
 
     class StepEnds(TrainerCallback):
         def __init__(self):
-            self.ends = []
+            self.ends, self.faults = [], []
 
         def on_step_end(self, targs, state, control, **kw):
             self.ends.append(time.perf_counter())
+            self.faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt)
 
     torch.manual_seed(0)
     model = build_model(load_config(config_path, store.tokenizer())).train()
@@ -529,7 +537,31 @@ def time_trainer(store, config_path, args, dtype: str) -> tuple[float, str, int]
     rates = [s * batch * TRAINER_BLOCK / (e[(r + 1) * s - 1] - e[r * s - 1])
              for r in range(1, args.repeats + 1)]
     fused = any(g.get("fused") for g in trainer.optimizer.param_groups)
-    return statistics.median(rates), optim + (" (fused)" if fused else ""), batch
+    faults = (clock.faults[-1] - clock.faults[s - 1]) / (args.repeats * s)
+    return statistics.median(rates), optim + (" (fused)" if fused else ""), batch, faults
+
+
+def trainer_child(args):
+    """--mode trainer: the Trainer rows alone, one JSON line per dtype. The speed mode runs
+    it in a child process whose environment carries train.py's allocator settings, which
+    glibc and torch read at a process's start."""
+    store = get_store(args.train_path, Path(args.work))
+    for dtype in args.dtypes.split(","):
+        tps, _, _, faults = time_trainer(store, ROOT / "config" / args.config, args, dtype)
+        print(json.dumps({"dtype": dtype, "tps": tps, "faults": faults}), flush=True)
+
+
+def trainer_with_env(args, env: dict[str, str]) -> list[dict]:
+    cmd = [sys.executable, __file__, "--mode", "trainer", "--train_path", args.train_path,
+           "--work", args.work, "--config", args.config, "--dtypes", args.dtypes,
+           "--steps", str(args.steps), "--repeats", str(args.repeats),
+           "--pack_len", str(args.pack_len), "--fast_batch", str(args.fast_batch),
+           "--accum", str(args.accum)]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, **env})
+    if done.returncode:
+        sys.exit(f"{' '.join(cmd)} failed:\n{done.stderr[-3000:]}")
+    return [json.loads(l) for l in done.stdout.splitlines() if l.startswith("{")]
 
 
 def train_py(store, config_path, out: Path, name: str, extra: list[str]) -> Path:
@@ -598,12 +630,22 @@ def trainer_rows(store, cfg, args, classic: float, fast: dict) -> None:
         return
     trainer = {}
     for dtype in args.dtypes.split(","):
-        tps, optim, batch = time_trainer(store, cfg, args, dtype)
+        tps, optim, batch, faults = time_trainer(store, cfg, args, dtype)
         trainer[dtype] = tps
         vs = f"  fast {dtype} {fast[dtype] / tps:5.2f}x Trainer" if dtype in fast else ""
         print(f"trainer  {dtype}, run_clm blocks of {TRAINER_BLOCK} x {batch}, {optim}: "
               f"{tps:8.1f} real tok/s  {tps / classic:5.2f}x classic{vs}  train.py "
-              f"{dtype} {by_dtype[dtype] / tps:5.2f}x Trainer")
+              f"{dtype} {by_dtype[dtype] / tps:5.2f}x Trainer  ({faults:,.0f} faults/step)")
+    # a peer given what --allocator auto gives train.py: how much of the lead is malloc
+    env = plan_environment(plan_allocator("auto", platform.system(), platform.libc_ver()[0],
+                                          {}))
+    if env:
+        for row in trainer_with_env(args, env):
+            d, tps = row["dtype"], row["tps"]
+            print(f"trainer  {d} with train.py's allocator settings (environment "
+                  f"{' '.join(f'{k}={v}' for k, v in env.items())}): {tps:8.1f} real tok/s  "
+                  f"train.py {d} {by_dtype[d] / tps:5.2f}x this  ({row['faults']:,.0f} "
+                  "faults/step)")
     if onednn:  # a peer given the same switch: how much of the lead is the library
         with fp32_matmul("onednn"):
             tps, _, _ = time_trainer(store, cfg, args, "fp32")
@@ -853,7 +895,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--mode", choices=["speed", "quality", "profile", "dropout",
-                                       "time_to_loss"], default="speed")
+                                       "time_to_loss", "trainer"], default="speed",
+                    help="trainer: the speed mode's Trainer rows alone (JSON lines)")
     ap.add_argument("--budget", default="600s",
                     help="time_to_loss: training time per path, e.g. 90s, 10m")
     ap.add_argument("--evals", type=int, default=10,
@@ -896,7 +939,7 @@ def main():
         print("no AMX or avx512_bf16 here: bf16 rows skipped (--dtypes fp32,bf16 runs them)")
     args.dtypes = dtypes
     {"speed": speed, "quality": quality, "profile": profile, "dropout": dropout,
-     "time_to_loss": time_to_loss}[args.mode](args)
+     "time_to_loss": time_to_loss, "trainer": trainer_child}[args.mode](args)
 
 
 if __name__ == "__main__":

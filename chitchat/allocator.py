@@ -62,6 +62,17 @@ def plan_allocator(choice: str, system: str, libc: str, environ) -> AllocatorPla
                          "the environment)")
 
 
+# glibc reads these at a process's start: the same settings as mallopt, for another process
+_MALLOPT_ENV = {M_MMAP_THRESHOLD: "MALLOC_MMAP_THRESHOLD_",
+                M_TRIM_THRESHOLD: "MALLOC_TRIM_THRESHOLD_"}
+
+
+def plan_environment(plan: AllocatorPlan) -> dict[str, str]:
+    """The environment that gives a process started with it what `plan` gives this one
+    (pure): how the benchmark hands train.py's allocator settings to a peer trainer."""
+    return {**{_MALLOPT_ENV[p]: str(v) for p, v in plan.mallopt}, **plan.env}
+
+
 _applied = AllocatorPlan()
 
 

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from chitchat.allocator import (M_MMAP_THRESHOLD, M_TRIM_THRESHOLD, MMAP_THRESHOLD, THP_ENV,
-                                TRIM_THRESHOLD, plan_allocator)
+                                TRIM_THRESHOLD, plan_allocator, plan_environment)
 
 KEEP = ((M_MMAP_THRESHOLD, MMAP_THRESHOLD), (M_TRIM_THRESHOLD, TRIM_THRESHOLD))
 
@@ -53,6 +53,14 @@ def test_a_users_huge_page_setting_wins_and_other_libcs_get_only_that():
     assert plan.mallopt == () and plan.env == {} and "environment" in plan.note
 
 
+def test_plan_environment_names_what_glibc_and_torch_read_at_start():
+    env = plan_environment(plan_allocator("auto", "Linux", "glibc", {}))
+    assert env == {"MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD),
+                   "MALLOC_TRIM_THRESHOLD_": str(TRIM_THRESHOLD), THP_ENV: "1"}
+    assert plan_environment(plan_allocator("system", "Linux", "glibc", {})) == {}
+    assert plan_environment(plan_allocator("auto", "Linux", "musl", {})) == {THP_ENV: "1"}
+
+
 ROUND_TRIPS = """
 import json, resource, sys
 from chitchat.allocator import tune_allocator
@@ -87,3 +95,9 @@ def test_auto_keeps_freed_memory_in_a_real_process():
     kept = run("auto", **{THP_ENV: "0"})  # glibc's setting alone
     assert kept["note"] == "freed memory kept (glibc mallopt)"
     assert kept["faults"] < system["faults"] / 3, (kept, system)
+    # the same settings handed to a process by its environment alone (as the benchmark
+    # gives them to transformers' Trainer): the process itself leaves malloc alone
+    env = plan_environment(plan_allocator("auto", "Linux", "glibc", {}))
+    inherited = run("system", **env)
+    assert inherited["thp"] == "1"
+    assert inherited["faults"] < system["faults"] / 3, (inherited, system)

@@ -124,3 +124,23 @@ def test_time_to_loss_gives_every_path_the_asked_lr(bench, sample_store, tmp_pat
     assert "classic fp32" in out and "train.py / classic time" in out
     states = sorted((tmp_path / "ttl-runs" / "train_py").glob("checkpoints/*/trainer_state.json"))
     assert json.loads(states[-1].read_text())["scheduler"]["base_lr"] == 0.0007
+
+
+def test_trainer_peer_runs_in_a_child_with_the_given_environment(bench, sample_store, tmp_path):
+    """The speed mode's Trainer row with train.py's allocator settings: a child process
+    (the settings are read at a process's start) that reports one row per dtype."""
+    import json
+    from types import SimpleNamespace
+
+    from conftest import TINY_CONFIG
+
+    if bench.trainer_missing():
+        pytest.skip("accelerate is not installed")
+    config = tmp_path / "tiny.json"  # positions for Trainer's blocks of 128
+    config.write_text(json.dumps({**TINY_CONFIG, "n_positions": 160}))
+    args = SimpleNamespace(train_path=str(sample_store), work=str(tmp_path), config=str(config),
+                           dtypes="fp32", steps=1, repeats=1, pack_len=64, fast_batch=2,
+                           accum=1)
+    rows = bench.trainer_with_env(args, {"THP_MEM_ALLOC_ENABLE": "1"})
+    assert [r["dtype"] for r in rows] == ["fp32"]
+    assert rows[0]["tps"] > 0 and rows[0]["faults"] >= 0
