@@ -287,7 +287,16 @@ def speed(args):
     best_dtype, best = max(rows, key=lambda r: r[1])
     print(f"best fast path: {best_dtype}, {best / classic:.2f}x the classic loop "
           f"(target >= 6x on an AMX CPU, >= 3x on an fp32-only one)")
-    trainer_rows(store, cfg, args, classic, dict(rows))
+
+    def mfu(tps: float, dtype: str) -> str:
+        # train.py trains on the same windows (its --max_len is 150 too): the same useful
+        # FLOPs per token, however the windows are packed into rows
+        if args.max_len != TrainConfig().max_len:
+            return ""
+        peak = peak16 if dtype == "bf16" else peak32
+        return f"  MFU {tps * f / peak:6.1%} of {dtype} peak"
+
+    trainer_rows(store, cfg, args, classic, dict(rows), mfu)
 
 
 def quality(args):
@@ -559,9 +568,11 @@ def trainer_with_env(args, env: dict[str, str]) -> list[dict]:
            "--accum", str(args.accum)]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
                           env={**os.environ, **env})
-    if done.returncode:
-        sys.exit(f"{' '.join(cmd)} failed:\n{done.stderr[-3000:]}")
-    return [json.loads(l) for l in done.stdout.splitlines() if l.startswith("{")]
+    rows = [json.loads(l) for l in done.stdout.splitlines() if l.startswith('{"dtype"')]
+    if done.returncode or [r["dtype"] for r in rows] != args.dtypes.split(","):
+        sys.exit(f"{' '.join(cmd)} failed (exit {done.returncode}):\n{done.stdout[-2000:]}\n"
+                 f"{done.stderr[-3000:]}")
+    return rows
 
 
 def train_py(store, config_path, out: Path, name: str, extra: list[str]) -> Path:
@@ -601,11 +612,12 @@ def time_train_py(store, config_path, args, extra=()) -> tuple[float, str]:
     return statistics.median(tps), run_dtype(run)
 
 
-def trainer_rows(store, cfg, args, classic: float, fast: dict) -> None:
-    """The speed mode's Trainer and train.py rows, and the issue's ratios."""
+def trainer_rows(store, cfg, args, classic: float, fast: dict, mfu) -> None:
+    """The speed mode's Trainer and train.py rows, and the issue's ratios; mfu(tok/s,
+    dtype) is the text that gives a train.py row's MFU."""
     tp, tp_dtype = time_train_py(store, cfg, args)
     print(f"train.py, default flags (--dtype auto -> {tp_dtype}): {tp:8.1f} real tok/s  "
-          f"{tp / classic:5.2f}x classic")
+          f"{tp / classic:5.2f}x classic{mfu(tp, tp_dtype)}")
     native, _ = time_train_py(store, cfg, args, ["--dropout_kernel", "native"])
     print(f"train.py --dropout_kernel native (PyTorch's dropout): {native:8.1f} real tok/s  "
           f"{native / classic:5.2f}x classic; the defaults are {tp / native:.2f}x this")
@@ -617,7 +629,7 @@ def trainer_rows(store, cfg, args, classic: float, fast: dict) -> None:
         if dtype not in by_dtype:  # train.py at the dtype auto did not pick, for its ratio
             by_dtype[dtype], _ = time_train_py(store, cfg, args, ["--dtype", dtype])
             print(f"train.py --dtype {dtype}: {by_dtype[dtype]:8.1f} real tok/s  "
-                  f"{by_dtype[dtype] / classic:5.2f}x classic")
+                  f"{by_dtype[dtype] / classic:5.2f}x classic{mfu(by_dtype[dtype], dtype)}")
     onednn = "fp32" in by_dtype and train_py_library("fp32") == "onednn"
     if onednn:  # what the oneDNN products give train.py, side by side
         blas, _ = time_train_py(store, cfg, args, ["--dtype", "fp32", "--fp32_matmul", "blas"])
@@ -648,7 +660,7 @@ def trainer_rows(store, cfg, args, classic: float, fast: dict) -> None:
                   "faults/step)")
     if onednn:  # a peer given the same switch: how much of the lead is the library
         with fp32_matmul("onednn"):
-            tps, _, _ = time_trainer(store, cfg, args, "fp32")
+            tps = time_trainer(store, cfg, args, "fp32")[0]
         print(f"trainer  fp32 with oneDNN's products (not its default): {tps:8.1f} real "
               f"tok/s  train.py fp32 {by_dtype['fp32'] / tps:5.2f}x this")
     # the issue's targets: >= 1.3x Trainer fp32 where the CPU has only fp32, >= 1.6x

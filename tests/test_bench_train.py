@@ -139,8 +139,37 @@ def test_trainer_peer_runs_in_a_child_with_the_given_environment(bench, sample_s
     config = tmp_path / "tiny.json"  # positions for Trainer's blocks of 128
     config.write_text(json.dumps({**TINY_CONFIG, "n_positions": 160}))
     args = SimpleNamespace(train_path=str(sample_store), work=str(tmp_path), config=str(config),
-                           dtypes="fp32", steps=1, repeats=1, pack_len=64, fast_batch=2,
+                           dtypes="fp32,bf16", steps=1, repeats=1, pack_len=64, fast_batch=2,
                            accum=1)
     rows = bench.trainer_with_env(args, {"THP_MEM_ALLOC_ENABLE": "1"})
-    assert [r["dtype"] for r in rows] == ["fp32"]
-    assert rows[0]["tps"] > 0 and rows[0]["faults"] >= 0
+    assert [r["dtype"] for r in rows] == ["fp32", "bf16"]
+    assert all(r["tps"] > 0 and r["faults"] >= 0 for r in rows)
+
+
+def test_speed_mode_prints_every_row(bench, sample_store, tmp_path, monkeypatch, capsys):
+    """The speed mode end to end on a tiny model, one step per window: every row the docs
+    quote is printed (the classic loop, the fast path, train.py and its variants, Trainer
+    and the Trainer given train.py's allocator settings)."""
+    import json
+
+    from conftest import TINY_CONFIG
+
+    config = tmp_path / "tiny.json"  # positions for windows of 150 and Trainer's 128
+    config.write_text(json.dumps({**TINY_CONFIG, "n_positions": 160}))
+    monkeypatch.setattr(sys, "argv", [
+        "bench_train.py", "--config", str(config), "--train_path", str(sample_store),
+        "--work", str(tmp_path), "--steps", "1", "--repeats", "1", "--gemm", "64",
+        "--pack_len", "150", "--dtypes", "fp32"])
+    bench.main()
+    out = capsys.readouterr().out
+    for row in ("classic  fp32", "fast     fp32", "train.py, default flags",
+                "train.py --dropout_kernel native", "train.py --allocator system"):
+        assert row in out, row
+    assert "MFU" in out.split("train.py, default flags")[1].splitlines()[0]
+    if bench.trainer_missing():
+        return
+    assert "trainer  fp32, run_clm blocks of 128" in out
+    assert "vs Trainer fp32 (target" in out
+    if bench.plan_environment(bench.plan_allocator("auto", bench.platform.system(),
+                                                   bench.platform.libc_ver()[0], {})):
+        assert "trainer  fp32 with train.py's allocator settings" in out
