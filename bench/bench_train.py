@@ -561,6 +561,8 @@ def trainer_child(args):
 
 
 def trainer_with_env(args, env: dict[str, str]) -> list[dict]:
+    """The Trainer rows of --mode trainer, run in a child process with `env` added to its
+    environment: one {"dtype", "tps", "faults"} row per dtype of --dtypes."""
     cmd = [sys.executable, __file__, "--mode", "trainer", "--train_path", args.train_path,
            "--work", args.work, "--config", args.config, "--dtypes", args.dtypes,
            "--steps", str(args.steps), "--repeats", str(args.repeats),
