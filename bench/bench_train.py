@@ -394,9 +394,19 @@ def dropout(args):
           f"{times[b] / times[a]:.2f}x")
 
 
+def allocator_restart_env(environ) -> dict[str, str]:
+    """What this process's environment lacks of train.py's --allocator auto settings (glibc
+    and torch read them at a process's start, so the profile restarts itself with them);
+    empty once it has them or the user set them otherwise."""
+    return plan_environment(plan_allocator("auto", platform.system(), platform.libc_ver()[0],
+                                           environ))
+
+
 def profile(args):
     """The top operators of one optimizer step of the fast path, per dtype (torch.profiler,
-    self CPU time), after --steps warm-up steps: where the time of a step goes."""
+    self CPU time), after --steps warm-up steps: where the time of a step goes. The process
+    runs with train.py's malloc settings (main restarts it with them), so that its page
+    faults are train.py's, not the system malloc's."""
     from torch.profiler import ProfilerActivity, profile as torch_profile
 
     from chitchat.config import TrainConfig
@@ -409,6 +419,10 @@ def profile(args):
     print(f"corpus {store.path}, {args.config}, {torch.get_num_threads()} threads, torch "
           f"{torch.__version__}, AMX {torch.cpu._is_amx_tile_supported()}, avx512_bf16 "
           f"{torch.cpu._is_avx512_bf16_supported()}")
+    keys = sorted(plan_environment(plan_allocator("auto", platform.system(),
+                                                  platform.libc_ver()[0], {})))
+    print("memory (as train.py --allocator auto): "
+          + (" ".join(f"{k}={os.environ.get(k, 'unset')}" for k in keys) or "system malloc"))
     table = build_windows(store, store.train_indices(), args.max_len)
     for dtype in args.dtypes.split(","):
         torch.manual_seed(0)
@@ -948,6 +962,9 @@ def main():
                     "name; auto = cheap on a CPU)")
     ap.add_argument("--epochs_q", type=float, default=1.0, help="quality: token budget")
     args = ap.parse_args()
+    restart = allocator_restart_env(os.environ) if args.mode == "profile" else {}
+    if restart:
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **restart})
     dtypes = bench_dtypes(args.dtypes, cpu_has_fast_bf16())
     if dtypes != args.dtypes and "bf16" not in dtypes and args.mode in ("speed", "profile"):
         print("no AMX or avx512_bf16 here: bf16 rows skipped (--dtypes fp32,bf16 runs them)")

@@ -173,3 +173,30 @@ def test_speed_mode_prints_every_row(bench, sample_store, tmp_path, monkeypatch,
     if bench.plan_environment(bench.plan_allocator("auto", bench.platform.system(),
                                                    bench.platform.libc_ver()[0], {})):
         assert "trainer  fp32 with train.py's allocator settings" in out
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc settings")
+def test_profile_runs_with_train_pys_allocator_settings(bench, sample_store, tmp_path):
+    """The profile mode restarts itself with what --allocator auto gives train.py, once (a
+    second restart would loop), and says so above its table."""
+    import json
+    import os
+    import subprocess
+
+    from conftest import TINY_CONFIG
+
+    env = bench.allocator_restart_env({})
+    if not env:
+        pytest.skip("no glibc here: train.py's allocator settings are empty")
+    assert bench.allocator_restart_env(env) == {}  # what the restarted process sees
+    config = tmp_path / "tiny.json"
+    config.write_text(json.dumps({**TINY_CONFIG, "n_positions": 160}))
+    clean = {k: v for k, v in os.environ.items() if k not in env}
+    out = subprocess.run(
+        [sys.executable, str(bench.ROOT / "bench" / "bench_train.py"), "--mode", "profile",
+         "--config", str(config), "--train_path", str(sample_store), "--work", str(tmp_path),
+         "--dtypes", "fp32", "--steps", "1", "--fast_batch", "2", "--pack_len", "150"],
+        env=clean, capture_output=True, text=True, check=True).stdout
+    line = next(l for l in out.splitlines() if l.startswith("memory (as train.py"))
+    assert all(f"{k}={v}" in line for k, v in env.items()), line
+    assert "operator" in out and "aten::" in out
