@@ -394,10 +394,10 @@ def dropout(args):
           f"{times[b] / times[a]:.2f}x")
 
 
-def allocator_restart_env(environ) -> dict[str, str]:
-    """What this process's environment lacks of train.py's --allocator auto settings (glibc
-    and torch read them at a process's start, so the profile restarts itself with them);
-    empty once it has them or the user set them otherwise."""
+def train_py_allocator_env(environ) -> dict[str, str]:
+    """The environment variables by which a process gets what train.py's --allocator auto
+    sets on this machine, given `environ`: empty once `environ` has them or sets them
+    otherwise (glibc and torch read them at a process's start)."""
     return plan_environment(plan_allocator("auto", platform.system(), platform.libc_ver()[0],
                                            environ))
 
@@ -419,8 +419,7 @@ def profile(args):
     print(f"corpus {store.path}, {args.config}, {torch.get_num_threads()} threads, torch "
           f"{torch.__version__}, AMX {torch.cpu._is_amx_tile_supported()}, avx512_bf16 "
           f"{torch.cpu._is_avx512_bf16_supported()}")
-    keys = sorted(plan_environment(plan_allocator("auto", platform.system(),
-                                                  platform.libc_ver()[0], {})))
+    keys = sorted(train_py_allocator_env({}))
     print("memory (as train.py --allocator auto): "
           + (" ".join(f"{k}={os.environ.get(k, 'unset')}" for k in keys) or "system malloc"))
     table = build_windows(store, store.train_indices(), args.max_len)
@@ -571,12 +570,14 @@ def trainer_child(args):
     store = get_store(args.train_path, Path(args.work))
     for dtype in args.dtypes.split(","):
         tps, _, _, faults = time_trainer(store, ROOT / "config" / args.config, args, dtype)
-        print(json.dumps({"dtype": dtype, "tps": tps, "faults": faults}), flush=True)
+        env = {k: os.environ.get(k) for k in train_py_allocator_env({})}
+        print(json.dumps({"dtype": dtype, "tps": tps, "faults": faults, "env": env}),
+              flush=True)
 
 
 def trainer_with_env(args, env: dict[str, str]) -> list[dict]:
     """The Trainer rows of --mode trainer, run in a child process with `env` added to its
-    environment: one {"dtype", "tps", "faults"} row per dtype of --dtypes."""
+    environment: one {"dtype", "tps", "faults", "env"} row per dtype of --dtypes."""
     cmd = [sys.executable, __file__, "--mode", "trainer", "--train_path", args.train_path,
            "--work", args.work, "--config", args.config, "--dtypes", args.dtypes,
            "--steps", str(args.steps), "--repeats", str(args.repeats),
@@ -665,8 +666,7 @@ def trainer_rows(store, cfg, args, classic: float, fast: dict, mfu) -> None:
               f"{tps:8.1f} real tok/s  {tps / classic:5.2f}x classic{vs}  train.py "
               f"{dtype} {by_dtype[dtype] / tps:5.2f}x Trainer  ({faults:,.0f} faults/step)")
     # a peer given what --allocator auto gives train.py: how much of the lead is malloc
-    env = plan_environment(plan_allocator("auto", platform.system(), platform.libc_ver()[0],
-                                          {}))
+    env = train_py_allocator_env({})
     if env:
         for row in trainer_with_env(args, env):
             d, tps = row["dtype"], row["tps"]
@@ -962,7 +962,8 @@ def main():
                     "name; auto = cheap on a CPU)")
     ap.add_argument("--epochs_q", type=float, default=1.0, help="quality: token budget")
     args = ap.parse_args()
-    restart = allocator_restart_env(os.environ) if args.mode == "profile" else {}
+    # the profile restarts itself once with train.py's malloc settings
+    restart = train_py_allocator_env(os.environ) if args.mode == "profile" else {}
     if restart:
         os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **restart})
     dtypes = bench_dtypes(args.dtypes, cpu_has_fast_bf16())

@@ -30,8 +30,11 @@ M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's malloc.h
 MMAP_THRESHOLD = 32 << 20  # the highest mmap threshold glibc accepts on 64-bit systems
 TRIM_THRESHOLD = 2**31 - 1  # mallopt takes an int
 THP_ENV = "THP_MEM_ALLOC_ENABLE"
+# glibc reads these at a process's start: the same settings as mallopt, for another process
+_MALLOPT_ENV = {M_MMAP_THRESHOLD: "MALLOC_MMAP_THRESHOLD_",
+                M_TRIM_THRESHOLD: "MALLOC_TRIM_THRESHOLD_"}
 # environment variables by which a user sets glibc's malloc up themselves
-_GLIBC_ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_")
+_GLIBC_ENV = (*_MALLOPT_ENV.values(), "MALLOC_TOP_PAD_")
 _OTHER_ALLOCATORS = ("jemalloc", "tcmalloc", "mimalloc")
 
 
@@ -60,11 +63,6 @@ def plan_allocator(choice: str, system: str, libc: str, environ) -> AllocatorPla
         ["huge pages for tensors of 2 MB and more"] if env else [])
     return AllocatorPlan(mallopt, env, "; ".join(parts) or "system allocator (as set by "
                          "the environment)")
-
-
-# glibc reads these at a process's start: the same settings as mallopt, for another process
-_MALLOPT_ENV = {M_MMAP_THRESHOLD: "MALLOC_MMAP_THRESHOLD_",
-                M_TRIM_THRESHOLD: "MALLOC_TRIM_THRESHOLD_"}
 
 
 def plan_environment(plan: AllocatorPlan) -> dict[str, str]:

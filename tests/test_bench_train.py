@@ -136,14 +136,18 @@ def test_trainer_peer_runs_in_a_child_with_the_given_environment(bench, sample_s
 
     if bench.trainer_missing():
         pytest.skip("accelerate is not installed")
+    env = bench.train_py_allocator_env({})
+    if not env:
+        pytest.skip("train.py's allocator settings are empty on this system")
     config = tmp_path / "tiny.json"  # positions for Trainer's blocks of 128
     config.write_text(json.dumps({**TINY_CONFIG, "n_positions": 160}))
     args = SimpleNamespace(train_path=str(sample_store), work=str(tmp_path), config=str(config),
                            dtypes="fp32,bf16", steps=1, repeats=1, pack_len=64, fast_batch=2,
                            accum=1)
-    rows = bench.trainer_with_env(args, {"THP_MEM_ALLOC_ENABLE": "1"})
+    rows = bench.trainer_with_env(args, env)
     assert [r["dtype"] for r in rows] == ["fp32", "bf16"]
     assert all(r["tps"] > 0 and r["faults"] >= 0 for r in rows)
+    assert all(r["env"] == env for r in rows)  # the child ran with the settings
 
 
 def test_speed_mode_prints_every_row(bench, sample_store, tmp_path, monkeypatch, capsys):
@@ -170,8 +174,7 @@ def test_speed_mode_prints_every_row(bench, sample_store, tmp_path, monkeypatch,
         return
     assert "trainer  fp32, run_clm blocks of 128" in out
     assert "vs Trainer fp32 (target" in out
-    if bench.plan_environment(bench.plan_allocator("auto", bench.platform.system(),
-                                                   bench.platform.libc_ver()[0], {})):
+    if bench.train_py_allocator_env({}):
         assert "trainer  fp32 with train.py's allocator settings" in out
 
 
@@ -185,10 +188,10 @@ def test_profile_runs_with_train_pys_allocator_settings(bench, sample_store, tmp
 
     from conftest import TINY_CONFIG
 
-    env = bench.allocator_restart_env({})
+    env = bench.train_py_allocator_env({})
     if not env:
         pytest.skip("no glibc here: train.py's allocator settings are empty")
-    assert bench.allocator_restart_env(env) == {}  # what the restarted process sees
+    assert bench.train_py_allocator_env(env) == {}  # what the restarted process sees
     config = tmp_path / "tiny.json"
     config.write_text(json.dumps({**TINY_CONFIG, "n_positions": 160}))
     clean = {k: v for k, v in os.environ.items() if k not in env}
