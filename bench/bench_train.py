@@ -14,6 +14,11 @@
     # profile: the top operators of one optimizer step, per dtype
     python bench/bench_train.py --mode profile --dtypes fp32,bf16 --steps 2
 
+    # memory: per-step time, page faults and resident heap over many steps; --same_batch
+    # repeats one micro-batch, so every allocation's size repeats; --allocator system
+    python bench/bench_train.py --mode memory --dtypes bf16 --pack_len 150 --fast_batch 8 \
+        --steps 70 --every 5
+
     # dropout: attention dropout 0.1 vs 0 at the same token budget (validation loss);
     # --compare kernel: PyTorch's dropout vs train.py's cheap masks, same settings
     python bench/bench_train.py --mode dropout --config model_config_dialogue_middle.json
@@ -59,6 +64,7 @@ model is evaluated again in float32.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -402,6 +408,44 @@ def train_py_allocator_env(environ) -> dict[str, str]:
                                            environ))
 
 
+def _fast_steps(args, store, table, dtype: str):
+    """train.py's fast path for `dtype` as the profile and memory modes run it: its model,
+    training kernels and optimizer; returns step(rows), one optimizer step on a micro-batch
+    of packed rows (from row_batches), which returns the batch's real tokens."""
+    from chitchat.train_setup import make_optimizer
+
+    tok = store.tokenizer()
+    torch.manual_seed(0)
+    model = build_model(load_config(ROOT / "config" / args.config, tok)).train()
+    use_training_kernels(model, args.dropout_kernel, "cpu")
+    opt = make_optimizer(model, TrainConfig(), torch.device("cpu"))
+    runner = LossModel(model)
+    amp = autocast_ctx(dtype, torch.device("cpu"))
+
+    def step(rows):
+        micro = [collate_rows(store, table, rows, tok.pad_id, args.pack_len)]
+        train_step(runner, None, model, opt, micro, len(micro[0]["target_ids"]), 1, amp,
+                   None, 2.0, torch.device("cpu"))
+        return micro[0]["n_tokens"]
+    return step
+
+
+def row_batches(args, table):
+    """Micro-batches of --fast_batch packed rows, epoch after epoch, each epoch in another
+    order as train.py's are (so a long run does not repeat one sequence of batch sizes)."""
+    for epoch in itertools.count():
+        rows = pack_rows(np.random.default_rng([0, epoch]).permutation(len(table)),
+                         table.lengths, args.pack_len)
+        for i in range(0, len(rows) - args.fast_batch + 1, args.fast_batch):
+            yield rows[i:i + args.fast_batch]
+
+
+def _memory_line(allocator: str) -> str:
+    keys = sorted(train_py_allocator_env({}))
+    return f"memory (as train.py --allocator {allocator}): " + (
+        " ".join(f"{k}={os.environ.get(k, 'unset')}" for k in keys) or "system malloc")
+
+
 def profile(args):
     """The top operators of one optimizer step of the fast path, per dtype (torch.profiler,
     self CPU time), after --steps warm-up steps: where the time of a step goes. The process
@@ -409,43 +453,18 @@ def profile(args):
     faults are train.py's, not the system malloc's."""
     from torch.profiler import ProfilerActivity, profile as torch_profile
 
-    from chitchat.config import TrainConfig
-    from chitchat.train_setup import make_optimizer
-
-    work = Path(args.work)
-    store = get_store(args.train_path, work)
-    cfg = ROOT / "config" / args.config
-    tok = store.tokenizer()
-    print(f"corpus {store.path}, {args.config}, {torch.get_num_threads()} threads, torch "
-          f"{torch.__version__}, AMX {torch.cpu._is_amx_tile_supported()}, avx512_bf16 "
-          f"{torch.cpu._is_avx512_bf16_supported()}")
-    keys = sorted(train_py_allocator_env({}))
-    print("memory (as train.py --allocator auto): "
-          + (" ".join(f"{k}={os.environ.get(k, 'unset')}" for k in keys) or "system malloc"))
+    store = get_store(args.train_path, Path(args.work))
+    print(f"corpus {store.path}, {args.config}, {hardware_line()}")
+    print(_memory_line(args.allocator))
     table = build_windows(store, store.train_indices(), args.max_len)
     for dtype in args.dtypes.split(","):
-        torch.manual_seed(0)
-        model = build_model(load_config(cfg, tok)).train()
-        use_training_kernels(model, args.dropout_kernel, "cpu")
-        opt = make_optimizer(model, TrainConfig(), torch.device("cpu"))
-        runner = LossModel(model)
-        rng = np.random.default_rng(0)
-        rows = pack_rows(rng.permutation(len(table)), table.lengths, args.pack_len)
-        amp = autocast_ctx(dtype, torch.device("cpu"))
-
-        def step(k):
-            micro = [collate_rows(store, table, rows[k * args.fast_batch:
-                                                     (k + 1) * args.fast_batch],
-                                  tok.pad_id, args.pack_len)]
-            train_step(runner, None, model, opt, micro, len(micro[0]["target_ids"]), 1, amp,
-                       None, 2.0, torch.device("cpu"))
-
+        step, batches = _fast_steps(args, store, table, dtype), row_batches(args, table)
         library = train_py_library(dtype, args.fp32_matmul)
         with fp32_matmul(library):
-            for k in range(args.steps):
-                step(k)
+            for _ in range(args.steps):
+                step(next(batches))
             with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
-                step(args.steps)
+                step(next(batches))
         total = sum(e.self_cpu_time_total for e in prof.key_averages())
         print(f"\n{dtype}: one step of {args.fast_batch} packed rows of {args.pack_len}, "
               f"{total / 1e6:.2f} s of operator time"
@@ -454,6 +473,46 @@ def profile(args):
         for e in sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:args.top]:
             print(f"{e.key[:40]:40s} {e.self_cpu_time_total / 1e6:8.3f} "
                   f"{e.self_cpu_time_total / total:7.1%} {e.count:6d}")
+
+
+def anon_mb() -> float:
+    """This process's resident anonymous memory (heap and tensors, not mapped files), MB."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")  # not Linux
+
+
+def memory(args):
+    """Per-step time, minor page faults and resident anonymous memory of the fast path over
+    --steps steps (a line every --every): whether a step still pays for fresh memory, and
+    whether the heap stops growing. --same_batch feeds one micro-batch every step, so the
+    sizes of every allocation repeat."""
+    store = get_store(args.train_path, Path(args.work))
+    print(f"corpus {store.path}, {args.config}, {hardware_line()}")
+    print(_memory_line(args.allocator)
+          + (", the same micro-batch every step" if args.same_batch else ""))
+    table = build_windows(store, store.train_indices(), args.max_len)
+    for dtype in args.dtypes.split(","):
+        step, batches = _fast_steps(args, store, table, dtype), row_batches(args, table)
+        first = next(batches)
+        print(f"\n{dtype}: {args.fast_batch} packed rows of {args.pack_len} per step")
+        print(f"{'step':>6s} {'ms/step':>8s} {'faults/step':>12s} {'tok/s':>7s} "
+              f"{'anon MB':>8s}")
+        with fp32_matmul(train_py_library(dtype, args.fp32_matmul)):
+            t, f, tokens = time.perf_counter(), resource.getrusage(
+                resource.RUSAGE_SELF).ru_minflt, 0
+            for k in range(args.steps):
+                tokens += step(first if args.same_batch or k == 0 else next(batches))
+                if (k + 1) % args.every and k + 1 < args.steps:
+                    continue
+                n = (k % args.every) + 1
+                now, faults = time.perf_counter(), resource.getrusage(
+                    resource.RUSAGE_SELF).ru_minflt
+                print(f"{k + 1:6d} {(now - t) / n * 1e3:8.0f} {(faults - f) / n:12.0f} "
+                      f"{tokens / (now - t):7.0f} {anon_mb():8.0f}", flush=True)
+                t, f, tokens = now, faults, 0
 
 
 # ---- transformers Trainer and train.py as peers ---------------------------------------------
@@ -922,7 +981,7 @@ def time_to_loss(args):
 def main():
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--mode", choices=["speed", "quality", "profile", "dropout",
+    ap.add_argument("--mode", choices=["speed", "quality", "profile", "memory", "dropout",
                                        "time_to_loss", "trainer"], default="speed",
                     help="trainer: the speed mode's Trainer rows alone (JSON lines)")
     ap.add_argument("--budget", default="600s",
@@ -941,6 +1000,11 @@ def main():
     ap.add_argument("--config", default="model_config_dialogue_small.json",
                     help="the model config (in config/)")
     ap.add_argument("--top", type=int, default=15, help="profile: operators shown")
+    ap.add_argument("--every", type=int, default=10, help="memory: steps per line")
+    ap.add_argument("--same_batch", action="store_true",
+                    help="memory: the same micro-batch every step")
+    ap.add_argument("--allocator", choices=["auto", "system"], default="auto",
+                    help="profile/memory: malloc settings as train.py's flag of that name")
     ap.add_argument("--train_path", default=str(DEFAULT_CORPUS))
     ap.add_argument("--work", default="/tmp/chitchat-bench", help="cache of token stores")
     ap.add_argument("--max_len", type=int, default=150, help="window / classic cut length")
@@ -962,15 +1026,18 @@ def main():
                     "name; auto = cheap on a CPU)")
     ap.add_argument("--epochs_q", type=float, default=1.0, help="quality: token budget")
     args = ap.parse_args()
-    # the profile restarts itself once with train.py's malloc settings
-    restart = train_py_allocator_env(os.environ) if args.mode == "profile" else {}
+    # the profile and memory modes restart once with train.py's malloc settings
+    restart = (train_py_allocator_env(os.environ)
+               if args.mode in ("profile", "memory") and args.allocator == "auto" else {})
     if restart:
         os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **restart})
     dtypes = bench_dtypes(args.dtypes, cpu_has_fast_bf16())
-    if dtypes != args.dtypes and "bf16" not in dtypes and args.mode in ("speed", "profile"):
+    if dtypes != args.dtypes and "bf16" not in dtypes and args.mode in ("speed", "profile",
+                                                                        "memory"):
         print("no AMX or avx512_bf16 here: bf16 rows skipped (--dtypes fp32,bf16 runs them)")
     args.dtypes = dtypes
-    {"speed": speed, "quality": quality, "profile": profile, "dropout": dropout,
+    {"speed": speed, "quality": quality, "profile": profile, "memory": memory,
+     "dropout": dropout,
      "time_to_loss": time_to_loss, "trainer": trainer_child}[args.mode](args)
 
 

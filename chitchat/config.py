@@ -109,7 +109,8 @@ class TrainConfig:
     # ---- precision and speed ------------------------------------------------------------
     dtype: str = opt("auto", "auto: bf16 on GPUs and CPUs that support it, fp16 on older "
                      "GPUs, else fp32", choices=["auto", "fp32", "bf16", "fp16"])
-    compile: bool = opt(False, "torch.compile the model (slow first steps, faster after)")
+    compile: bool = opt(False, "torch.compile the model: slow first steps; on the CPUs "
+                         "measured no faster after (docs/benchmarks.md)")
     dropout_kernel: str = opt("auto", "auto: on a CPU, dropout masks from cheap random bits "
                               "(same rate, about 3x cheaper than PyTorch's) and attention "
                               "with that dropout; on a GPU, PyTorch's fused kernels. native: "

@@ -203,3 +203,50 @@ def test_profile_runs_with_train_pys_allocator_settings(bench, sample_store, tmp
     line = next(l for l in out.splitlines() if l.startswith("memory (as train.py"))
     assert all(f"{k}={v}" in line for k, v in env.items()), line
     assert "operator" in out and "aten::" in out
+
+
+def test_row_batches_run_epoch_after_epoch_in_new_orders(bench, sample_store):
+    """The profile and memory modes' micro-batches: every window once per epoch, then the
+    next epoch in another order (a long memory run must not replay one epoch's sizes)."""
+    import itertools
+
+    store = bench.TokenStore(sample_store)
+    table = bench.build_windows(store, store.train_indices(), 150)
+    args = type("A", (), {"fast_batch": 2, "pack_len": 150})()
+    per_epoch = len(bench.pack_rows(np.arange(len(table)), table.lengths, 150)) // 2
+    first, second = [], []
+    batches = list(itertools.islice(bench.row_batches(args, table), 2 * per_epoch - 2))
+    for b in batches[:per_epoch - 1]:
+        first += [w for row in b for w in row]
+    for b in batches[per_epoch + 1:]:
+        second += [w for row in b for w in row]
+    assert all(len(b) == 2 for b in batches)
+    assert len(set(first)) == len(first) > 0.8 * len(table)  # no window twice in an epoch
+    assert first[:20] != second[:20]
+
+
+def test_memory_mode_prints_a_line_per_window_and_the_last_step(bench, sample_store, tmp_path):
+    """The memory mode prints a line every --every steps plus one for the last, each with
+    the resident anonymous memory, under train.py's malloc settings."""
+    import json
+    import subprocess
+
+    from conftest import TINY_CONFIG
+
+    config = tmp_path / "tiny.json"
+    config.write_text(json.dumps({**TINY_CONFIG, "n_positions": 160}))
+    steps = 5
+    out = subprocess.run(
+        [sys.executable, str(bench.ROOT / "bench" / "bench_train.py"), "--mode", "memory",
+         "--config", str(config), "--train_path", str(sample_store), "--work", str(tmp_path),
+         "--dtypes", "fp32", "--steps", str(steps), "--every", "2", "--fast_batch", "2",
+         "--pack_len", "150"], capture_output=True, text=True, check=True).stdout
+    lines = out.splitlines()
+    start = lines.index(next(l for l in lines if l.strip().startswith("step")))
+    table = [l.split() for l in lines[start + 1:] if l.strip()]
+    assert [int(r[0]) for r in table] == [2, 4, 5]
+    for step, ms, faults, tok_s, anon in table:
+        assert float(ms) > 0 and float(faults) >= 0 and float(tok_s) > 0 and float(anon) > 10
+    if bench.train_py_allocator_env({}):  # glibc: the mode restarted with train.py's settings
+        line = next(l for l in lines if l.startswith("memory (as train.py --allocator auto)"))
+        assert all(f"{k}={v}" in line for k, v in bench.train_py_allocator_env({}).items())
