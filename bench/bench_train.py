@@ -1011,7 +1011,9 @@ def main():
     ap.add_argument("--pack_len", type=int, default=300)
     ap.add_argument("--fast_batch", type=int, default=4, help="packed rows per micro-batch")
     ap.add_argument("--accum", type=int, default=1)
-    ap.add_argument("--steps", type=int, default=4, help="timed optimizer steps per repeat")
+    ap.add_argument("--steps", type=int, default=4,
+                    help="timed optimizer steps per repeat (profile: warm-up steps before "
+                    "the profiled one; memory: all the steps)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--gemm", type=int, default=2048)
     ap.add_argument("--dtypes", default="auto",
