@@ -418,14 +418,15 @@ def _fast_steps(args, store, table, dtype: str):
     torch.manual_seed(0)
     model = build_model(load_config(ROOT / "config" / args.config, tok)).train()
     use_training_kernels(model, args.dropout_kernel, "cpu")
-    opt = make_optimizer(model, TrainConfig(), torch.device("cpu"))
+    cfg = TrainConfig()  # train.py's defaults: optimizer settings and gradient clipping
+    opt = make_optimizer(model, cfg, torch.device("cpu"))
     runner = LossModel(model)
     amp = autocast_ctx(dtype, torch.device("cpu"))
 
     def step(rows):
         micro = [collate_rows(store, table, rows, tok.pad_id, args.pack_len)]
         train_step(runner, None, model, opt, micro, len(micro[0]["target_ids"]), 1, amp,
-                   None, 2.0, torch.device("cpu"))
+                   None, cfg.max_grad_norm, torch.device("cpu"))
         return micro[0]["n_tokens"]
     return step
 
@@ -496,7 +497,8 @@ def memory(args):
     table = build_windows(store, store.train_indices(), args.max_len)
     for dtype in args.dtypes.split(","):
         step, batches = _fast_steps(args, store, table, dtype), row_batches(args, table)
-        first = next(batches)
+        if args.same_batch:
+            batches = itertools.repeat(next(batches))
         print(f"\n{dtype}: {args.fast_batch} packed rows of {args.pack_len} per step")
         print(f"{'step':>6s} {'ms/step':>8s} {'faults/step':>12s} {'tok/s':>7s} "
               f"{'anon MB':>8s}")
@@ -504,7 +506,7 @@ def memory(args):
             t, f, tokens = time.perf_counter(), resource.getrusage(
                 resource.RUSAGE_SELF).ru_minflt, 0
             for k in range(args.steps):
-                tokens += step(first if args.same_batch or k == 0 else next(batches))
+                tokens += step(next(batches))
                 if (k + 1) % args.every and k + 1 < args.steps:
                     continue
                 n = (k % args.every) + 1
@@ -1028,6 +1030,8 @@ def main():
                     "name; auto = cheap on a CPU)")
     ap.add_argument("--epochs_q", type=float, default=1.0, help="quality: token budget")
     args = ap.parse_args()
+    if args.every < 1:
+        ap.error("--every must be at least 1")
     # the profile and memory modes restart once with train.py's malloc settings
     restart = (train_py_allocator_env(os.environ)
                if args.mode in ("profile", "memory") and args.allocator == "auto" else {})

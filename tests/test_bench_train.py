@@ -250,3 +250,29 @@ def test_memory_mode_prints_a_line_per_window_and_the_last_step(bench, sample_st
     if bench.train_py_allocator_env({}):  # glibc: the mode restarted with train.py's settings
         line = next(l for l in lines if l.startswith("memory (as train.py --allocator auto)"))
         assert all(f"{k}={v}" in line for k, v in bench.train_py_allocator_env({}).items())
+
+
+@pytest.mark.parametrize("same", [True, False])
+def test_memory_mode_same_batch_repeats_one_micro_batch(bench, sample_store, tmp_path,
+                                                        monkeypatch, capsys, same):
+    """--same_batch, on which the docs' flat-heap figure rests, steps on one micro-batch every
+    time; without it, the steps walk through the corpus's batches."""
+    import argparse
+
+    seen = []
+
+    def fake_steps(args, store, table, dtype):  # the training step is not under test here
+        def step(rows):
+            seen.append(tuple(tuple(r) for r in rows))
+            return 100
+        return step
+
+    monkeypatch.setattr(bench, "_fast_steps", fake_steps)
+    args = argparse.Namespace(train_path=str(sample_store), work=str(tmp_path),
+                              config="model_config_dialogue_tiny.json", max_len=150,
+                              pack_len=150, fast_batch=2, dtypes="fp32", steps=4, every=2,
+                              same_batch=same, allocator="system", fp32_matmul="auto")
+    bench.memory(args)
+    assert len(seen) == 4
+    assert (len(set(seen)) == 1) == same
+    assert ("the same micro-batch every step" in capsys.readouterr().out) == same
