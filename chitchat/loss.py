@@ -86,10 +86,16 @@ class _HeadLoss(torch.autograd.Function):
             for i in range(0, n, rows):
                 part = logits[i:i + rows].float()
                 t = targets[i:i + rows, None]
-                lse = torch.logsumexp(part, -1, keepdim=True)
-                loss += (lse - part.gather(1, t)).sum()
-                part.sub_(lse).exp_().scatter_add_(1, t, minus_one[:len(t)])
-                logits[i:i + rows] = part
+                # softmax is one row-at-a-time kernel; logsumexp and a second exp made five
+                # passes over the chunk and took twice as long (docs/benchmarks.md). The
+                # log-sum-exp is max - log(the largest probability), which is 1 / sum(exp(x -
+                # max)) >= 1 / V: unlike the target's probability, it cannot underflow.
+                top = part.amax(-1, keepdim=True)
+                target_logit = part.gather(1, t)
+                probs = torch.softmax(part, -1)
+                loss += (top - probs.amax(-1, keepdim=True).log() - target_logit).sum()
+                probs.scatter_add_(1, t, minus_one[:len(t)])
+                logits[i:i + rows] = probs
         ctx.save_for_backward(h, w, logits)
         ctx.dtypes = hidden.dtype, weight.dtype
         return loss

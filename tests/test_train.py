@@ -513,6 +513,23 @@ def test_head_loss_equals_cross_entropy_of_the_head(monkeypatch, dtype):
     torch.testing.assert_close(got[2], want[2], **tol)
 
 
+def test_head_loss_is_exact_where_the_targets_probability_underflows():
+    """A target 600 below the top logit has probability 0 in fp32; its loss is still 600
+    (the log-sum-exp comes from the top probability, not from the target's)."""
+    import chitchat.loss as loss_mod
+    head = torch.nn.Linear(2, 3, bias=False)
+    with torch.no_grad():
+        head.weight.copy_(torch.tensor([[100.0, 0.0], [0.0, 1.0], [-100.0, 0.0]]))
+    hidden = torch.tensor([[3.0, 0.0], [0.0, 2.0]], requires_grad=True)  # logits +-300; 0, 2
+    targets = torch.tensor([2, 1])
+    amp = torch.autocast("cpu", enabled=False)
+    want = head_grads(plain_head_loss, hidden, head, targets, amp)
+    got = head_grads(loss_mod.head_loss, hidden, head, targets, amp)
+    assert 600 < float(want[0]) < 601  # 600 + log(2 + e^2) - 2
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+
+
 def test_head_loss_without_gradients_is_the_plain_form():
     """Validation (no_grad) and a frozen input take the plain path or skip its gradient."""
     import chitchat.loss as loss_mod
