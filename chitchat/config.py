@@ -92,8 +92,9 @@ class TrainConfig:
     epochs: int = opt(40, "passes over the training windows")
     max_steps: int | None = opt(None, "stop after this many optimizer steps (overrides "
                                 "--epochs)")
-    batch_size: int = opt(8, "rows per micro-batch and rank (with --batching pack a row "
-                          "holds several dialogues)")
+    batch_size: int = opt(4, "rows per micro-batch and rank (with --batching pack a row "
+                          "holds several dialogues); on a CPU 4 reached a given validation "
+                          "loss sooner than 8 (more updates per second), GPUs want more")
     gradient_accumulation_steps: int = opt(1, "micro-batches per optimizer step")
     lr: float = opt(2e-4, "peak learning rate")
     eps: float = opt(1e-8, "AdamW epsilon")
