@@ -55,13 +55,12 @@ def main(argv=None):
 
     tune_allocator("auto")  # before torch is imported, as train.py does
     import torch
+    from bench_train import hardware_line
 
     from chitchat.loss import head_loss
 
-    print(f"{torch.get_num_threads()} threads, torch {torch.__version__}, AMX "
-          f"{torch.cpu._is_amx_tile_supported()}, avx512_bf16 "
-          f"{torch.cpu._is_avx512_bf16_supported()}; {args.rows} targets, vocab {args.vocab}; "
-          f"ms per forward and backward, median of {args.repeats}")
+    print(f"{hardware_line()}; {args.rows} targets, vocab {args.vocab}; ms per forward and "
+          f"backward, median of {args.repeats}")
     print(f"{'width':>5s} {'dtype':5s} {'round':>5s} {'plain ms':>9s} {'fused ms':>9s} "
           f"{'plain / fused':>13s}")
     for width in (int(w) for w in args.widths.split(",")):

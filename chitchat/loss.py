@@ -86,10 +86,11 @@ class _HeadLoss(torch.autograd.Function):
             for i in range(0, n, rows):
                 part = logits[i:i + rows].float()
                 t = targets[i:i + rows, None]
-                # softmax is one row-at-a-time kernel; logsumexp and a second exp made five
-                # passes over the chunk and took twice as long (docs/benchmarks.md). The
-                # log-sum-exp is max - log(the largest probability), which is 1 / sum(exp(x -
-                # max)) >= 1 / V: unlike the target's probability, it cannot underflow.
+                # softmax is one row-at-a-time kernel, where logsumexp and a second exp made
+                # five passes over the chunk (the head 0.86x the time at width 128, bf16:
+                # docs/benchmarks.md). The log-sum-exp is max - log(the largest probability),
+                # and that probability, 1 / sum(exp(x - max)) >= 1 / V, cannot underflow as
+                # the target's can.
                 top = part.amax(-1, keepdim=True)
                 target_logit = part.gather(1, t)
                 probs = torch.softmax(part, -1)
