@@ -11,7 +11,8 @@
     # token budget (tiny config, one epoch of the corpus, both through train.py)
     python bench/bench_train.py --mode quality
 
-    # profile: the top operators of one optimizer step, per dtype
+    # profile: the top operators of one optimizer step, per dtype (--shapes: split by the
+    # operators' input shapes, to tell which tensor an operator's time goes to)
     python bench/bench_train.py --mode profile --dtypes fp32,bf16 --steps 2
 
     # memory: per-step time, page faults and resident heap over many steps; --same_batch
@@ -449,9 +450,10 @@ def _memory_line(allocator: str) -> str:
 
 def profile(args):
     """The top operators of one optimizer step of the fast path, per dtype (torch.profiler,
-    self CPU time), after --steps warm-up steps: where the time of a step goes. The process
-    runs with train.py's malloc settings (main restarts it with them), so that its page
-    faults are train.py's, not the system malloc's."""
+    self CPU time), after --steps warm-up steps: where the time of a step goes, and the
+    step's minor page faults. The process runs with train.py's malloc settings (main
+    restarts it with them), so that its page faults are train.py's, not the system
+    malloc's."""
     from torch.profiler import ProfilerActivity, profile as torch_profile
 
     store = get_store(args.train_path, Path(args.work))
@@ -464,16 +466,22 @@ def profile(args):
         with fp32_matmul(library):
             for _ in range(args.steps):
                 step(next(batches))
-            with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+            faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            with torch_profile(activities=[ProfilerActivity.CPU],
+                               record_shapes=args.shapes) as prof:
                 step(next(batches))
-        total = sum(e.self_cpu_time_total for e in prof.key_averages())
+            faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
+        ops = prof.key_averages(group_by_input_shape=args.shapes)
+        total = sum(e.self_cpu_time_total for e in ops)
         print(f"\n{dtype}: one step of {args.fast_batch} packed rows of {args.pack_len}, "
-              f"{total / 1e6:.2f} s of operator time"
+              f"{total / 1e6:.2f} s of operator time, {faults:,} minor page faults"
               + (", fp32 products by oneDNN" if library == "onednn" else ""))
-        print(f"{'operator':40s} {'self s':>8s} {'share':>7s} {'calls':>6s}")
-        for e in sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:args.top]:
+        print(f"{'operator':40s} {'self s':>8s} {'share':>7s} {'calls':>6s}"
+              + ("  input shapes" if args.shapes else ""))
+        for e in sorted(ops, key=lambda e: -e.self_cpu_time_total)[:args.top]:
             print(f"{e.key[:40]:40s} {e.self_cpu_time_total / 1e6:8.3f} "
-                  f"{e.self_cpu_time_total / total:7.1%} {e.count:6d}")
+                  f"{e.self_cpu_time_total / total:7.1%} {e.count:6d}"
+                  + (f"  {str(e.input_shapes)[:80]}" if args.shapes else ""))
 
 
 def anon_mb() -> float:
@@ -1002,6 +1010,8 @@ def main():
     ap.add_argument("--config", default="model_config_dialogue_small.json",
                     help="the model config (in config/)")
     ap.add_argument("--top", type=int, default=15, help="profile: operators shown")
+    ap.add_argument("--shapes", action="store_true",
+                    help="profile: one row per operator and input shapes (which tensor)")
     ap.add_argument("--every", type=int, default=10, help="memory: steps per line")
     ap.add_argument("--same_batch", action="store_true",
                     help="memory: the same micro-batch every step")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib.util
+import re
 import sys
 
 import numpy as np
@@ -198,11 +199,16 @@ def test_profile_runs_with_train_pys_allocator_settings(bench, sample_store, tmp
     out = subprocess.run(
         [sys.executable, str(bench.ROOT / "bench" / "bench_train.py"), "--mode", "profile",
          "--config", str(config), "--train_path", str(sample_store), "--work", str(tmp_path),
-         "--dtypes", "fp32", "--steps", "1", "--fast_batch", "2", "--pack_len", "150"],
+         "--dtypes", "fp32", "--steps", "1", "--fast_batch", "2", "--pack_len", "150",
+         "--shapes"],
         env=clean, capture_output=True, text=True, check=True).stdout
     line = next(l for l in out.splitlines() if l.startswith("memory (as train.py"))
     assert all(f"{k}={v}" in line for k, v in env.items()), line
-    assert "operator" in out and "aten::" in out
+    assert re.search(r"one step of 2 packed rows of 150, [\d.]+ s of operator time, "
+                     r"[\d,]+ minor page faults", out), out
+    # --shapes: the products' rows name their operands' shapes
+    mm = [l for l in out.splitlines() if l.startswith(("aten::mm ", "aten::addmm "))]
+    assert mm and all(re.search(r"\[\d+, \d+\]", l) for l in mm), mm
 
 
 def test_row_batches_run_epoch_after_epoch_in_new_orders(bench, sample_store):
