@@ -88,16 +88,23 @@ def test_auto_keeps_freed_memory_in_a_real_process():
                              capture_output=True, text=True, env=environ).stdout
         return json.loads(out.strip().splitlines()[-1])
 
+    import resource
+
+    # the two timed round trips' faults if every page came fresh. The system allocator's
+    # own count varies (41,982 or 80,863 in repeated runs: glibc raises its mmap threshold
+    # after the first frees), so what is kept is measured against this, not against it
+    fresh = 2 * 40 * (4 << 20) // resource.getpagesize()
     auto, system = run("auto"), run("system")
     assert system["thp"] is None and auto["thp"] == "1"
-    assert system["faults"] > 20_000, "160 MB freed and allocated twice: fresh pages"
-    assert auto["faults"] < system["faults"] / 3, (auto, system)
+    assert system["faults"] > fresh / 3, ("160 MB freed and allocated twice: fresh pages",
+                                          system)
+    assert auto["faults"] < fresh / 4, (auto, system)
     kept = run("auto", **{THP_ENV: "0"})  # glibc's setting alone
     assert kept["note"] == "freed memory kept (glibc mallopt)"
-    assert kept["faults"] < system["faults"] / 3, (kept, system)
+    assert kept["faults"] < fresh / 4, (kept, system)
     # the same settings handed to a process by its environment alone (as the benchmark
     # gives them to transformers' Trainer): the process itself leaves malloc alone
     env = plan_environment(plan_allocator("auto", "Linux", "glibc", {}))
     inherited = run("system", **env)
     assert inherited["thp"] == "1"
-    assert inherited["faults"] < system["faults"] / 3, (inherited, system)
+    assert inherited["faults"] < fresh / 4, (inherited, system)
