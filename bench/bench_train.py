@@ -38,6 +38,9 @@
         --budget 5m --evals 20 --lr 6e-4 --no_trainer
 
 --train_path takes a train.txt (preprocessed once into --work) or a token store.
+Speed: every path is timed over --repeats windows of --steps optimizer steps, after
+--warmup untimed steps (rounded up to whole windows; the same for every path), and gives
+the median window.
 The classic loop: fp32, batches of 8 dialogues cut to --max_len and padded to the longest,
 labels -100 on padding, loss = mean over the batch, clip every micro-batch, loss.item()
 every step. The fast path is chitchat.training: whole-dialogue windows packed into rows of
@@ -192,16 +195,32 @@ def time_classic(store, config_path, args, rng) -> tuple[float, float]:
     model = build_model(load_config(config_path, store.tokenizer())).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, eps=1e-8)
     batches = classic_batches(store, store.train_indices(), args.max_len, 8, rng)
-    results = []
-    for r in range(args.repeats + 1):  # the first repeat warms up
+
+    def step() -> int:
+        ids, labels, n = next(batches)
+        classic_step(model, opt, ids, labels)
+        return n
+    return statistics.median(window_rates(step, args)), 1.0
+
+
+def warmup_windows(args) -> int:
+    """The untimed windows of --steps steps before the timed ones: as many as cover
+    --warmup steps, at least one. Every path of the speed mode skips the same number."""
+    return max(1, -(-args.warmup // args.steps))
+
+
+def window_rates(step, args, extra: int = 0) -> list[float]:
+    """Real tokens/s over --repeats windows of --steps calls of step() (one optimizer step,
+    returning its real tokens), after the warm-up windows and `extra` more."""
+    skip = warmup_windows(args) + extra
+    rates = []
+    for r in range(skip + args.repeats):
         tokens, t = 0, time.perf_counter()
         for _ in range(args.steps):
-            ids, labels, n = next(batches)
-            classic_step(model, opt, ids, labels)
-            tokens += n
-        if r:
-            results.append(tokens / (time.perf_counter() - t))
-    return statistics.median(results), 1.0
+            tokens += step()
+        if r >= skip:
+            rates.append(tokens / (time.perf_counter() - t))
+    return rates
 
 
 def time_fast(store, config_path, args, dtype: str, rng) -> tuple[float, float, float]:
@@ -228,24 +247,23 @@ def train_py_library(dtype: str, name: str = "auto") -> str:
 
 def _time_fast(store, table, rows, tok, runner, model, opt, amp, args):
     per_step = args.fast_batch * args.accum
-    pos = 0
-    results, tgt, toks = [], 0, 0
-    for r in range(args.repeats + 1 + bool(args.compile)):
-        tokens, t = 0, time.perf_counter()
-        for _ in range(args.steps):
-            micro = [collate_rows(store, table, rows[pos + a * args.fast_batch:
-                                                     pos + (a + 1) * args.fast_batch],
-                                  tok.pad_id, args.pack_len) for a in range(args.accum)]
-            pos += per_step
-            n_t = sum(len(m["target_ids"]) for m in micro)
-            train_step(runner, None, model, opt, micro, n_t, 1, amp, None, 2.0,
-                       torch.device("cpu"))
-            n = sum(m["n_tokens"] for m in micro)
-            tokens += n
-            tgt, toks = tgt + n_t, toks + n
-        if r > bool(args.compile):
-            results.append(tokens / (time.perf_counter() - t))
-    return statistics.median(results), float(table.lengths.mean()), tgt / toks
+    pos, tgt, toks = 0, 0, 0
+
+    def step() -> int:
+        nonlocal pos, tgt, toks
+        micro = [collate_rows(store, table, rows[pos + a * args.fast_batch:
+                                                 pos + (a + 1) * args.fast_batch],
+                              tok.pad_id, args.pack_len) for a in range(args.accum)]
+        pos += per_step
+        n_t = sum(len(m["target_ids"]) for m in micro)
+        train_step(runner, None, model, opt, micro, n_t, 1, amp, None, 2.0,
+                   torch.device("cpu"))
+        n = sum(m["n_tokens"] for m in micro)
+        tgt, toks = tgt + n_t, toks + n
+        return n
+    # a compiled model's first window also pays for compiling: one more untimed
+    rates = window_rates(step, args, extra=int(args.compile))
+    return statistics.median(rates), float(table.lengths.mean()), tgt / toks
 
 
 def speed(args):
@@ -602,9 +620,9 @@ def make_trainer(model, blocks, out: Path, dtype: str, batch: int, max_steps: in
 
 def time_trainer(store, config_path, args, dtype: str) -> tuple[float, str, int, float]:
     """(real tokens/s, optimizer, blocks per step, minor page faults per step) of Trainer on
-    run_clm-packed blocks: median over --repeats blocks of --steps steps after one warm-up
-    block, timed at step ends (the wall time between them holds the data loading and the
-    whole step)."""
+    run_clm-packed blocks: median over --repeats windows of --steps steps after the warm-up
+    windows (warmup_windows), timed at step ends (the wall time between them holds the
+    data loading and the whole step)."""
     from transformers import TrainerCallback
 
     class StepEnds(TrainerCallback):
@@ -619,16 +637,16 @@ def time_trainer(store, config_path, args, dtype: str) -> tuple[float, str, int,
     model = build_model(load_config(config_path, store.tokenizer())).train()
     batch = trainer_batch(args)
     clock = StepEnds()
-    s = args.steps
+    s, w = args.steps, warmup_windows(args)
     trainer, optim = make_trainer(model, clm_blocks(store, store.train_indices()),
                                   Path(args.work) / "trainer-speed", dtype, batch,
-                                  (args.repeats + 1) * s, [clock])
+                                  (w + args.repeats) * s, [clock])
     trainer.train()
     e = clock.ends
     rates = [s * batch * TRAINER_BLOCK / (e[(r + 1) * s - 1] - e[r * s - 1])
-             for r in range(1, args.repeats + 1)]
+             for r in range(w, w + args.repeats)]
     fused = any(g.get("fused") for g in trainer.optimizer.param_groups)
-    faults = (clock.faults[-1] - clock.faults[s - 1]) / (args.repeats * s)
+    faults = (clock.faults[-1] - clock.faults[w * s - 1]) / (args.repeats * s)
     return statistics.median(rates), optim + (" (fused)" if fused else ""), batch, faults
 
 
@@ -650,8 +668,8 @@ def trainer_with_env(args, env: dict[str, str]) -> list[dict]:
     cmd = [sys.executable, __file__, "--mode", "trainer", "--train_path", args.train_path,
            "--work", args.work, "--config", args.config, "--dtypes", args.dtypes,
            "--steps", str(args.steps), "--repeats", str(args.repeats),
-           "--pack_len", str(args.pack_len), "--fast_batch", str(args.fast_batch),
-           "--accum", str(args.accum)]
+           "--warmup", str(args.warmup), "--pack_len", str(args.pack_len),
+           "--fast_batch", str(args.fast_batch), "--accum", str(args.accum)]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
                           env={**os.environ, **env})
     rows = [json.loads(l) for l in done.stdout.splitlines() if l.startswith('{"dtype"')]
@@ -690,11 +708,13 @@ def run_dtype(run: Path) -> str:
 def time_train_py(store, config_path, args, extra=()) -> tuple[float, str]:
     """(real tokens/s, dtype) of train.py with its default flags (--dtype auto) plus
     `extra`: the median of its logged tok/s over --repeats windows of --steps steps, after
-    one warm-up window. The final evaluation and save come after the last logged window."""
-    n = (args.repeats + 1) * args.steps
+    the warm-up windows (warmup_windows). The final evaluation and save come after the
+    last logged window."""
+    w = warmup_windows(args)
+    n = (w + args.repeats) * args.steps
     run = train_py(store, config_path, Path(args.work) / "speed-runs", "train_py",
                    ["--max_steps", str(n), "--log_step", str(args.steps), *extra])
-    tps = [r["tokens_per_s"] for r in run_records(run) if r["event"] == "train"][1:]
+    tps = [r["tokens_per_s"] for r in run_records(run) if r["event"] == "train"][w:]
     return statistics.median(tps), run_dtype(run)
 
 
@@ -1027,6 +1047,10 @@ def main():
                     help="timed optimizer steps per repeat (profile: warm-up steps before "
                     "the profiled one; memory: all the steps)")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--warmup", type=int, default=20,
+                    help="speed: untimed steps before the timed windows, rounded up to whole "
+                    "windows of --steps, the same for every path (a run's first ~20 steps "
+                    "fault in the heap's fresh memory: --mode memory)")
     ap.add_argument("--gemm", type=int, default=2048)
     ap.add_argument("--dtypes", default="auto",
                     help="comma-separated fp32,bf16; auto: both where the CPU has fast bf16 "
@@ -1042,6 +1066,8 @@ def main():
     args = ap.parse_args()
     if args.every < 1:
         ap.error("--every must be at least 1")
+    if args.mode in ("speed", "trainer") and (args.steps < 1 or args.warmup < 0):
+        ap.error("--steps must be at least 1 and --warmup at least 0")
     # the profile and memory modes restart once with train.py's malloc settings
     restart = (train_py_allocator_env(os.environ)
                if args.mode in ("profile", "memory") and args.allocator == "auto" else {})

@@ -79,6 +79,41 @@ def test_budget_clock_pauses_for_evaluation(bench, monkeypatch):
     assert clock.eval_seconds == 5.0
 
 
+def test_speed_windows_skip_the_same_warm_up_on_every_path(bench, monkeypatch):
+    """--warmup steps, in whole windows of --steps, are run but not timed: the slow first
+    steps (the heap's growth) stay out of the median, for the in-process paths and for
+    train.py, whose logged windows are cut the same way."""
+    from types import SimpleNamespace
+
+    args = SimpleNamespace(steps=2, repeats=2, warmup=3)
+    assert bench.warmup_windows(args) == 2
+    assert bench.warmup_windows(SimpleNamespace(steps=4, warmup=0)) == 1  # at least one
+    assert bench.warmup_windows(SimpleNamespace(steps=4, warmup=20)) == 5
+    now, calls = [0.0], []
+    monkeypatch.setattr(bench, "time", type("Clock", (), {"perf_counter": lambda: now[0]}))
+
+    def step():
+        calls.append(1)
+        now[0] += 10.0 if len(calls) <= 4 else 1.0  # the two warm-up windows are slow
+        return 5
+    assert bench.window_rates(step, args) == [5.0, 5.0]
+    assert len(calls) == 8
+    calls.clear()
+    now[0] = 0.0
+    assert bench.window_rates(step, args, extra=1) == [5.0, 5.0]  # one more untimed window
+    assert len(calls) == 10
+
+    seen = []
+    monkeypatch.setattr(bench, "train_py", lambda store, cfg, out, name, extra:
+                        seen.append(extra) or out)
+    monkeypatch.setattr(bench, "run_records", lambda run: [
+        {"event": "train", "tokens_per_s": float(i)} for i in range(1, 9)])
+    monkeypatch.setattr(bench, "run_dtype", lambda run: "fp32")
+    args = SimpleNamespace(steps=4, repeats=3, warmup=20, work="unused")
+    assert bench.time_train_py(None, None, args) == (7.0, "fp32")  # windows 6-8 timed
+    assert seen[0][:4] == ["--max_steps", "32", "--log_step", "4"]
+
+
 def test_clm_blocks_concatenate_and_drop_the_tail(bench):
     class Store:
         path = "fake"
@@ -143,8 +178,8 @@ def test_trainer_peer_runs_in_a_child_with_the_given_environment(bench, sample_s
     config = tmp_path / "tiny.json"  # positions for Trainer's blocks of 128
     config.write_text(json.dumps({**TINY_CONFIG, "n_positions": 160}))
     args = SimpleNamespace(train_path=str(sample_store), work=str(tmp_path), config=str(config),
-                           dtypes="fp32,bf16", steps=1, repeats=1, pack_len=64, fast_batch=2,
-                           accum=1)
+                           dtypes="fp32,bf16", steps=1, repeats=1, warmup=1, pack_len=64,
+                           fast_batch=2, accum=1)
     rows = bench.trainer_with_env(args, env)
     assert [r["dtype"] for r in rows] == ["fp32", "bf16"]
     assert all(r["tps"] > 0 and r["faults"] >= 0 for r in rows)
@@ -163,8 +198,8 @@ def test_speed_mode_prints_every_row(bench, sample_store, tmp_path, monkeypatch,
     config.write_text(json.dumps({**TINY_CONFIG, "n_positions": 160}))
     monkeypatch.setattr(sys, "argv", [
         "bench_train.py", "--config", str(config), "--train_path", str(sample_store),
-        "--work", str(tmp_path), "--steps", "1", "--repeats", "1", "--gemm", "64",
-        "--pack_len", "150", "--dtypes", "fp32"])
+        "--work", str(tmp_path), "--steps", "1", "--repeats", "1", "--warmup", "2",
+        "--gemm", "64", "--pack_len", "150", "--dtypes", "fp32"])
     bench.main()
     out = capsys.readouterr().out
     for row in ("classic  fp32", "fast     fp32", "train.py, default flags",
