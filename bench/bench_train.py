@@ -15,6 +15,10 @@
     # operators' input shapes, to tell which tensor an operator's time goes to)
     python bench/bench_train.py --mode profile --dtypes fp32,bf16 --steps 2
 
+    # attention: train.py's attention with dropout, forward and backward, on the corpus's
+    # packed masks: whole rows against blocks of queries (chitchat.train_kernels.Q_BLOCK)
+    python bench/bench_train.py --mode attention --pack_len 300 --blocks 100,75,50
+
     # memory: per-step time, page faults and resident heap over many steps; --same_batch
     # repeats one micro-batch, so every allocation's size repeats; --allocator system
     python bench/bench_train.py --mode memory --dtypes bf16 --pack_len 150 --fast_batch 8 \
@@ -500,6 +504,63 @@ def profile(args):
             print(f"{e.key[:40]:40s} {e.self_cpu_time_total / 1e6:8.3f} "
                   f"{e.self_cpu_time_total / total:7.1%} {e.count:6d}"
                   + (f"  {str(e.input_shapes)[:80]}" if args.shapes else ""))
+
+
+def attention(args):
+    """The attention function train.py's CPU runs use with dropout on (cheap masks), forward
+    and backward for one micro-batch of --fast_batch packed rows of --pack_len, with the
+    config's heads, per dtype: whole rows against blocks of queries. Each layer of a step
+    runs it once on the same mask, so the time is per layer; --repeats rounds over 20
+    micro-batches (fewer if the corpus has fewer), the variants alternating within a
+    round; medians."""
+    import chitchat.train_kernels as kernels
+
+    store = get_store(args.train_path, Path(args.work))
+    cfg = load_config(ROOT / "config" / args.config, store.tokenizer())
+    heads, width, t = cfg.n_head, cfg.n_embd // cfg.n_head, args.pack_len
+    print(f"corpus {store.path}, {args.config} ({heads} heads of {width}), {hardware_line()}")
+    print(_memory_line(args.allocator))
+    table = build_windows(store, store.train_indices(), args.max_len)
+    rows = pack_rows(np.random.default_rng(0).permutation(len(table)), table.lengths, t)
+    masks = [collate_rows(store, table, rows[i:i + args.fast_batch], 0, t)["attention_mask"]
+             for i in range(0, min(20, len(rows) // args.fast_batch) * args.fast_batch,
+                            args.fast_batch)]
+    default = kernels.Q_BLOCK if t > 2 * kernels.Q_BLOCK else t
+    blocks = [t] + [int(b) for b in args.blocks.split(",") if int(b) < t]
+    line = (f"{args.fast_batch} rows of {t}, windows of at most {args.max_len}; train.py's: "
+            + ("whole rows" if default >= t else f"blocks of {default}"))
+    for b in blocks[1:]:
+        area = statistics.mean(sum((q1 - q0) * (k1 - k0) for q0, q1, k0, k1
+                                   in kernels.attention_blocks(m, b)) for m in masks) / t / t
+        line += f"; blocks of {b} compute {area:.0%} of the T x T scores"
+    print(line)
+    gen = torch.Generator().manual_seed(0)
+    for dtype in args.dtypes.split(","):
+        dt = torch.bfloat16 if dtype == "bf16" else torch.float32
+        qkv = torch.randn(args.fast_batch, t, 3 * heads * width, generator=gen).to(dt)
+
+        def layer(mask, block):
+            x = qkv.detach().requires_grad_()
+            q, k, v = (y.view(args.fast_batch, t, heads, width).transpose(1, 2)
+                       for y in x.split(heads * width, -1))
+            start = time.perf_counter()
+            out, _ = kernels.cheap_dropout_attention(None, q, k, v, mask, dropout=0.1,
+                                                     q_block=block)
+            out.backward(torch.ones_like(out))
+            return time.perf_counter() - start
+
+        times = {b: [] for b in blocks}
+        for _ in range(args.repeats + 1):  # the first round warms up
+            for b in blocks:
+                times[b].append([layer(m, b) for m in masks])
+        whole = statistics.median(sum(times[t][1:], []))
+        print(f"\n{dtype}: ms per layer (forward and backward), median of "
+              f"{args.repeats} x {len(masks)}")
+        for b in blocks:
+            ms = statistics.median(sum(times[b][1:], []))
+            label = "whole rows" if b >= t else f"blocks of {b}"
+            print(f"  {label:16s} {ms * 1e3:7.2f}   {whole / ms:5.2f}x whole rows"
+                  + ("   <- train.py" if b == default else ""))
 
 
 def anon_mb() -> float:
@@ -1012,7 +1073,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--mode", choices=["speed", "quality", "profile", "memory", "dropout",
-                                       "time_to_loss", "trainer"], default="speed",
+                                       "time_to_loss", "trainer", "attention"], default="speed",
                     help="trainer: the speed mode's Trainer rows alone (JSON lines)")
     ap.add_argument("--budget", default="600s",
                     help="time_to_loss: training time per path, e.g. 90s, 10m")
@@ -1032,11 +1093,14 @@ def main():
     ap.add_argument("--top", type=int, default=15, help="profile: operators shown")
     ap.add_argument("--shapes", action="store_true",
                     help="profile: one row per operator and input shapes (which tensor)")
+    ap.add_argument("--blocks", default="100,75,50",
+                    help="attention: query blocks timed against whole rows")
     ap.add_argument("--every", type=int, default=10, help="memory: steps per line")
     ap.add_argument("--same_batch", action="store_true",
                     help="memory: the same micro-batch every step")
     ap.add_argument("--allocator", choices=["auto", "system"], default="auto",
-                    help="profile/memory: malloc settings as train.py's flag of that name")
+                    help="profile/memory/attention: malloc settings as train.py's flag of that "
+                    "name")
     ap.add_argument("--train_path", default=str(DEFAULT_CORPUS))
     ap.add_argument("--work", default="/tmp/chitchat-bench", help="cache of token stores")
     ap.add_argument("--max_len", type=int, default=150, help="window / classic cut length")
@@ -1070,7 +1134,8 @@ def main():
         ap.error("--steps must be at least 1 and --warmup at least 0")
     # the profile and memory modes restart once with train.py's malloc settings
     restart = (train_py_allocator_env(os.environ)
-               if args.mode in ("profile", "memory") and args.allocator == "auto" else {})
+               if args.mode in ("profile", "memory", "attention") and args.allocator == "auto"
+               else {})
     if restart:
         os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **restart})
     dtypes = bench_dtypes(args.dtypes, cpu_has_fast_bf16())
@@ -1079,7 +1144,7 @@ def main():
         print("no AMX or avx512_bf16 here: bf16 rows skipped (--dtypes fp32,bf16 runs them)")
     args.dtypes = dtypes
     {"speed": speed, "quality": quality, "profile": profile, "memory": memory,
-     "dropout": dropout,
+     "dropout": dropout, "attention": attention,
      "time_to_loss": time_to_loss, "trainer": trainer_child}[args.mode](args)
 
 

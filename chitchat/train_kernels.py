@@ -20,6 +20,7 @@ PyTorch's fused dropout and SDPA's dropout kernels (`pick_dropout`).
 from __future__ import annotations
 
 import math
+import weakref
 
 import torch
 from torch import nn
@@ -67,28 +68,99 @@ class CheapDropout(nn.Dropout):
 
 
 def cheap_dropout_attention(module, query, key, value, attention_mask, dropout: float = 0.0,
-                            scaling: float | None = None, is_causal=None, **kwargs):
+                            scaling: float | None = None, is_causal=None,
+                            q_block: int | None = None, **kwargs):
     """transformers' attention-function interface. With dropout on: softmax(q k^T * scale
     + mask) with a keep_mask, times v, in the inputs' dtype as SDPA's math path does; with
-    dropout off: SDPA itself (its fused kernel where it has one)."""
+    dropout off: SDPA itself (its fused kernel where it has one).
+
+    With a boolean mask (train.py's packed rows, or the causal mask built here) and rows
+    longer than 2 x Q_BLOCK, the queries go in blocks of Q_BLOCK, each against only the keys
+    its mask lets some query of the block see (attention_blocks): packed windows are short
+    (median 37 tokens in chitchat50w_slice), so most of a long row's T x T scores are
+    masked, and the math path pays for every one of them in its softmax, mask and dropout
+    passes. The result is the same function; only the keep masks are drawn per block.
+    Shorter rows (train.py's default 150) stay whole: there the blocks' extra calls cost
+    more than they save (docs/benchmarks.md). `q_block` sets the block instead (at or above
+    T: whole rows), for the bench."""
     if dropout == 0.0:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=0.0,
                                       scaling=scaling, is_causal=is_causal, **kwargs)
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
     t, s = query.shape[-2], key.shape[-2]
+    if attention_mask is None:  # causal; a query at i sees keys up to i + (s - t)
+        attention_mask = torch.ones(t, s, dtype=torch.bool, device=query.device).tril(s - t)
+    if q_block is None:
+        q_block = Q_BLOCK if t > 2 * Q_BLOCK else t
     with torch.autocast(query.device.type, enabled=False):  # autocast would softmax in fp32
-        scores = torch.matmul(query, key.transpose(-1, -2)).mul_(scaling)
-        if attention_mask is None:  # causal; a query at i sees keys up to i + (s - t)
-            attention_mask = torch.ones(t, s, dtype=torch.bool, device=query.device
-                                        ).tril(s - t)
-        if attention_mask.dtype == torch.bool:
-            scores.masked_fill_(~attention_mask, torch.finfo(scores.dtype).min)
+        value = value.to(query.dtype)
+        if attention_mask.dtype != torch.bool or q_block >= t or torch.compiler.is_compiling():
+            hidden = ~attention_mask if attention_mask.dtype == torch.bool else attention_mask
+            out = _attend(query, key, value, hidden, dropout, scaling)
         else:
-            scores = scores + attention_mask.to(scores.dtype)
-        probs = scores.softmax(-1)
-        probs = probs * keep_mask(probs.shape, dropout, probs.dtype, probs.device)
-        out = torch.matmul(probs, value.to(probs.dtype))
+            # contiguous once, so that the blocks' slices are plain strided batches
+            query, key, value = query.contiguous(), key.contiguous(), value.contiguous()
+            out = torch.cat([_attend(query[..., q0:q1, :], key[..., k0:k1, :],
+                                     value[..., k0:k1, :], hidden, dropout, scaling)
+                             for q0, q1, k0, k1, hidden in _blocks(attention_mask, q_block)],
+                            dim=-2)
     return out.transpose(1, 2).contiguous(), None
+
+
+def _attend(query, key, value, hidden, p: float, scaling: float) -> torch.Tensor:
+    """Attention with cheap dropout; `hidden`: a boolean mask, True where a key is hidden
+    from a query, or an additive float mask."""
+    scores = torch.matmul(query, key.transpose(-1, -2)).mul_(scaling)
+    if hidden.dtype == torch.bool:
+        scores.masked_fill_(hidden, torch.finfo(scores.dtype).min)
+    else:
+        scores = scores + hidden.to(scores.dtype)
+    probs = scores.softmax(-1)
+    probs = probs * keep_mask(probs.shape, p, probs.dtype, probs.device)
+    return torch.matmul(probs, value)
+
+
+# queries per block, for rows longer than 2 x Q_BLOCK (bench_train.py --mode attention: at
+# rows of 300, 75 measured at least as fast as 50, 100 and 150; at 150, whole rows win)
+Q_BLOCK = 75
+
+
+def attention_blocks(mask: torch.Tensor, block: int = Q_BLOCK) -> list[tuple[int, int, int, int]]:
+    """(q0, q1, k0, k1) for each block of `block` queries of a (..., T, S) boolean mask
+    (True: the query may see the key): every key any query of the block may see, in any
+    row or head, lies in [k0, k1), so the block's attention needs only those keys. A block
+    with a query that may see no key at all gets every key, so that such a query's output
+    (a uniform average, as softmax gives over all-masked scores) is the same as unblocked."""
+    m = mask.reshape(-1, *mask.shape[-2:])  # (rows x heads, T, S)
+    t, s = m.shape[-2:]
+    keys = torch.arange(s, device=m.device)
+    first = torch.where(m, keys, s).amin(-1).amin(0).tolist()
+    last = torch.where(m, keys, -1).amax(-1).amax(0).tolist()
+    blind = (~m.any(-1)).any(0).tolist()  # per query: in some row or head it sees nothing
+    spans = []
+    for q0 in range(0, t, block):
+        q1 = min(q0 + block, t)
+        if any(blind[q0:q1]):
+            spans.append((q0, q1, 0, s))
+        else:
+            spans.append((q0, q1, min(first[q0:q1]), max(last[q0:q1]) + 1))
+    return spans
+
+
+_plan: tuple = (lambda: None, None, [])  # the last mask (weak reference), (version, block), blocks
+
+
+def _blocks(mask: torch.Tensor, block: int) -> list:
+    """attention_blocks of `mask`, each with its slice of ~mask; kept for the last mask seen,
+    since every layer of a forward gets the same mask object."""
+    global _plan
+    ref, key, blocks = _plan
+    if ref() is not mask or key != (mask._version, block):
+        hidden = ~mask
+        blocks = [(q0, q1, k0, k1, hidden[..., q0:q1, k0:k1])
+                  for q0, q1, k0, k1 in attention_blocks(mask, block)]
+        _plan = (weakref.ref(mask), (mask._version, block), blocks)
+    return blocks
 
 
 def _swap(model: nn.Module, kind: type, make) -> int:

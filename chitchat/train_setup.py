@@ -29,7 +29,7 @@ from .precision import (attention_kernel, autocast_ctx, cpu_vendor, pick_fp32_ma
                         probe_onednn_fp32, resolve_dtype, set_fp32_precision)
 from .store import ReversedStore, TokenStore, resplit
 from .tokenization import ChatTokenizer
-from .train_kernels import ATTENTION, use_training_kernels
+from .train_kernels import ATTENTION, Q_BLOCK, use_training_kernels
 from .utils import ChitchatError, get_logger
 
 
@@ -314,8 +314,9 @@ def _log_start(run: Run, st: TrainState, n_train: int, n_valid: int) -> None:
              + ("; REVERSED utterance order (MMI reverse model)" if cfg.reverse else ""))
     if model.config._attn_implementation == ATTENTION:
         log.info(f"attention: SDPA, and with attn_pdrop {model.config.attn_pdrop} in training "
-                 "chitchat's math path with cheap dropout masks (--dropout_kernel native: "
-                 "PyTorch's)" if model.config.attn_pdrop > 0 else
+                 "chitchat's math path with cheap dropout masks, in rows over "
+                 f"{2 * Q_BLOCK} tokens by blocks of {Q_BLOCK} queries (--dropout_kernel "
+                 "native: PyTorch's)" if model.config.attn_pdrop > 0 else
                  f"attention: {attention_kernel(model, run.device, run.amp)}; dropout masks "
                  "from cheap random bits (--dropout_kernel native: PyTorch's)")
     elif model.config._attn_implementation == "sdpa":

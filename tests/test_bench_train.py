@@ -246,6 +246,31 @@ def test_profile_runs_with_train_pys_allocator_settings(bench, sample_store, tmp
     assert mm and all(re.search(r"\[\d+, \d+\]", l) for l in mm), mm
 
 
+def test_attention_mode_times_whole_rows_against_blocks(bench, sample_store, tmp_path):
+    """--mode attention: a line per variant with its time and its ratio to whole rows, the
+    share of the scores each block size computes, and which one train.py takes."""
+    import json
+    import subprocess
+
+    from conftest import TINY_CONFIG
+
+    config = tmp_path / "tiny.json"
+    config.write_text(json.dumps({**TINY_CONFIG, "n_positions": 160}))
+    out = subprocess.run(
+        [sys.executable, str(bench.ROOT / "bench" / "bench_train.py"), "--mode", "attention",
+         "--config", str(config), "--train_path", str(sample_store), "--work", str(tmp_path),
+         "--dtypes", "fp32", "--repeats", "1", "--fast_batch", "2", "--pack_len", "150",
+         "--max_len", "40", "--blocks", "50,25,150"], capture_output=True, text=True,
+        check=True).stdout
+    shares = [int(x) for x in re.findall(r"blocks of (?:50|25) compute (\d+)% of the", out)]
+    assert len(shares) == 2 and all(0 < x < 100 for x in shares), out
+    assert shares[1] <= shares[0]  # halved blocks skip at least as many masked scores
+    rows = dict(re.findall(r"^  (whole rows|blocks of \d+) +[\d.]+ +([\d.]+)x", out, re.M))
+    assert set(rows) == {"whole rows", "blocks of 50", "blocks of 25"}, out  # 150: whole
+    assert float(rows["whole rows"]) == 1.0
+    assert re.search(r"whole rows .*<- train.py", out) and "train.py's: whole rows" in out
+
+
 def test_row_batches_run_epoch_after_epoch_in_new_orders(bench, sample_store):
     """The profile and memory modes' micro-batches: every window once per epoch, then the
     next epoch in another order (a long memory run must not replay one epoch's sizes)."""

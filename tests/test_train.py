@@ -415,7 +415,7 @@ def test_dropout_kernels_train_alike_and_say_so(sample_store, tmp_path):
     out, dropped = run("cheap", 0.1, "c1")
     assert all(math.isfinite(x) for x in dropped) and dropped != pytest.approx(cheap)
     log = (out / "train.log").read_text()
-    assert "cheap dropout masks" in log and "math path" in log
+    assert "cheap dropout masks" in log and "math path" in log and "blocks of" in log
     _, nat = run("native", 0.1, "n1")
     assert "SDPA's unfused path" in (tmp_path / "runs" / "n1" / "train.log").read_text()
     model_dir = next(p for p in out.rglob("config.json") if (p.parent / "model.safetensors")

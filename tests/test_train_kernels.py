@@ -6,9 +6,9 @@ import torch
 import torch.nn.functional as F
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from chitchat.train_kernels import (ATTENTION, CheapDropout, cheap_dropout_attention,
-                                    drop_rate, fuse_gelu, install_cheap_dropout, keep_mask,
-                                    pick_dropout)
+from chitchat.train_kernels import (ATTENTION, Q_BLOCK, CheapDropout, attention_blocks,
+                                    cheap_dropout_attention, drop_rate, fuse_gelu,
+                                    install_cheap_dropout, keep_mask, pick_dropout)
 
 
 def tiny_gpt2(pdrop=0.1, n_layer=2):
@@ -118,6 +118,79 @@ def test_attention_without_dropout_is_sdpa():
     out, _ = cheap_dropout_attention(module, q, k, v, mask, dropout=0.0, scaling=0.3)
     ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.3).transpose(1, 2)
     assert torch.allclose(out, ref, atol=1e-6)
+
+
+def packed_mask(lengths_per_row, t):
+    """(B, 1, t, t) bool: causal attention within consecutive windows of the given lengths
+    (the rest of a row, padding, one window of its own), as collate_rows builds it."""
+    seg = torch.empty(len(lengths_per_row), t, dtype=torch.long)
+    for b, lengths in enumerate(lengths_per_row):
+        cuts = torch.tensor(lengths + [t - sum(lengths)])
+        seg[b] = torch.repeat_interleave(torch.arange(len(cuts)), cuts)
+    causal = torch.ones(t, t, dtype=torch.bool).tril()
+    return ((seg[:, :, None] == seg[:, None, :]) & causal)[:, None]
+
+
+def test_attention_blocks_hold_every_visible_key_and_no_more():
+    t = 300
+    mask = packed_mask([[40, 90, 70, 60], [150, 100, 30], [20] * 14], t)
+    spans = attention_blocks(mask, 100)
+    assert [(q0, q1) for q0, q1, _, _ in spans] == [(0, 100), (100, 200), (200, 300)]
+    for q0, q1, k0, k1 in spans:
+        rows = mask[..., q0:q1, :]
+        assert not rows[..., :k0].any() and not rows[..., k1:].any()  # nothing visible left out
+        assert rows[..., k0].any() and rows[..., k1 - 1].any()  # and the span is tight
+    # rows 0 and 2 start a window at 130 and 120, row 1 one at 150: the second block (queries
+    # 100-199) needs keys from row 1's first window, which starts at 0
+    assert spans[1][2:] == (0, 200) and spans[2][2:] == (150, 300)
+    # a query that sees nothing (no such row comes from collate_rows) gets every key
+    blind = mask.clone()
+    blind[1, 0, 250] = False
+    assert attention_blocks(blind, 100)[2][2:] == (0, t)
+    assert len(attention_blocks(mask)) == -(-t // Q_BLOCK)
+    assert attention_blocks(torch.ones(5, 7, dtype=torch.bool).tril(2), block=2) == [
+        (0, 2, 0, 4), (2, 4, 0, 6), (4, 5, 0, 7)]
+
+
+def _attention_and_grads(q, k, v, mask, p, seed):
+    q, k, v = (x.detach().requires_grad_() for x in (q, k, v))
+    module = torch.nn.Module()
+    module.is_causal = True
+    torch.manual_seed(seed)
+    out, _ = cheap_dropout_attention(module, q, k, v, mask, dropout=p, scaling=0.125)
+    out.backward(torch.linspace(-1, 1, out.numel()).view(out.shape))
+    return out, q.grad, k.grad, v.grad
+
+
+def test_blocked_attention_is_the_unblocked_function():
+    """Rows long enough for blocks: the same outputs and gradients as one softmax over every
+    key, with no key dropped (p below the masks' resolution keeps everything, so the path
+    taken is the blocked one with dropout on), and packed windows isolated with dropout on."""
+    torch.manual_seed(0)
+    t = 300
+    assert t > 2 * Q_BLOCK
+    q, k, v = torch.randn(3, 2, 4, t, 16).unbind(0)
+    mask = packed_mask([[40, 90, 70, 60], [150, 100, 30]], t)
+    assert drop_rate(1e-6) == 0.0
+    got = _attention_and_grads(q, k, v, mask, 1e-6, 1)
+    q_, k_, v_ = (x.detach().requires_grad_() for x in (q, k, v))
+    ref = _reference_attention(q_, k_, v_, mask, 1e-6, 1, 0.125)
+    ref.backward(torch.linspace(-1, 1, ref.numel()).view(ref.shape))
+    for a, b in zip(got, (ref, q_.grad, k_.grad, v_.grad)):
+        assert torch.allclose(a, b, atol=1e-5)
+    # with dropout: row 0's third window (positions 130-199) sees nothing of its first two,
+    # though its first queries' block computes scores against keys from 0 on (for row 1)
+    out = _attention_and_grads(q, k, v, mask, 0.3, 7)[0]
+    v2 = v.clone()
+    v2[0, :, :130] += 100.0
+    out2 = _attention_and_grads(q, k, v2, mask, 0.3, 7)[0]
+    assert torch.equal(out2[0, 130:], out[0, 130:]) and torch.equal(out2[1], out[1])
+    assert not torch.allclose(out2[0, :130], out[0, :130])
+    # a mask changed in place after a call is read again, not taken from the last call
+    mask[1, 0, 200:, :200] = True
+    again = _attention_and_grads(q, k, v, mask, 1e-6, 1)[0]
+    ref = _reference_attention(q, k, v, mask, 1e-6, 1, 0.125)
+    assert torch.allclose(again, ref, atol=1e-5) and not torch.allclose(again, got[0])
 
 
 def test_install_changes_training_masks_only_and_nothing_saved(tmp_path):
