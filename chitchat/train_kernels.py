@@ -77,7 +77,7 @@ def cheap_dropout_attention(module, query, key, value, attention_mask, dropout: 
     With a boolean mask (train.py's packed rows, or the causal mask built here) and rows
     longer than 2 x Q_BLOCK, the queries go in blocks of Q_BLOCK, each against only the keys
     its mask lets some query of the block see (attention_blocks): packed windows are short
-    (median 37 tokens in chitchat50w_slice), so most of a long row's T x T scores are
+    (median 38 tokens in chitchat50w_slice), so most of a long row's T x T scores are
     masked, and the math path pays for every one of them in its softmax, mask and dropout
     passes. The result is the same function; only the keep masks are drawn per block.
     Shorter rows (train.py's default 150) stay whole: there the blocks' extra calls cost
