@@ -140,8 +140,8 @@ def test_attention_blocks_hold_every_visible_key_and_no_more():
         rows = mask[..., q0:q1, :]
         assert not rows[..., :k0].any() and not rows[..., k1:].any()  # nothing visible left out
         assert rows[..., k0].any() and rows[..., k1 - 1].any()  # and the span is tight
-    # rows 0 and 2 start a window at 130 and 120, row 1 one at 150: the second block (queries
-    # 100-199) needs keys from row 1's first window, which starts at 0
+    # the second block (queries 100-199) reaches back to key 0 through row 1's first window
+    # (0-149); the third to key 150, where row 1's second window starts
     assert spans[1][2:] == (0, 200) and spans[2][2:] == (150, 300)
     # a query that sees nothing (no such row comes from collate_rows) gets every key
     blind = mask.clone()
