@@ -94,7 +94,8 @@ def cheap_dropout_attention(module, query, key, value, attention_mask, dropout: 
         q_block = Q_BLOCK if t > 2 * Q_BLOCK else t
     with torch.autocast(query.device.type, enabled=False):  # autocast would softmax in fp32
         value = value.to(query.dtype)
-        if attention_mask.dtype != torch.bool or q_block >= t or torch.compiler.is_compiling():
+        if (attention_mask.dtype != torch.bool or q_block >= t or attention_mask.shape[-2] != t
+                or torch.compiler.is_compiling()):  # float masks, or ones broadcast over queries
             hidden = ~attention_mask if attention_mask.dtype == torch.bool else attention_mask
             out = _attend(query, key, value, hidden, dropout, scaling)
         else:

@@ -186,6 +186,12 @@ def test_blocked_attention_is_the_unblocked_function():
     out2 = _attention_and_grads(q, k, v2, mask, 0.3, 7)[0]
     assert torch.equal(out2[0, 130:], out[0, 130:]) and torch.equal(out2[1], out[1])
     assert not torch.allclose(out2[0, :130], out[0, :130])
+    # a mask broadcast over the queries (keys hidden from every query) stays whole
+    keys = torch.ones(2, 1, 1, t, dtype=torch.bool)
+    keys[:, :, :, 10:20] = False
+    got_keys = _attention_and_grads(q, k, v, keys, 1e-6, 1)[0]
+    assert torch.allclose(got_keys, _reference_attention(q, k, v, keys, 1e-6, 1, 0.125),
+                          atol=1e-5)
     # a mask changed in place after a call is read again, not taken from the last call
     mask[1, 0, 200:, :200] = True
     again = _attention_and_grads(q, k, v, mask, 1e-6, 1)[0]
