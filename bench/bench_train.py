@@ -525,7 +525,7 @@ def attention(args):
     masks = [collate_rows(store, table, rows[i:i + args.fast_batch], 0, t)["attention_mask"]
              for i in range(0, min(20, len(rows) // args.fast_batch) * args.fast_batch,
                             args.fast_batch)]
-    default = kernels.Q_BLOCK if t > 2 * kernels.Q_BLOCK else t
+    default = kernels.query_block(t)
     blocks = [t] + [int(b) for b in args.blocks.split(",") if int(b) < t]
     line = (f"{args.fast_batch} rows of {t}, windows of at most {args.max_len}; train.py's: "
             + ("whole rows" if default >= t else f"blocks of {default}"))

@@ -8,7 +8,8 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from chitchat.train_kernels import (ATTENTION, Q_BLOCK, CheapDropout, attention_blocks,
                                     cheap_dropout_attention, drop_rate, fuse_gelu,
-                                    install_cheap_dropout, keep_mask, pick_dropout)
+                                    install_cheap_dropout, keep_mask, pick_dropout,
+                                    query_block)
 
 
 def tiny_gpt2(pdrop=0.1, n_layer=2):
@@ -148,6 +149,7 @@ def test_attention_blocks_hold_every_visible_key_and_no_more():
     blind[1, 0, 250] = False
     assert attention_blocks(blind, 100)[2][2:] == (0, t)
     assert len(attention_blocks(mask)) == -(-t // Q_BLOCK)
+    assert query_block(300) == Q_BLOCK and query_block(2 * Q_BLOCK) == 2 * Q_BLOCK
     assert attention_blocks(torch.ones(5, 7, dtype=torch.bool).tril(2), block=2) == [
         (0, 2, 0, 4), (2, 4, 0, 6), (4, 5, 0, 7)]
 
