@@ -39,7 +39,9 @@ RESUMABLE = {"device", "no_cuda", "num_workers", "epochs", "max_steps", "eval_in
              "save_interval", "keep_checkpoints", "log_step", "patience", "quiet",
              "log_path", "resume", "compile", "dropout_kernel", "dtype", "exact_fp32",
              "fp32_matmul",
-             "save_model_path", "run_name", "threads", "max_time"}
+             "save_model_path", "run_name", "threads", "max_time",
+             # the store may move: check_same_data proves it holds the same tokens
+             "train_path"}
 
 
 def is_checkpoint(path: Path) -> bool:
@@ -60,6 +62,10 @@ def check_run_dir(run_dir: Path) -> None:
     """A run writes its model files into its folder: never into someone else's folder."""
     if run_dir.exists() and not run_dir.is_dir():
         raise ChitchatError(f"{run_dir} exists and is a file; choose another --run_name")
+    above = next(p for p in run_dir.absolute().parents if p.exists())
+    if not above.is_dir():
+        raise ChitchatError(f"{above} is a file, so no run folder can be made below it "
+                            f"({run_dir}); choose another --save_model_path")
     if run_dir.is_dir() and any(run_dir.iterdir()) and not is_run_dir(run_dir):
         raise ChitchatError(
             f"{run_dir} already exists and is not a train.py run folder (no checkpoints/, "
@@ -130,6 +136,54 @@ def newest_intact(cks: list[Path], log, set_aside: bool) -> Path | None:
             os.replace(ck, aside)
             log.warning(f"moved it to {aside} (delete it when you have looked at it)")
     return None
+
+
+def step_of(ckpt: Path) -> int:
+    return int(ckpt.name.split("-")[-1])
+
+
+def set_aside(path: Path, prefix: str) -> Path:
+    """Rename `path` to ``<prefix>-<name>`` beside it (``-2``, ``-3``... if taken): out of
+    the way of the run, and kept for the user to look at or delete."""
+    aside = path.with_name(f"{prefix}-{path.name}")
+    n = 1
+    while aside.exists():
+        n += 1
+        aside = path.with_name(f"{prefix}-{path.name}-{n}")
+    os.replace(path, aside)
+    return aside
+
+
+def set_aside_newer(run_dir: Path, ckpt: Path, log) -> None:
+    """Resuming from a checkpoint that is not the run's newest abandons what came after
+    it. Its checkpoints and best/ are set aside: left in place, the newer checkpoints would
+    outrank the resumed run's own (pruning keeps the highest steps, and --resume auto picks
+    the highest), and best/ would hold a model of the abandoned steps."""
+    later = [c for c in checkpoints_of(run_dir) if step_of(c) > step_of(ckpt)]
+    best = run_dir / "best"
+    if is_best_dir(best):
+        try:
+            best_step = json.loads((best / "best.json").read_text(encoding="utf-8"))["step"]
+        except (ValueError, KeyError, TypeError, OSError):
+            best_step = None  # unreadable: nothing says it is newer, so it stays
+        if isinstance(best_step, int) and best_step > step_of(ckpt):
+            later.append(best)
+    for path in later:
+        aside = set_aside(path, "abandoned")
+        log.warning(f"resuming from {ckpt.name} abandons the later {path.name}: moved it "
+                    f"to {aside} (delete it when you no longer need it)")
+
+
+def set_aside_unfinished(run_dir: Path, log) -> None:
+    """A new run in a folder whose earlier run stopped before its first checkpoint (killed):
+    that run's metrics.jsonl and best/ are set aside, so that the new run's curve and
+    best model are its own."""
+    for name in ("metrics.jsonl", "best"):
+        path = run_dir / name
+        if path.is_file() or is_best_dir(path):
+            aside = set_aside(path, "earlier")
+            log.warning(f"{run_dir} holds {name} of an earlier run that left no checkpoint: "
+                        f"moved it to {aside}")
 
 
 def find_resume_checkpoint(resume: str, save_model_path: str, run_name: str | None,
@@ -218,7 +272,8 @@ def save_checkpoint(run_dir: Path, step: int, model, tokenizer, optimizer, scale
     except (OSError, RuntimeError) as e:
         raise save_error(path, last_ckpt, e) from e
     for old in checkpoints_of(run_dir)[:-keep]:
-        shutil.rmtree(old)
+        if old != path:  # never the one just written, whatever else the folder holds
+            shutil.rmtree(old)
     return path
 
 
@@ -269,10 +324,13 @@ def restore_optimizer(optimizer, saved: dict) -> None:
 
 
 # ---- resuming ---------------------------------------------------------------------------------
-def merge_resume_options(cfg: TrainConfig, saved: dict, where: Path) -> TrainConfig:
+def merge_resume_options(cfg: TrainConfig, saved: dict, where: Path,
+                         given: frozenset[str] | None = None) -> TrainConfig:
     """The run's saved options, with the CLI's values for the few that may change.
 
-    A flag counts as given when it differs from its default (argparse cannot tell more).
+    `given`: the flags typed on the command line (`flags.given_flags`), so that a flag set
+    back to its default (--patience 0) counts. Without it (train() called from Python) an
+    option counts as given when it differs from its default.
     """
     defaults = TrainConfig.__dataclass_fields__
     merged = {k: v for k, v in saved.items() if k in defaults}  # options of newer versions
@@ -281,17 +339,19 @@ def merge_resume_options(cfg: TrainConfig, saved: dict, where: Path) -> TrainCon
             merged[f.name] = getattr(cfg, f.name)
             continue
         value = getattr(cfg, f.name)
-        given = value != defaults[f.name].default
+        typed = (f.name in given) if given is not None else value != defaults[f.name].default
         if f.name in RESUMABLE:
-            if given or f.name in ("resume", "quiet"):
+            if typed or f.name in ("resume", "quiet"):
                 merged[f.name] = value
-        elif given and value != saved[f.name]:
+        elif typed and value != saved[f.name]:
             raise ChitchatError(
                 f"--{f.name} {value} differs from the run being resumed ({where}), which "
                 f"used {saved[f.name]}. A resumed run keeps it; drop --{f.name}, or start a "
                 "new run without --resume.")
-    merged["run_name"] = saved["run_name"]
-    merged["save_model_path"] = saved["save_model_path"]
+    # Where the run is now, which may not be where it was saved (a moved run folder):
+    # the end-of-run hint (--resume auto --run_name ... --save_model_path ...) names these.
+    merged["run_name"] = where.parent.parent.name
+    merged["save_model_path"] = str(where.parent.parent.parent)
     return TrainConfig(**merged)
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from chitchat.config import (ConvertConfig, EvaluateConfig, InteractConfig, PreprocessConfig,
                              TrainConfig, parse_config)
+from chitchat.flags import given_flags
 from chitchat.utils import run_cli
 
 PREPROCESS_HELP = """Tokenize a dialogue corpus into a memory-mapped token store.
@@ -124,7 +125,7 @@ def train_main(argv=None):
     tune_allocator(cfg.allocator)  # before torch is imported: see chitchat/allocator.py
     from chitchat.training import train
 
-    train(cfg)
+    train(cfg, given=given_flags(TrainConfig, argv))
 
 
 def interact_main(argv=None):

@@ -124,6 +124,16 @@ def parse_config(cls, argv=None, description: str = "", epilog: str = ""):
         parser.error(str(e))
 
 
+def given_flags(cls, argv=None) -> frozenset[str]:
+    """The dests of the flags typed in `argv` (a valid command line of `cls`), whatever
+    their values: a flag typed with its default value counts, which comparing the parsed
+    value with the default cannot tell."""
+    parser = build_parser(cls)
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS  # an untyped flag then leaves no attribute
+    return frozenset(vars(parser.parse_args(argv)))
+
+
 def check(cond: bool, msg: str) -> None:
     if not cond:
         raise ChitchatError(msg)

@@ -19,7 +19,8 @@ from .batching import WindowTable, build_windows, collate_rows, epoch_rows, plan
 from .budget import TimeBudget, parse_duration
 from .checkpoint import (check_run_dir, check_same_data, checkpoints_of,
                          find_resume_checkpoint, load_checkpoint, merge_resume_options,
-                         restore_tensors, trim_metrics)
+                         restore_tensors, set_aside_newer, set_aside_unfinished,
+                         trim_metrics)
 from .config import TrainConfig
 from .distributed import DistInfo, broadcast_text
 from .loss import LossModel
@@ -163,13 +164,18 @@ def check_lengths(cfg: TrainConfig, model) -> None:
 
 
 # ---- the run ------------------------------------------------------------------------------
-def setup(cfg: TrainConfig, info: DistInfo, device: torch.device) -> tuple[Run, TrainState]:
-    """Everything the loop needs, and the state it starts from (a checkpoint's, on resume)."""
+def setup(cfg: TrainConfig, info: DistInfo, device: torch.device,
+          given: frozenset[str] | None = None) -> tuple[Run, TrainState]:
+    """Everything the loop needs, and the state it starts from (a checkpoint's, on resume).
+    `given`: the flags typed on the command line (see `merge_resume_options`)."""
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()  # one "Writing model shards" bar per save is noise
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    cfg, ckpt, saved, run_dir = choose_run(cfg, info, device)
+    if cfg.log_path and Path(cfg.log_path).is_dir():
+        raise ChitchatError(f"--log_path {cfg.log_path} is a folder; name a file, e.g. "
+                            f"{Path(cfg.log_path) / 'train.log'}")
+    cfg, ckpt, saved, run_dir = choose_run(cfg, info, device, given)
     log = get_logger("chitchat.train", (cfg.log_path or run_dir / "train.log")
                      if info.main else None, quiet=not info.main)
     if not info.main:  # only rank 0 logs (the tqdm redirect ignores handler levels)
@@ -212,22 +218,27 @@ def setup(cfg: TrainConfig, info: DistInfo, device: torch.device) -> tuple[Run, 
     return run, st
 
 
-def choose_run(cfg: TrainConfig, info: DistInfo, device: torch.device):
+def choose_run(cfg: TrainConfig, info: DistInfo, device: torch.device,
+               given: frozenset[str] | None = None):
     """(options, checkpoint or None, its trainer state, run folder): a new run, or the one
-    --resume names. Rank 0 decides; the others follow."""
+    --resume names. Rank 0 decides (and sets aside what the run will not continue); the
+    others follow."""
     ckpt = None
+    early_log = get_logger("chitchat.train", quiet=cfg.quiet)
     if cfg.resume:
         ckpt_text = ""
         if info.main:
             found = find_resume_checkpoint(cfg.resume, cfg.save_model_path, cfg.run_name,
-                                           get_logger("chitchat.train", quiet=cfg.quiet))
+                                           early_log)
+            if found is not None:
+                set_aside_newer(found.parent.parent, found, early_log)
             ckpt_text = str(found) if found else ""
         ckpt_text = broadcast_text(ckpt_text, info, device)
         ckpt = Path(ckpt_text) if ckpt_text else None
     saved: dict = {}
     if ckpt is not None:
         saved = load_checkpoint(ckpt, info.world)
-        cfg = merge_resume_options(cfg, saved["options"], ckpt)
+        cfg = merge_resume_options(cfg, saved["options"], ckpt, given)
         run_dir = ckpt.parent.parent
     else:
         name = cfg.run_name or broadcast_text(datetime.now().strftime("%Y%m%d-%H%M%S"), info,
@@ -240,6 +251,7 @@ def choose_run(cfg: TrainConfig, info: DistInfo, device: torch.device):
                                 "--run_name.")
         if info.main:
             check_run_dir(run_dir)
+            set_aside_unfinished(run_dir, early_log)
     if info.main:
         run_dir.mkdir(parents=True, exist_ok=True)
         if ckpt is not None:

@@ -49,24 +49,25 @@ from .utils import (ChitchatError, atomic_dir, out_of_memory_advice, python_comm
                     write_json)
 
 
-def train(cfg: TrainConfig) -> Path:
-    """Train as `cfg` says; returns the run folder."""
+def train(cfg: TrainConfig, given: frozenset[str] | None = None) -> Path:
+    """Train as `cfg` says; returns the run folder. `given`: the flags typed on the command
+    line, which a resumed run takes over its saved options (`merge_resume_options`)."""
     info = dist_info(os.environ)
     device = training_device(cfg, info)
     join_group(info, device)
     clean = False
     try:
-        run_dir = _train(cfg, info, device)
+        run_dir = _train(cfg, info, device, given)
         clean = True
         return run_dir
     finally:
         leave_group(info, clean)
 
 
-def _train(cfg: TrainConfig, info, device: torch.device) -> Path:
+def _train(cfg: TrainConfig, info, device: torch.device, given) -> Path:
     # The run (and the DDP wrapper in it, whose reducer holds the process group) must be
     # gone when train() leaves the group: see distributed.leave_group.
-    run, st = setup(cfg, info, device)
+    run, st = setup(cfg, info, device, given)
     with fp32_matmul(run.fp32_matmul):
         fit(run, st)
     _report_end(run, st)

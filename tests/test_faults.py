@@ -281,6 +281,144 @@ def test_out_of_disk_space_while_saving_keeps_the_last_checkpoint(sample_store, 
     assert verify_checkpoint(cks / "step-00000002") is None
 
 
+# ---- 4b. resuming elsewhere or earlier loses nothing and mixes nothing ---------------------
+def _train_in_process(args, given=None):
+    from chitchat.config import parse_config
+    from chitchat.training import train
+
+    return train(parse_config(TrainConfig, [str(a) for a in args]), given=given)
+
+
+def _options(ckpt: Path) -> dict:
+    return json.loads((ckpt / STATE_FILE).read_text(encoding="utf-8"))["options"]
+
+
+@pytest.mark.slow
+def test_resuming_an_earlier_checkpoint_sets_the_later_ones_aside(sample_store, tiny_config,
+                                                                   tmp_path):
+    """Resuming from step 2 of a run saved at 2, 4 and 6 abandons steps 3-6: their
+    checkpoints and best/ move aside, the resumed run's own checkpoint survives pruning
+    (even with --keep_checkpoints 1), and --resume auto then continues the resumed run."""
+    from chitchat.checkpoint import checkpoints_of
+
+    save = tmp_path / "m"
+    run = save / "r"
+    _train_in_process(base_args(sample_store, tiny_config, save, "r", max_steps=6,
+                                save_interval=2, eval_interval=2))
+    assert json.loads((run / "best" / "best.json").read_text())["step"] > 2
+    _train_in_process(["--resume", run / "checkpoints" / "step-00000002", "--max_steps", 3,
+                       "--keep_checkpoints", 1, "--eval_interval", 1000])
+    assert [c.name for c in checkpoints_of(run)] == ["step-00000003"]
+    aside = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert aside == ["abandoned-step-00000004", "abandoned-step-00000006", "step-00000003"]
+    assert json.loads((run / "abandoned-best" / "best.json").read_text())["step"] > 2
+    assert json.loads((run / "best" / "best.json").read_text())["step"] == 3  # its own
+    _train_in_process(["--resume", "auto", "--run_name", "r", "--save_model_path", save,
+                       "--max_steps", 4])
+    assert [c.name for c in checkpoints_of(run)] == ["step-00000004"]
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()
+             if json.loads(line)["event"] == "train"]
+    assert steps == [1, 2, 3, 4]  # the abandoned steps' records are gone from the curve
+
+
+@pytest.mark.slow
+def test_a_new_run_does_not_inherit_a_killed_runs_curve_or_best(sample_store, tiny_config,
+                                                                tmp_path):
+    run = tmp_path / "m" / "r"
+    (run / "best").mkdir(parents=True)
+    (run / "best" / "best.json").write_text('{"step": 2, "val_loss": 6.79}')
+    old_curve = '{"event": "train", "step": 1, "loss": 9.0}\n'
+    (run / "metrics.jsonl").write_text(old_curve)  # a run killed before its first checkpoint
+    _train_in_process(base_args(sample_store, tiny_config, tmp_path / "m", "r", max_steps=2,
+                                save_interval=2, eval_interval=1000, val_num=0))
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["event"] == "train"] == [1, 2]
+    assert all(r.get("loss") != 9.0 for r in records)
+    assert not (run / "best").exists()  # no validation in this run: no best/ of another
+    assert (run / "earlier-metrics.jsonl").read_text() == old_curve
+    assert (run / "earlier-best" / "best.json").is_file()
+
+
+@pytest.mark.slow
+def test_a_flag_typed_at_its_default_counts_on_resume(sample_store, tiny_config, tmp_path):
+    """--log_step 10 is the default; typed on a resumed run that used 2, it is honoured (it
+    used to be taken for "not given")."""
+    from chitchat.cli import train_main
+
+    save = tmp_path / "m"
+    _train_in_process(base_args(sample_store, tiny_config, save, "r", max_steps=2,
+                                save_interval=2, eval_interval=0, log_step=2))
+    train_main(["--resume", "auto", "--run_name", "r", "--save_model_path", str(save),
+                "--max_steps", "4", "--log_step", "10", "--quiet"])
+    assert _options(save / "r" / "checkpoints" / "step-00000004")["log_step"] == 10
+
+
+def test_pruning_never_removes_the_checkpoint_just_written(tiny_model_dir, tmp_path):
+    import torch
+
+    from chitchat.checkpoint import checkpoints_of, save_checkpoint
+    from chitchat.modeling import load_model
+
+    model, tok = load_model(tiny_model_dir)
+    opt = torch.optim.AdamW(model.parameters())
+    run = tmp_path / "r"
+    for step in (9, 3):  # a higher step already there, as after a manual copy
+        save_checkpoint(run, step, model, tok, opt, None, {"step": step}, keep=1,
+                        last_ckpt=None)
+    assert "step-00000003" in [c.name for c in checkpoints_of(run)]
+
+
+def test_given_flags_are_the_typed_ones():
+    from chitchat.flags import given_flags
+
+    assert given_flags(TrainConfig, ["--patience", "0", "--quiet", "--resume", "auto"]) == {
+        "patience", "quiet", "resume"}
+    assert given_flags(TrainConfig, []) == frozenset()
+
+
+def test_merge_keeps_saved_options_unless_typed(tmp_path):
+    import dataclasses
+
+    from chitchat.checkpoint import merge_resume_options
+
+    where = tmp_path / "m" / "r" / "checkpoints" / "step-00000002"
+    saved = dataclasses.asdict(TrainConfig(patience=3, log_step=2))
+    now = TrainConfig(resume="auto")  # every option at its default
+    assert merge_resume_options(now, saved, where, frozenset({"resume"})).patience == 3
+    assert merge_resume_options(now, saved, where, frozenset({"patience"})).patience == 0
+    assert merge_resume_options(now, saved, where).patience == 3  # from Python: by value
+
+
+@pytest.mark.slow
+def test_a_moved_store_and_a_moved_run_folder_resume(sample_store, tiny_config, tmp_path):
+    """The store and the run folder may move between sessions: the data is checked by its
+    fingerprint, and the resumed run's options name where the run is now (the end-of-run
+    hint builds its --resume command from them)."""
+    store = tmp_path / "store"
+    shutil.copytree(sample_store, store)
+    save = tmp_path / "m"
+    _train_in_process(base_args(store, tiny_config, save, "r", max_steps=2, save_interval=2,
+                                eval_interval=0))
+    store.rename(tmp_path / "store2")
+    (tmp_path / "elsewhere").mkdir()
+    (save / "r").rename(tmp_path / "elsewhere" / "r")
+    _train_in_process(["--resume", tmp_path / "elsewhere" / "r", "--max_steps", 4,
+                       "--train_path", tmp_path / "store2", "--quiet"])
+    opts = _options(tmp_path / "elsewhere" / "r" / "checkpoints" / "step-00000004")
+    assert opts["save_model_path"] == str(tmp_path / "elsewhere")
+    assert opts["train_path"] == str(tmp_path / "store2")
+
+
+def test_bad_run_paths_are_clear_errors(sample_store, tiny_config, tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    with pytest.raises(ChitchatError, match="is a file, so no run folder"):
+        _train_in_process(base_args(sample_store, tiny_config, afile, "r", max_steps=1))
+    with pytest.raises(ChitchatError, match="--log_path .* is a folder"):
+        _train_in_process(base_args(sample_store, tiny_config, tmp_path / "m", "r",
+                                    max_steps=1, log_path=tmp_path))
+
+
 # ---- the run folder and other outputs -------------------------------------------------------
 @pytest.mark.slow
 def test_run_name_of_a_foreign_folder_is_refused(sample_store, tiny_config, tiny_model_dir,
