@@ -43,7 +43,7 @@ from .config import (DEFAULT_MMI_WEIGHT, DEFAULT_NUM_CANDIDATES, MMI_SETTINGS, O
 from .dialogue import Context, build_context, printable
 from .generation import Row, decode, decode_one
 from .mmi import MMI, load_mmi_model
-from .sampling import Constraints
+from .sampling import Constraints, is_greedy
 from .streams import (BatchDriver, MMIBatch, MMITokens, Prepared, Reply, ReplyStream,
                       RowTokens)
 from .tokenization import ChatTokenizer
@@ -87,6 +87,7 @@ class Chatbot:
         self._rng: torch.Generator | None = None
         self.bad_words = list(bad_words)
         self.constraints = self._constraints(self.bad_words)
+        self._mmi_notes: set[str] = set()  # the MMI notes already logged
         self.set(**options)
 
     @classmethod
@@ -240,7 +241,7 @@ class Chatbot:
                                 f"context in the {limit} positions a reply may use")
         seeded = "seed" in overrides
         if self.mmi is not None:
-            opts = dataclasses.replace(opts, num_beams=1, min_len=max(1, opts.min_len))
+            opts = self._candidate_options(opts)
         ctx = build_context(self.tokenizer, history, opts.max_history_len,
                             limit - opts.max_new_tokens, self.speaker_ids)
         if ctx.notice:
@@ -330,11 +331,7 @@ class Chatbot:
         there interrupts it like any reply) and the time to first token is the whole
         reply's time.
         """
-        # Candidates are sampled: with num_beams > 1 or greedy decoding they would all be
-        # the same reply. min_len >= 1, so a candidate is empty only if its text is blank.
-        cand_opts = dataclasses.replace(opts, num_beams=1, min_len=max(1, opts.min_len))
-        if opts.num_beams > 1:
-            log.warning("note: MMI samples its candidates; num_beams is ignored")
+        cand_opts = self._candidate_options(opts)
         ctxs = [self.context(h, cand_opts) for h in histories]
         for c in ctxs:
             if c.notice:
@@ -342,6 +339,26 @@ class Chatbot:
         batch = MMIBatch(lambda: self._mmi_rank(histories, ctxs, cand_opts, rng))
         return [ReplyStream(MMITokens(batch, i), self.tokenizer, ctx, opts)
                 for i, ctx in enumerate(ctxs)]
+
+    def _candidate_options(self, opts: DecodingOptions) -> DecodingOptions:
+        """The options MMI's candidates decode with. They must be samples: with beam search
+        or greedy decoding all would be the same reply and reranking would choose nothing.
+        Beams are turned off; greedy decoding is the user's to change, so it is only
+        pointed out. min_len >= 1, so a candidate is empty only if its text is blank. Each
+        note is logged once per Chatbot: a server would repeat it on every request."""
+        n = self.mmi.num_candidates
+        notes = {}
+        if opts.num_beams > 1:
+            notes["beams"] = "note: MMI samples its candidates; num_beams is ignored"
+        if is_greedy(opts) and n > 1:
+            notes["greedy"] = (f"note: MMI with greedy decoding (--greedy or temperature 0) "
+                               f"decodes {n} identical candidates and reranks nothing; sample "
+                               "them (greedy off, a temperature above 0) to rerank")
+        for key, note in notes.items():
+            if key not in self._mmi_notes:
+                self._mmi_notes.add(key)
+                log.warning(note)
+        return dataclasses.replace(opts, num_beams=1, min_len=max(1, opts.min_len))
 
     def _mmi_rank(self, histories, ctxs: list[Context], cand_opts: DecodingOptions, rng):
         """[(chosen candidate Reply, Ranking)] per history."""

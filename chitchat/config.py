@@ -255,7 +255,8 @@ class DecodingOptions:
         check(self.max_history_len >= 1,
               f"--max_history_len must be at least 1 (the new message), got "
               f"{self.max_history_len}")
-        check(self.temperature >= 0, f"--temperature must be >= 0, got {self.temperature}")
+        check(0 <= self.temperature < float("inf"),
+              f"--temperature must be a finite number >= 0 (0: greedy), got {self.temperature}")
         check(self.topk >= 0, f"--topk must be >= 0 (0: off), got {self.topk}")
         check(0.0 <= self.topp <= 1.0, f"--topp must be in [0, 1] (0: off), got {self.topp}")
         check(self.repetition_penalty > 0,

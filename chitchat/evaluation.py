@@ -210,33 +210,78 @@ def default_output(cfg: EvaluateConfig) -> Path:
     return Path(cfg.model.model_path) / f"eval-{Path(cfg.data_path).stem}.json"
 
 
-# Files of a model folder that an evaluation output must never replace.
+# Files of a model folder that an evaluation output must never replace, even before they exist
+# (a model saved later would find an evaluation in their place).
 MODEL_FILES = {"config.json", "generation_config.json", "model.safetensors", "vocab.txt",
                "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-               "pytorch_model.bin", "best.json", "trainer_state.json", "training_state.pt",
-               "manifest.json", "metrics.jsonl", "train.log"}
+               "chat_template.jinja", "chitchat_convert.json", "pytorch_model.bin", "best.json",
+               "trainer_state.json", "training_state.pt", "manifest.json", "metrics.jsonl",
+               "train.log"}
+RESULT_KEYS = {"model_path", "data_path", "split", "seed"}  # in every evaluate() result
+REPLY_KEYS = {"context", "reference", "reply"}  # a --generate record
+
+
+def is_evaluation_output(path: Path) -> bool:
+    """Whether the file at `path` is one evaluate.py wrote (a result JSON, or replies whose
+    first line is a reply record): the only files in a model folder it may replace."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            head = f.readline() if path.suffix == ".jsonl" else f.read()
+        obj = json.loads(head)
+    except (OSError, ValueError):
+        return False
+    keys = REPLY_KEYS if path.suffix == ".jsonl" else RESULT_KEYS
+    return isinstance(obj, dict) and keys <= obj.keys()
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    return path == folder or folder in path.parents
 
 
 def check_outputs(cfg: EvaluateConfig) -> None:
     """Outputs are written whole (write, then rename), so one that is also an input would
-    be lost: refuse that before any work."""
-    outs = [default_output(cfg)] + ([Path(cfg.generate)] if cfg.generate else [])
+    be lost: refuse that before any work. A token store and a model folder are inputs as a
+    whole: nothing is written inside a store, and in a model folder only new files or
+    evaluate.py's own earlier outputs are (the default output goes there)."""
+    # --generate first: a store path there would also put the default metrics file there.
+    outs = [(Path(cfg.generate), "--generate")] if cfg.generate else []
+    outs.append((default_output(cfg), "--output_json"))
     inputs = {Path(p).resolve(): flag for p, flag in ((cfg.data_path, "--data_path"),
                                                       (cfg.model.vocab_path, "--vocab_path"))
               if p}
-    models = {Path(p).resolve() for p in (cfg.model.model_path, cfg.mmi.mmi_model_path) if p}
-    for out in outs:
+    data = Path(cfg.data_path).resolve() if cfg.data_path else None
+    store = data if data is not None and is_store(data) else None
+    models = [(Path(p).resolve(), flag) for p, flag in ((cfg.model.model_path, "--model_path"),
+                                                        (cfg.mmi.mmi_model_path,
+                                                         "--mmi_model_path")) if p]
+    for out, flag in outs:
         r = out.resolve()
+        name = flag if flag != "--output_json" or cfg.output_json else \
+            "the metrics file (--output_json's default)"
         if r.is_dir():
-            raise ChitchatError(f"output {out} is a folder; give a file path")
+            raise ChitchatError(f"{name} {out} is a folder; give a file path")
         clash = inputs.get(r)
-        if clash is None and r.parent in models and out.name in MODEL_FILES:
-            clash = "a model folder's own files"
         if clash:
-            raise ChitchatError(f"output {out} would overwrite {clash}; choose another "
-                                "--output_json / --generate path")
-    if len(outs) == 2 and outs[0].resolve() == outs[1].resolve():
-        raise ChitchatError(f"--output_json and --generate are the same file ({outs[0]})")
+            raise ChitchatError(f"{name} {out} would overwrite {clash}; choose another "
+                                f"{flag} path")
+        if store is not None and _inside(r, store):
+            raise ChitchatError(f"{name} {out} is inside the token store {cfg.data_path} "
+                                "(--data_path), which evaluate.py reads and must not change; "
+                                f"choose a {flag} path outside it")
+        for folder, model_flag in models:
+            if not _inside(r, folder):
+                continue
+            if r.name in MODEL_FILES:
+                why = f"the model's own {r.name}"
+            elif r.exists() and not is_evaluation_output(r):
+                why = "a file that evaluate.py did not write"
+            else:
+                continue
+            raise ChitchatError(f"{name} {out} would overwrite {why} in the model folder "
+                                f"{folder} ({model_flag}); choose a {flag} path outside it, "
+                                "or a new file name")
+    if len(outs) == 2 and outs[0][0].resolve() == outs[1][0].resolve():
+        raise ChitchatError(f"--output_json and --generate are the same file ({outs[0][0]})")
 
 
 def evaluate(cfg: EvaluateConfig) -> dict:

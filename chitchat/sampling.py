@@ -30,7 +30,27 @@ NEG_INF = float("-inf")
 
 # ---- pure functions on logits (B, V) --------------------------------------------------------
 def apply_temperature(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    return logits if temperature == 1.0 else logits / temperature
+    """logits / temperature, with the limits where that quotient stops being a distribution.
+
+    A temperature so small that a row's quotients overflow (inf - inf, or every one -inf)
+    would make its softmax NaN, and the argmax of NaNs is token 0 ([PAD], a banned token).
+    Such a row gets the limit of a shrinking temperature instead: only its largest allowed
+    logits survive (greedy). An infinite temperature would give -inf / inf = NaN for banned
+    tokens; its limit is uniform over the allowed ones.
+    """
+    if temperature == 1.0:
+        return logits
+    allowed = torch.isfinite(logits)
+    if temperature == float("inf"):
+        return torch.where(allowed, 0.0, NEG_INF).to(logits.dtype)
+    scaled = logits / temperature
+    if temperature > 1.0:  # dividing by more than 1 cannot overflow
+        return scaled
+    top = logits == logits.amax(dim=-1, keepdim=True)
+    greedy = torch.where(top & allowed, 0.0, NEG_INF).to(logits.dtype)
+    # amax propagates NaN, so a non-finite max flags +inf, NaN and all -inf alike.
+    broken = ~torch.isfinite(scaled.amax(dim=-1, keepdim=True))
+    return torch.where(broken, greedy, scaled)
 
 
 def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:

@@ -198,6 +198,16 @@ def test_options_are_validated_and_aliases_accepted(fresh):
         coerce_option("topk", "many")
 
 
+@pytest.mark.parametrize("t", [1e-39, 1e-40])
+def test_a_vanishing_temperature_replies_greedily(fresh, t):
+    greedy = fresh.generate(["你好"], greedy=True, max_len=8)
+    tiny = fresh.generate(["你好"], temperature=t, max_len=8)
+    assert tiny.token_ids == greedy.token_ids and tiny.text == greedy.text
+    assert not set(tiny.token_ids) & set(fresh.tokenizer.banned_ids)
+    with pytest.raises(ChitchatError, match="--temperature must be a finite number"):
+        fresh.generate(["你好"], temperature=float("inf"))
+
+
 def test_bad_words_are_never_generated(tiny_model_dir):
     probe = Chatbot.from_pretrained(tiny_model_dir, greedy=True, max_len=10)
     said = probe.generate(["你好"]).token_ids

@@ -149,3 +149,63 @@ def test_store_with_another_vocab_is_refused(tiny_model_dir, tmp_path):
                                         min_frequency=1, val_num=0, quiet=True))
     p = run(["--model_path", tiny_model_dir, "--data_path", store])
     assert p.returncode == 2 and "another vocab" in p.stderr and "--vocab_path" in p.stderr
+
+
+def snapshot(folder):
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file()}
+
+
+@pytest.fixture
+def own_inputs(tiny_model_dir, sample_store, tmp_path):
+    """Copies of the model and the store: a regression here would break the session's."""
+    import shutil
+
+    model, store = tmp_path / "model", tmp_path / "store"
+    shutil.copytree(tiny_model_dir, model)
+    shutil.copytree(sample_store, store)
+    return model, store
+
+
+def test_evaluate_never_writes_inside_the_token_store_it_reads(own_inputs):
+    from chitchat.config import ModelOptions
+    from chitchat.evaluation import check_outputs, evaluate
+    from chitchat.utils import ChitchatError
+
+    model, store = own_inputs
+    before = snapshot(store)
+    cfg = lambda **kw: EvaluateConfig(model=ModelOptions(model_path=str(model)),
+                                      data_path=str(store), max_dialogues=4, max_len=64,
+                                      no_perplexity=True, quiet=True, **kw)
+    for kw in ({"generate": str(store / "meta.json")}, {"generate": str(store / "new.jsonl")},
+               {"generate": str(store.parent / "r.jsonl"),
+                "output_json": str(store / "report.json")}):
+        with pytest.raises(ChitchatError, match="inside the token store .*--data_path"):
+            evaluate(cfg(**kw))
+    assert snapshot(store) == before
+    check_outputs(cfg(generate=str(store.parent / "replies.jsonl")))
+
+
+def test_evaluate_never_replaces_a_model_folders_files(own_inputs, reverse_dir):
+    from chitchat.config import MMIOptions, ModelOptions
+    from chitchat.evaluation import check_outputs, evaluate
+    from chitchat.utils import ChitchatError
+
+    model, _ = own_inputs
+    (model / "notes.txt").write_text("mine\n", encoding="utf-8")
+    before = snapshot(model)
+    cfg = lambda **kw: EvaluateConfig(model=ModelOptions(model_path=str(model)),
+                                      data_path=str(SAMPLE), max_dialogues=4, max_len=64,
+                                      quiet=True, **kw)
+    for name in ("chat_template.jinja", "notes.txt"):
+        with pytest.raises(ChitchatError, match=f"{name} would overwrite .*model folder"):
+            evaluate(cfg(output_json=str(model / name)))
+    with pytest.raises(ChitchatError, match="model folder .*--mmi_model_path"):
+        check_outputs(cfg(generate=str(reverse_dir / "chat_template.jinja"),
+                          mmi=MMIOptions(mmi_model_path=str(reverse_dir))))
+    assert snapshot(model) == before
+    # The default output goes in the model folder, and a second run replaces it.
+    first = evaluate(cfg())
+    again = evaluate(cfg())
+    assert first["perplexity"] == again["perplexity"]
+    assert json.loads((model / f"eval-{SAMPLE.stem}.json").read_text())["model_path"] == str(model)

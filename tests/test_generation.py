@@ -16,8 +16,9 @@ from transformers.generation.logits_process import (
 from chitchat.config import DecodingOptions
 from chitchat.generation import beam_search, decode, decode_one
 from chitchat.sampling import (
-    Constraints, apply_repetition_penalty, ngram_bans, phrase_bans, sampling_distribution,
-    top_k_filter, top_p_filter, warp_logits)
+    Constraints, apply_repetition_penalty, apply_temperature, choose_tokens, ngram_bans,
+    phrase_bans, process_logits, sampling_distribution, top_k_filter, top_p_filter,
+    warp_logits)
 from chitchat.backends import DecodeState, FastGPT2, HFDecoder, conv1d_to_linear, quantize_int8
 from chitchat.utils import ChitchatError
 
@@ -113,6 +114,41 @@ def test_phrase_bans_match_transformers():
         ref = NoBadWordsLogitsProcessor(phrases, eos_token_id=None)(torch.tensor([seq]),
                                                                     torch.zeros(1, 6))
         assert set(phrase_bans(seq, phrases)) == set(torch.isinf(ref[0]).nonzero().view(-1).tolist())
+
+
+@pytest.mark.parametrize("t", [1e-39, 1e-40, 1e-50, 0.0])
+@pytest.mark.parametrize("k,p", [(0, 0.0), (8, 0.0), (8, 0.9), (1, 0.0)])
+def test_a_vanishing_temperature_decodes_greedily_among_allowed_tokens(t, k, p):
+    """logits / t overflows (inf - inf and -inf / tiny in the softmax are NaN): the limit
+    of a shrinking temperature is the argmax of the allowed tokens, never a banned one."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(4, V, generator=g) * 3
+    logits[1] -= 50  # every logit negative: all of them would underflow to -inf
+    logits[2, [1, 2, 4]] = 99.0  # the model's favourites are banned
+    logits[3, 5] = 0.0  # exactly 0: 0 / (a temperature that is 0 in float32) is NaN
+    opts = DecodingOptions(temperature=t, topk=k, topp=p)
+    processed = process_logits(logits, [[]] * 4, 1, opts, CONS)
+    best = processed.argmax(dim=-1)
+    assert kept(warp_logits(processed, opts)) == [{int(b)} for b in best]
+    for seed in range(3):
+        picked = choose_tokens(processed, opts, torch.Generator().manual_seed(seed))
+        assert picked.tolist() == best.tolist()
+        assert not {0, 1, 2, 4} & set(picked.tolist())
+
+
+def test_a_small_temperature_that_stays_finite_is_left_alone():
+    logits = torch.tensor([[5.0, 4.9, -1e38, float("-inf")]])
+    out = apply_temperature(logits, 0.1)
+    torch.testing.assert_close(out, logits / 0.1)
+    assert kept(out) == [{0, 1}]  # -1e38 / 0.1 is -inf: zero probability, as it should be
+
+
+def test_an_infinite_temperature_is_uniform_over_allowed_tokens_and_rejected_as_an_option():
+    logits = torch.tensor([[3.0, float("-inf"), -2.0, 0.5]])
+    assert apply_temperature(logits, float("inf")).tolist() == [[0.0, float("-inf"), 0.0, 0.0]]
+    for bad in (float("inf"), float("nan"), -1.0):
+        with pytest.raises(ChitchatError, match="--temperature must be a finite number"):
+            DecodingOptions(temperature=bad)
 
 
 # ---- the loop on a scripted backend -----------------------------------------------------------

@@ -372,6 +372,31 @@ def test_interact_set_changes_mmi_settings(tiny_model_dir, reverse_dir):
     assert len(said) == 2 and said[1].startswith("max_new_tokens=")  # /set k=v, then /set
 
 
+def test_mmi_with_greedy_decoding_is_pointed_out_once(tiny_model_dir, reverse_dir, caplog):
+    """Greedy candidates are all the same reply: MMI would rerank nothing, silently."""
+    def notes():
+        return [r.getMessage() for r in caplog.records if "identical candidates" in r.getMessage()]
+
+    for greedy in ({"greedy": True}, {"temperature": 0.0}):
+        bot = Chatbot.from_pretrained(tiny_model_dir, mmi_model_path=reverse_dir,
+                                      num_candidates=4, seed=0, max_len=6)
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="chitchat"):
+            bot.generate(HISTORY)  # sampled: nothing to say
+            assert notes() == []
+            r = bot.generate(HISTORY, **greedy)
+            bot.generate(HISTORY, **greedy)
+            bot.prepare(HISTORY, **greedy)  # the server's path
+        assert len({c.text for c in r.candidates}) == 1
+        assert len(notes()) == 1 and "4 identical candidates" in notes()[0]
+    server = Chatbot.from_pretrained(tiny_model_dir, mmi_model_path=reverse_dir,
+                                     num_candidates=4, max_len=6)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="chitchat"):
+        server.prepare(HISTORY, temperature=0.0)
+    assert len(notes()) == 1
+
+
 # ---- serve.py ---------------------------------------------------------------------------------
 def test_server_decodes_mmi_candidates_as_rows_of_its_batch(mmi_bot):
     from test_engine import run_jobs

@@ -186,6 +186,29 @@ def test_stop_sequence_cuts_the_reply(client):
     assert text == cut
 
 
+def test_usage_counts_the_reply_up_to_the_stop_sequence(client, tiny_bot):
+    """The engine decodes on until the stop's cancel reaches it; usage must not count that
+    (it varied between identical requests): only the tokens whose text the reply shows."""
+    hist, base = ["你好"], {"messages": [user("你好")], "max_tokens": 30}
+    for seed in range(20):
+        pieces = list(tiny_bot.start(hist, seed=seed, max_new_tokens=30))
+        if len(pieces) >= 6 and all(pieces[:4]):
+            break
+    text, stop = "".join(pieces), pieces[2] + pieces[3]
+    cut = text[:text.index(stop)]
+    starts = [len("".join(pieces[:i])) for i in range(len(pieces))]
+    expect = sum(1 for a in starts if a < len(cut))
+    assert expect < 4  # the tokens that completed the stop are not the reply's
+    body = {**base, "seed": seed, "stop": stop, "stream_options": {"include_usage": True}}
+    for _ in range(3):
+        r = client.post(URL, json=body).json()
+        assert r["choices"][0]["message"]["content"] == cut
+        assert r["usage"]["completion_tokens"] == expect
+        assert r["usage"]["total_tokens"] == r["usage"]["prompt_tokens"] + expect
+        chunks, streamed = stream_chunks(client, body)
+        assert streamed == cut and chunks[-1]["usage"] == r["usage"]
+
+
 def test_models_health_and_page(client):
     assert client.get("/health").json() == {"status": "ready", "model": "chitchat"}
     models = client.get("/v1/models").json()

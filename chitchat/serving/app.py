@@ -243,14 +243,16 @@ async def _chat_completion(request: Request, state: AppState):
     if req.stream:
         usage = bool(req.stream_options and req.stream_options.include_usage)
         return StreamingResponse(
-            _stream(job, rid, created, options.model_name, StopMatcher(stops), usage),
+            _stream(job, rid, created, options.model_name, StopMatcher(stops), usage,
+                    state.bot.tokenizer.tokens),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     return await _complete(job, request, rid, created, options.model_name,
-                           StopMatcher(stops))
+                           StopMatcher(stops), state.bot.tokenizer.tokens)
 
 
-async def _complete(job: Job, request: Request, rid, created, model, matcher: StopMatcher):
+async def _complete(job: Job, request: Request, rid, created, model, matcher: StopMatcher,
+                    vocab: list[str]):
     # Nothing else listens to a plain request's connection while it waits for the
     # model: without this watcher an abandoned reply would be generated to the end.
     gone = asyncio.create_task(_disconnected(request))
@@ -275,10 +277,11 @@ async def _complete(job: Job, request: Request, rid, created, model, matcher: St
             "choices": [{"index": 0, "logprobs": None,
                          "message": {"role": "assistant", "content": matcher.text},
                          "finish_reason": finish_reason(reply, matcher)}],
-            "usage": usage_of(reply)}
+            "usage": usage_of(reply, matcher, vocab)}
 
 
-async def _stream(job: Job, rid, created, model, matcher: StopMatcher, usage: bool):
+async def _stream(job: Job, rid, created, model, matcher: StopMatcher, usage: bool,
+                  vocab: list[str]):
     def chunk(delta: dict, finish: str | None = None) -> str:
         return sse({"id": rid, "object": "chat.completion.chunk", "created": created,
                     "model": model, "system_fingerprint": None,
@@ -307,7 +310,7 @@ async def _stream(job: Job, rid, created, model, matcher: StopMatcher, usage: bo
                 if usage:
                     yield sse({"id": rid, "object": "chat.completion.chunk",
                                "created": created, "model": model, "choices": [],
-                               "usage": usage_of(value)})
+                               "usage": usage_of(value, matcher, vocab)})
                 break
         yield "data: [DONE]\n\n"
     finally:

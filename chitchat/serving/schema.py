@@ -4,11 +4,12 @@ OpenAI's JSON shape. See the package docstring for the rules."""
 from __future__ import annotations
 
 import json
-from typing import Any, Literal
+from typing import Any, Literal, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..config import DecodingOptions
+from ..tokenization import Detokenizer
 from ..utils import ChitchatError
 from .engine import EngineError
 
@@ -235,8 +236,24 @@ class StopMatcher:
 
 
 # ---- responses ----------------------------------------------------------------------------------
-def usage_of(reply) -> dict:
-    n = len(reply.token_ids)
+def reply_tokens(reply, matcher: StopMatcher, vocab: Sequence[str]) -> int:
+    """The reply's tokens in the text the client got. After a stop sequence the engine
+    keeps decoding until the cancel reaches it (how far depends on timing), so the tokens
+    counted are those whose text begins before the cut: the same for every identical
+    seeded request, streamed or not."""
+    if not matcher.hit:
+        return len(reply.token_ids)
+    detok, shown, n = Detokenizer(), 0, 0
+    for t in reply.token_ids:
+        if shown >= len(matcher.text):
+            break
+        shown += len(detok.push(vocab[t]))
+        n += 1
+    return n
+
+
+def usage_of(reply, matcher: StopMatcher, vocab: Sequence[str]) -> dict:
+    n = reply_tokens(reply, matcher, vocab)
     return {"prompt_tokens": reply.prompt_tokens, "completion_tokens": n,
             "total_tokens": reply.prompt_tokens + n}
 
