@@ -40,17 +40,18 @@ def apply_temperature(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     """
     if temperature == 1.0:
         return logits
-    allowed = torch.isfinite(logits)
     if temperature == float("inf"):
-        return torch.where(allowed, 0.0, NEG_INF).to(logits.dtype)
+        return torch.where(torch.isfinite(logits), 0.0, NEG_INF).to(logits.dtype)
     scaled = logits / temperature
     if temperature > 1.0:  # dividing by more than 1 cannot overflow
         return scaled
-    top = logits == logits.amax(dim=-1, keepdim=True)
-    greedy = torch.where(top & allowed, 0.0, NEG_INF).to(logits.dtype)
-    # amax propagates NaN, so a non-finite max flags +inf, NaN and all -inf alike.
+    # amax propagates NaN, so a non-finite max flags +inf, NaN and all -inf alike. The
+    # check is one reduction (the rest runs only for a broken row): this is every token.
     broken = ~torch.isfinite(scaled.amax(dim=-1, keepdim=True))
-    return torch.where(broken, greedy, scaled)
+    if not bool(broken.any()):
+        return scaled
+    top = (logits == logits.amax(dim=-1, keepdim=True)) & torch.isfinite(logits)
+    return torch.where(broken, torch.where(top, 0.0, NEG_INF).to(logits.dtype), scaled)
 
 
 def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
