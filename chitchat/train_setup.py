@@ -324,6 +324,12 @@ def _log_start(run: Run, st: TrainState, n_train: int, n_valid: int) -> None:
                 "decay fitted to the measured speed)" if budget else
                 f"{run.total_steps} steps; warmup {run.warmup}")
              + ("; REVERSED utterance order (MMI reverse model)" if cfg.reverse else ""))
+    if not budget and run.warmup >= run.total_steps:
+        # e.g. GPT2-chitchat's --warmup_steps 4000 carried over to a short run
+        log.warning(f"warning: --warmup_steps {run.warmup} is not below the run's "
+                    f"{run.total_steps} steps: the lr rises to "
+                    f"{run.total_steps / run.warmup:.0%} of --lr {cfg.lr:g} at most and never "
+                    "decays. Use fewer warmup steps (unset: 5% of the steps).")
     if model.config._attn_implementation == ATTENTION:
         log.info(f"attention: SDPA, and with attn_pdrop {model.config.attn_pdrop} in training "
                  "chitchat's math path with cheap dropout masks, in rows over "

@@ -285,6 +285,15 @@ def test_schedule_values():
 
 
 # ---- config and input errors ------------------------------------------------------------
+def test_warmup_longer_than_the_run_is_pointed_out(sample_store, tiny_config_path, tmp_path):
+    for name, warmup in (("long", 10), ("fits", 1)):
+        train(cfg_for(sample_store, tiny_config_path, tmp_path, run_name=name, max_steps=3,
+                      warmup_steps=warmup))
+    said = (tmp_path / "runs" / "long" / "train.log").read_text()
+    assert "--warmup_steps 10 is not below the run's 3 steps" in said and "30% of --lr" in said
+    assert "--warmup_steps" not in (tmp_path / "runs" / "fits" / "train.log").read_text()
+
+
 def test_config_rejects_bad_combinations(capsys):
     for argv, msg in [(["--pack_len", "10", "--max_len", "20"], "--pack_len 10"),
                       (["--no_cuda", "--device", "cuda"], "--no_cuda"),
