@@ -24,8 +24,8 @@ import torch
 
 from .config import TrainConfig
 from .modeling import save_model
-from .utils import (ChitchatError, atomic_dir, atomic_write_text, clean_stale_temps,
-                    sha256_file, write_json)
+from .utils import (ChitchatError, atomic_dir, atomic_write_text, check_parent_folder,
+                    clean_stale_temps, sha256_file, write_json)
 
 CHECKPOINT_FORMAT = 1
 STATE_FILE = "trainer_state.json"
@@ -62,10 +62,7 @@ def check_run_dir(run_dir: Path) -> None:
     """A run writes its model files into its folder: never into someone else's folder."""
     if run_dir.exists() and not run_dir.is_dir():
         raise ChitchatError(f"{run_dir} exists and is a file; choose another --run_name")
-    above = next(p for p in run_dir.absolute().parents if p.exists())
-    if not above.is_dir():
-        raise ChitchatError(f"{above} is a file, so no run folder can be made below it "
-                            f"({run_dir}); choose another --save_model_path")
+    check_parent_folder(run_dir)
     if run_dir.is_dir() and any(run_dir.iterdir()) and not is_run_dir(run_dir):
         raise ChitchatError(
             f"{run_dir} already exists and is not a train.py run folder (no checkpoints/, "

@@ -3,7 +3,8 @@
 Two formats:
   * ``train.txt`` (GPT2-chitchat's): one utterance per line, dialogues separated by blank
     lines. LF, CRLF or CR endings, a UTF-8 BOM, runs of blank or whitespace-only lines and
-    trailing whitespace are all accepted.
+    trailing whitespace are all accepted; a line of characters the tokenizer drops (NUL,
+    U+200B, a BOM) is a blank line too.
   * ``.jsonl``: one dialogue per line, a JSON list of utterance strings.
 
 Errors name the file and line, and say how to fix the input.
@@ -17,7 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-from .utils import ChitchatError
+from .tokenization import is_blank
+from .utils import ChitchatError, locate_decode_error
 
 
 @dataclass
@@ -31,6 +33,7 @@ class ReadStats:
     """What the reader passed over, for the data report."""
     empty_utterances: int = 0  # jsonl "" items (train.txt has no such thing: blank = separator)
     empty_dialogues: int = 0   # jsonl [] lines
+    invisible_lines: int = 0   # train.txt lines of control/format characters only
     examples: list[str] = field(default_factory=list)
 
     def skip(self, what: str, where: str) -> None:
@@ -44,36 +47,38 @@ def _is_jsonl(path: Path) -> bool:
 
 def _decode_error(path: Path, encoding: str) -> ChitchatError:
     """Locate the first undecodable byte: line number and absolute byte offset."""
-    offset, line_no = 0, 1
+    found = locate_decode_error(path, encoding)
+    if found is None:
+        return ChitchatError(f"{path}: could not be decoded as {encoding}")
+    line_no, offset, e = found
+    bad = e.object[e.start:e.end].hex(" ")
+    return ChitchatError(f"{path}:{line_no}: byte offset {offset}: bytes {bad} are not valid "
+                         f"{encoding} ({e.reason}). {_encoding_hint(path, encoding)}")
+
+
+_UNICODE_BOMS = ((b"\xff\xfe\x00\x00", "utf-32"), (b"\x00\x00\xfe\xff", "utf-32"),
+                 (b"\xff\xfe", "utf-16"), (b"\xfe\xff", "utf-16"))
+
+
+def _encoding_hint(path: Path, encoding: str) -> str:
+    name = codecs.lookup(encoding).name
     with open(path, "rb") as f:
-        for raw in f:
-            try:
-                raw.decode(encoding)
-            except UnicodeDecodeError as e:
-                head = raw[: e.start]
-                # CR-only files have no b"\n": count lone CRs as line ends too.
-                line_no += head.count(b"\r") - head.count(b"\r\n")
-                bad = raw[e.start:e.end].hex(" ")
-                name = codecs.lookup(encoding).name
-                if name in ("utf-8", "utf-8-sig"):
-                    hint = ("If the file is GBK/GB18030 (common for Chinese corpora), pass "
-                            "--encoding gbk (or gb18030), or convert it first: "
-                            "iconv -f gbk -t utf-8 in.txt > out.txt")
-                elif name in ("gbk", "gb2312"):
-                    # GB18030 extends GBK: rare characters, emoji and 4-byte sequences
-                    # that GBK cannot decode.
-                    hint = ("GB18030 is a superset of GBK: pass --encoding gb18030. If that "
-                            "fails too, check the file's encoding, or convert it to UTF-8 "
-                            "with iconv.")
-                else:
-                    hint = (f"Check that the file really is {encoding}, or convert it to "
-                            "UTF-8 with iconv.")
-                return ChitchatError(
-                    f"{path}:{line_no}: byte offset {offset + e.start}: bytes {bad} are not "
-                    f"valid {encoding} ({e.reason}). {hint}")
-            offset += len(raw)
-            line_no += 1 + raw.count(b"\r") - raw.count(b"\r\n")
-    return ChitchatError(f"{path}: could not be decoded as {encoding}")
+        head = f.read(4)
+    # Editors on Windows save "Unicode" text as UTF-16 with a byte-order mark.
+    bom = next((enc for mark, enc in _UNICODE_BOMS if head.startswith(mark)), None)
+    if bom and not name.startswith(bom):
+        return (f"The file starts with a {bom.upper()} byte-order mark: pass --encoding {bom}, "
+                f"or convert it first: iconv -f {bom} -t utf-8 in.txt > out.txt")
+    if name in ("utf-8", "utf-8-sig"):
+        return ("If the file is GBK/GB18030 (common for Chinese corpora), pass "
+                "--encoding gbk (or gb18030), or convert it first: "
+                "iconv -f gbk -t utf-8 in.txt > out.txt")
+    if name in ("gbk", "gb2312"):
+        # GB18030 extends GBK: rare characters, emoji and 4-byte sequences that GBK cannot
+        # decode.
+        return ("GB18030 is a superset of GBK: pass --encoding gb18030. If that fails too, "
+                "check the file's encoding, or convert it to UTF-8 with iconv.")
+    return f"Check that the file really is {encoding}, or convert it to UTF-8 with iconv."
 
 
 def _lines(path: Path, encoding: str) -> Iterator[tuple[int, str]]:
@@ -97,6 +102,16 @@ def read_dialogues(path: str | os.PathLike, encoding: str = "utf-8",
     if path.is_dir():
         raise ChitchatError(f"{path} is a directory; --train_path takes a train.txt or .jsonl "
                             "file")
+    if not path.is_file():
+        # A pipe or <(...) can be read once, and the corpus is read several times.
+        raise ChitchatError(f"{path} is not a regular file (a pipe, a device or a <(...) "
+                            "process substitution?); the corpus is read several times. Save "
+                            "it to a file first (... > train.txt) and pass that file.")
+    if path.suffix.lower() == ".json":
+        raise ChitchatError(f"{path}: a .json file (one JSON document) is not a corpus format. "
+                            "Use train.txt (one utterance per line, a blank line between "
+                            "dialogues) or .jsonl (one dialogue per line, a JSON list such as "
+                            '["你好", "你好呀"]); see the README, section Data.')
     try:
         codecs.lookup(encoding)
     except LookupError:
@@ -105,14 +120,21 @@ def read_dialogues(path: str | os.PathLike, encoding: str = "utf-8",
     if _is_jsonl(path):
         yield from _read_jsonl(path, encoding, stats)
     else:
-        yield from _read_txt(path, encoding)
+        yield from _read_txt(path, encoding, stats)
 
 
-def _read_txt(path: Path, encoding: str) -> Iterator[Dialogue]:
+def _read_txt(path: Path, encoding: str, stats: ReadStats) -> Iterator[Dialogue]:
     utts: list[str] = []
     start = 0
     for i, line in _lines(path, encoding):
         text = line.strip()
+        # A line the tokenizer reads as nothing (a NUL, U+200B, a stray BOM) would give no
+        # token anyway; as an utterance it would glue the dialogues around it together.
+        if text and is_blank(text):
+            stats.invisible_lines += 1
+            stats.skip("line of invisible characters only, read as a blank line",
+                       f"{path.name}:{i}")
+            text = ""
         if text:
             if not utts:
                 start = i

@@ -325,10 +325,15 @@ def _is_converted(path: Path) -> bool:
 
 
 def _check_convert_output(out: Path, src: Path) -> None:
+    # The output folder is replaced whole: were it the model folder or a folder that holds
+    # it (a converted folder may hold the next model to convert), the model would be deleted.
+    o, s = out.resolve(), src.resolve()
+    if o == s or o in s.parents:
+        where = "the model folder itself" if o == s else f"a folder that holds {src}"
+        raise ChitchatError(f"--output_path {out} is {where}; the output folder is replaced "
+                            "whole, so the model would be deleted (nothing was changed). Choose "
+                            f"an output folder that neither is nor holds {src}.")
     check_replaceable(out, _is_converted, "a folder written by convert.py")
-    if out.resolve() == src.resolve() and not _is_converted(src):
-        raise ChitchatError(f"--output_path is the model folder itself ({src}); name a new "
-                            "folder")
 
 
 def convert_folder(src: str | os.PathLike, out: str | os.PathLike,

@@ -8,6 +8,7 @@ from __future__ import annotations
 import array
 import hashlib
 import json
+import os
 import sys
 from collections import Counter
 from dataclasses import dataclass, field
@@ -41,6 +42,42 @@ def check_output_path(src: Path, save: Path) -> None:
         raise ChitchatError(f"--save_path {save} would replace the corpus {src} (the output "
                             "folder is replaced whole). Choose an output folder that does not "
                             f"hold the corpus, e.g. --save_path {default_save_path(str(src))}")
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    """One file under two names: symlinks resolve alike, hard links share an inode."""
+    if a.resolve() == b.resolve():
+        return True
+    return a.exists() and b.exists() and os.path.samefile(a, b)
+
+
+def check_log_path(log_path: Path, inputs: dict[str, Path], save: Path) -> None:
+    """The log is appended to while the inputs are read and the store is replaced whole, so
+    it may be neither an input (`inputs`: flag -> file) nor inside the store's folder."""
+    beside = save.parent / f"{save.name}.log"
+    if log_path.is_dir():
+        raise ChitchatError(f"--log_path {log_path} is a folder; give a file, e.g. "
+                            f"--log_path {beside}")
+    for flag, f in inputs.items():
+        if _same_file(log_path, f):
+            raise ChitchatError(f"--log_path {log_path} is the {flag} file; the log would be "
+                                f"appended to it. Give the log a file of its own, e.g. "
+                                f"--log_path {beside}")
+    d = save.resolve()
+    if d == log_path.resolve() or d in log_path.resolve().parents:
+        raise ChitchatError(f"--log_path {log_path} is inside the output folder {save}, "
+                            "which preprocess.py replaces whole (the log would be lost). Put "
+                            f"the log beside it, e.g. --log_path {beside}")
+
+
+def _input_files(cfg: PreprocessConfig) -> dict[str, Path]:
+    """The files preprocess.py reads, by the flag that names them."""
+    files = {"--train_path": Path(cfg.train_path)}
+    if cfg.vocab_path:
+        files["--vocab_path"] = Path(cfg.vocab_path)
+    if cfg.pretrained_model:
+        files["--pretrained_model vocab"] = Path(cfg.pretrained_model) / "vocab.txt"
+    return files
 
 
 def given_vocab(cfg: PreprocessConfig) -> Path | None:
@@ -88,13 +125,16 @@ def _settings(cfg: PreprocessConfig, source_hash: str, vocab_hash: str | None) -
 def preprocess(cfg: PreprocessConfig) -> Path:
     """Build the token store for `cfg.train_path`; returns its directory."""
     save = Path(cfg.save_path) if cfg.save_path else default_save_path(cfg.train_path)
-    # Its own logger, so a caller (evaluate.py) keeps its log settings.
-    log = get_logger("chitchat.preprocess", log_path=cfg.log_path, quiet=cfg.quiet)
     src = Path(cfg.train_path)
     check_output_path(src, save)
+    if cfg.log_path:
+        check_log_path(Path(cfg.log_path), _input_files(cfg), save)
+    # Its own logger, so a caller (evaluate.py) keeps its log settings.
+    log = get_logger("chitchat.preprocess", log_path=cfg.log_path, quiet=cfg.quiet)
     stats = ReadStats()
-    # Fail on a missing or unreadable file before hashing or touching the output.
-    next(iter(read_dialogues(src, cfg.encoding, stats)), None)
+    # Fail on a missing or unreadable file before hashing or touching the output. Its own
+    # stats: the encode pass reads these dialogues again and counts their skips then.
+    next(iter(read_dialogues(src, cfg.encoding, ReadStats())), None)
     source_hash = sha256_file(src)
     vocab_path = given_vocab(cfg)
     vocab_hash = sha256_file(vocab_path) if vocab_path else None
@@ -205,6 +245,7 @@ def _data_report(cfg, src: Path, writer: StoreWriter, stats: ReadStats,
         "skipped": {
             "empty_utterances": stats.empty_utterances,
             "empty_dialogues": stats.empty_dialogues,
+            "invisible_lines": stats.invisible_lines,
             "utterances_without_tokens": found.skipped_utterances,
             "dialogues_without_tokens": len(found.skipped_dialogues),
             "examples": stats.examples + [f"{w}: dialogue with no token"

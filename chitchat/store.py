@@ -87,36 +87,85 @@ class TokenStore:
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
-        meta_path = self.path / "meta.json"
-        hint = (f"HINT: build it with: python preprocess.py --train_path <train.txt> "
-                f"--save_path {self.path}")
-        if not meta_path.is_file():
-            if self.path.is_file():
-                raise ChitchatError(f"{self.path} is a file, not a token store directory. "
-                                    f"{hint}")
-            raise ChitchatError(f"no token store at {self.path}. {hint}")
-        self.meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        self.meta = self._read_meta()
         if self.meta.get("format_version") != FORMAT_VERSION:
             raise ChitchatError(
                 f"{self.path} has token store format {self.meta.get('format_version')}, this "
-                f"version reads format {FORMAT_VERSION}. Rebuild it with --force. {hint}")
+                f"version reads format {FORMAT_VERSION}. Rebuild it with --force. "
+                f"{self._hint()}")
         missing = [f for f in STORE_FILES if not (self.path / f).is_file()]
         if missing:
             raise ChitchatError(f"{self.path} is incomplete (missing {', '.join(missing)}). "
-                                f"{hint} --force")
-        self.vocab_size: int = self.meta["vocab_size"]
-        dtype = np.dtype(self.meta["token_dtype"])
-        n_tokens = self.meta["counts"]["tokens"]
-        self.tokens = (np.memmap(self.path / "tokens.bin", dtype=dtype, mode="r",
-                                 shape=(n_tokens,)) if n_tokens else np.zeros(0, dtype))
-        load = lambda name: np.load(self.path / name, mmap_mode="r", allow_pickle=False)
-        self.dialogue_offsets = load("dialogue_offsets.npy")
-        self.utterance_ends = load("utterance_ends.npy")
-        self.dialogue_utterances = load("dialogue_utterances.npy")
-        self.split = load("split.npy")
-        if int(self.dialogue_offsets[-1]) != n_tokens:
-            raise ChitchatError(f"{self.path}: offsets and tokens.bin disagree; the store is "
-                                f"damaged. {hint} --force")
+                                f"{self._hint()} --force")
+        try:
+            self.vocab_size: int = int(self.meta["vocab_size"])
+            dtype = np.dtype(self.meta["token_dtype"])
+            n_tokens = int(self.meta["counts"]["tokens"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise self._damaged(f"meta.json lacks a valid vocab_size, token_dtype or "
+                                f"counts.tokens ({type(e).__name__}: {e})") from None
+        self.tokens = self._map_tokens(dtype, n_tokens)
+        self.dialogue_offsets = self._load("dialogue_offsets.npy")
+        self.utterance_ends = self._load("utterance_ends.npy")
+        self.dialogue_utterances = self._load("dialogue_utterances.npy")
+        self.split = self._load("split.npy")
+        self._check_lengths(n_tokens)
+
+    def _hint(self) -> str:
+        return (f"HINT: build it with: python preprocess.py --train_path <train.txt> "
+                f"--save_path {self.path}")
+
+    def _damaged(self, detail: str) -> ChitchatError:
+        return ChitchatError(f"{self.path}: {detail}; the store is damaged. {self._hint()} "
+                             "--force")
+
+    def _read_meta(self) -> dict:
+        meta_path = self.path / "meta.json"
+        if not meta_path.is_file():
+            if self.path.is_file():
+                raise ChitchatError(f"{self.path} is a file, not a token store directory. "
+                                    f"{self._hint()}")
+            raise ChitchatError(f"no token store at {self.path}. {self._hint()}")
+        try:
+            meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+            raise self._damaged(f"meta.json cannot be read ({e})") from None
+        if not isinstance(meta, dict):
+            raise self._damaged(f"meta.json holds a {type(meta).__name__}, not an object")
+        return meta
+
+    def _map_tokens(self, dtype: np.dtype, n_tokens: int) -> np.ndarray:
+        # np.memmap of a short file fails with a bare ValueError; a long one would be read
+        # without complaint, with tokens that no offset points at.
+        path = self.path / "tokens.bin"
+        size, want = path.stat().st_size, n_tokens * dtype.itemsize
+        if n_tokens < 0 or size != want:
+            raise self._damaged(f"tokens.bin holds {size:,} bytes, but meta.json counts "
+                                f"{n_tokens:,} {dtype.name} tokens ({want:,} bytes)")
+        if not n_tokens:
+            return np.zeros(0, dtype)
+        return np.memmap(path, dtype=dtype, mode="r", shape=(n_tokens,))
+
+    def _load(self, name: str) -> np.ndarray:
+        try:
+            arr = np.load(self.path / name, mmap_mode="r", allow_pickle=False)
+        except (ValueError, EOFError) as e:  # truncated, not .npy, or pickled objects
+            raise self._damaged(f"{name} cannot be read ({e})") from None
+        if arr.ndim != 1:
+            raise self._damaged(f"{name} has shape {arr.shape}, not a 1-D array")
+        return arr
+
+    def _check_lengths(self, n_tokens: int) -> None:
+        """The indexes must fit each other and tokens.bin, or reads go out of range."""
+        off, du = self.dialogue_offsets, self.dialogue_utterances
+        if len(off) == 0 or int(off[-1]) != n_tokens:
+            raise self._damaged("offsets and tokens.bin disagree")
+        if len(du) != len(off) or int(du[-1]) != len(self.utterance_ends):
+            raise self._damaged("dialogue_utterances.npy and utterance_ends.npy disagree with "
+                                "the dialogue offsets")
+        if len(self.split) != len(off) - 1:
+            raise self._damaged(f"split.npy has {len(self.split)} entries for "
+                                f"{len(off) - 1} dialogues")
 
     def __len__(self) -> int:
         return len(self.dialogue_offsets) - 1

@@ -19,7 +19,7 @@ import numpy as np
 from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers
 from tokenizers.models import WordPiece
 
-from .utils import ChitchatError, atomic_write_text
+from .utils import ChitchatError, atomic_write_text, locate_decode_error
 from .wordpiece import count_words, train_wordpiece
 
 PAD, UNK, CLS, SEP, MASK = "[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"
@@ -68,11 +68,32 @@ CHAT_TEMPLATE = """\
 """
 
 
-def read_vocab(path: str | os.PathLike) -> list[str]:
-    """Tokens in id order, read exactly as BERT's ``load_vocab`` reads them.
+def _bert_normalizer() -> normalizers.Normalizer:
+    """BertTokenizerFast's normalizer (clean_text drops NUL, U+FFFD and every control or
+    format character, such as U+200B and the BOM)."""
+    return normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True,
+                                      strip_accents=None, lowercase=True)
 
-    Only ``\\n`` (and ``\\r\\n``) end a line: a vocab entry may itself be an exotic Unicode
-    separator such as U+2028, and a missing newline after the last line is fine.
+
+_NORMALIZER = _bert_normalizer()
+
+
+def is_blank(text: str) -> bool:
+    """True when `text` gives no token at all: only whitespace is left once normalized."""
+    text = text.strip()
+    # A letter or digit always survives normalization; most lines start with one, so the
+    # Rust normalizer runs only on the rare line that starts otherwise.
+    return not text or not text[0].isalnum() and not _NORMALIZER.normalize_str(text).split()
+
+
+def read_vocab(path: str | os.PathLike) -> list[str]:
+    """Tokens in id order, read exactly as BERT's ``load_vocab`` reads them: the id is the
+    line number, blank lines included, so `ChatTokenizer.save_vocab` writes the file back
+    line for line. Only a leading UTF-8 BOM is dropped (BERT would read it as part of the
+    first token).
+
+    Only ``\\n``, ``\\r\\n`` and ``\\r`` end a line: a vocab entry may itself be an exotic
+    Unicode separator such as U+2028, and a missing newline after the last line is fine.
     """
     path = Path(path)
     if not path.is_file():
@@ -80,17 +101,33 @@ def read_vocab(path: str | os.PathLike) -> list[str]:
                             "(one token per line) with --vocab_path, or leave it out to "
                             "build a vocab from the corpus.")
     try:
-        with open(path, "r", encoding="utf-8") as f:
+        with open(path, "r", encoding="utf-8-sig") as f:
             tokens = [t.rstrip("\n") for t in f.readlines()]
-    except UnicodeDecodeError as e:
-        raise ChitchatError(f"{path}: vocab file is not UTF-8 ({e.reason} at byte {e.start})")
-    if tokens and tokens[-1] == "":
-        tokens.pop()  # a trailing blank line is an artefact of the final newline
-    missing = [t for t in (UNK, CLS, SEP, PAD) if t not in tokens]
-    if missing:
-        raise ChitchatError(f"{path}: vocab lacks the special token(s) {' '.join(missing)}; "
-                            "a BERT-style vocab.txt needs [PAD] [UNK] [CLS] [SEP].")
+    except UnicodeDecodeError:
+        raise _vocab_decode_error(path) from None
+    _check_special_tokens(path, tokens)
     return tokens
+
+
+def _vocab_decode_error(path: Path) -> ChitchatError:
+    found = locate_decode_error(path, "utf-8")
+    where = f"{path}:{found[0]}: byte offset {found[1]}" if found else str(path)
+    reason = f" ({found[2].reason})" if found else ""
+    return ChitchatError(f"{where}: the vocab file is not UTF-8{reason}. Convert it, e.g. "
+                         "iconv -f gbk -t utf-8 vocab.txt > vocab-utf8.txt")
+
+
+def _check_special_tokens(path: Path, tokens: list[str]) -> None:
+    missing = [t for t in (UNK, CLS, SEP, PAD) if t not in tokens]
+    if not missing:
+        return
+    # "[PAD] " is another token to BERT too; say why the line did not count.
+    padded = [f"{path.name}:{i} {t!r}" for i, t in enumerate(tokens, 1)
+              if t != t.strip() and t.strip() in missing][:4]
+    why = (f" These lines hold them with whitespace around: {', '.join(padded)}; a vocab "
+           "line is the token exactly, so remove that whitespace." if padded else "")
+    raise ChitchatError(f"{path}: vocab lacks the special token(s) {' '.join(missing)}; "
+                        f"a BERT-style vocab.txt needs [PAD] [UNK] [CLS] [SEP].{why}")
 
 
 def check_same_vocab(want: ChatTokenizer, want_file, got: ChatTokenizer, got_file,
@@ -142,8 +179,7 @@ class ChatTokenizer:
         # Exactly what BertTokenizerFast(vocab=...) builds, minus its [CLS]/[SEP] template:
         # dialogue layout is ours. No added tokens, so "[SEP]" typed by a user is plain text.
         tok = Tokenizer(WordPiece(self.vocab, unk_token=UNK))
-        tok.normalizer = normalizers.BertNormalizer(
-            clean_text=True, handle_chinese_chars=True, strip_accents=None, lowercase=True)
+        tok.normalizer = _bert_normalizer()
         tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
         tok.decoder = decoders.WordPiece(prefix="##")
         return tok

@@ -37,6 +37,7 @@ def get_logger(name: str = "chitchat", log_path: str | os.PathLike | None = None
     console.setLevel(logging.WARNING if quiet else logging.INFO)
     logger.addHandler(console)
     if log_path:
+        check_parent_folder(Path(log_path))
         Path(log_path).parent.mkdir(parents=True, exist_ok=True)
         fh = logging.FileHandler(log_path, encoding="utf-8")
         fh.setFormatter(fmt)
@@ -140,6 +141,25 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def locate_decode_error(path: str | os.PathLike,
+                        encoding: str) -> tuple[int, int, UnicodeDecodeError] | None:
+    """(line, absolute byte offset, error) of the first bytes of `path` that `encoding`
+    cannot decode, or None. Lines end as Python's text mode ends them: LF, CRLF or a lone CR.
+    (A UnicodeDecodeError's own offset counts from the start of a read chunk.)"""
+    offset, line_no = 0, 1
+    with open(path, "rb") as f:
+        for raw in f:
+            try:
+                raw.decode(encoding)
+            except UnicodeDecodeError as e:
+                head = raw[: e.start]
+                line_no += head.count(b"\r") - head.count(b"\r\n")
+                return line_no, offset + e.start, e
+            offset += len(raw)
+            line_no += 1 + raw.count(b"\r") - raw.count(b"\r\n")
+    return None
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -171,6 +191,17 @@ def clean_stale_temps(final: Path) -> list[Path]:
     return removed
 
 
+def check_parent_folder(path: Path) -> None:
+    """`path`'s nearest existing ancestor must be a folder, or it cannot be created (mkdir
+    would fail with a bare FileExistsError or NotADirectoryError)."""
+    parent = path.parent
+    while not (parent.exists() or parent.is_symlink()) and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ChitchatError(f"{path} cannot be created: {parent} exists and is not a "
+                            "folder. Choose a path under a folder.")
+
+
 def check_replaceable(final: Path, ours: Callable[[Path], bool], what: str) -> None:
     """Refuse to replace anything but a folder this project wrote (`ours`) or an empty one.
 
@@ -179,6 +210,7 @@ def check_replaceable(final: Path, ours: Callable[[Path], bool], what: str) -> N
     if final.is_symlink() or (final.exists() and not final.is_dir()):
         raise ChitchatError(f"{final} exists and is not a folder; it would be replaced by "
                             f"{what}. Choose another output path.")
+    check_parent_folder(final)
     if final.is_dir() and any(final.iterdir()) and not ours(final):
         raise ChitchatError(f"{final} is a non-empty folder that is not {what}; refusing "
                             "to replace it (nothing was changed). Choose a new or empty "
@@ -219,6 +251,7 @@ def atomic_dir(final: str | os.PathLike, ours: Callable[[Path], bool],
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     path = Path(path)
+    check_parent_folder(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.is_dir():
         raise ChitchatError(f"{path} is a folder; give a file path for this output")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -92,7 +93,7 @@ def test_convert_replaces_its_own_output_and_refuses_other_folders(old, tmp_path
 
     with pytest.raises(ChitchatError, match="not a folder"):
         convert_folder(folder, mine / "notes.txt", vocab_path=vocab)
-    with pytest.raises(ChitchatError, match="non-empty"):
+    with pytest.raises(ChitchatError, match="the model folder itself"):
         convert_folder(folder, folder, vocab_path=vocab)  # the source itself
 
     empty = tmp_path / "empty"
@@ -117,6 +118,19 @@ def test_convert_errors_leave_no_output(old, tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         convert_folder(folder, out, vocab_path=vocab)
     assert not out.exists() and [f.name for f in tmp_path.iterdir() if f.name.startswith(".")] == []
+
+
+def test_the_output_may_not_hold_the_model_folder(old, tmp_path):
+    folder, vocab, _ = old
+    out = tmp_path / "new"
+    convert_folder(folder, out, vocab_path=vocab)
+    inner = out / "old_src"
+    shutil.move(folder, inner)  # a converted folder (replaceable) now holds the source
+    with pytest.raises(ChitchatError, match="holds .*old_src"):
+        convert_folder(inner, out, vocab_path=vocab)
+    with pytest.raises(ChitchatError, match="the model folder itself"):
+        convert_folder(out, out, vocab_path=vocab)  # converted, yet still the source
+    assert (inner / "pytorch_model.bin").is_file() and (out / CONVERT_MARKER).is_file()
 
 
 class NotATensor:

@@ -8,7 +8,7 @@ import pytest
 from chitchat.dialogue import (build_context, encode_context, encode_dialogues,
                                reverse_input, reverse_speaker_types, speaker_token_types,
                                split_context)
-from chitchat.tokenization import SPECIAL_TOKENS, ChatTokenizer
+from chitchat.tokenization import SPECIAL_TOKENS, ChatTokenizer, is_blank
 from chitchat.utils import ChitchatError
 
 WORDS = ["你", "好", "吗", "嗯", "是", "的", "hello", "world", "!"]
@@ -90,3 +90,10 @@ def test_the_reversed_form_is_the_reply_then_the_context_newest_first(tok):
     assert types == [7, 7, 7, 7, 8, 8, 8, 7, 7, 8, 8, 8]
     with pytest.raises(ValueError):
         split_context([tok.sep_id], tok.cls_id, tok.sep_id)
+
+
+@pytest.mark.parametrize("text", ["", " \t", "\x00", "\u200b", "\ufeff", "\u3000\x7f",
+                                  "\u0301", "\ue000", "\x00你", "\u200b!", "a\u0301", "xyz"])
+def test_is_blank_means_the_tokenizer_gives_no_token(tok, text):
+    # The corpus reader splits dialogues at such lines: never at a line with a token.
+    assert is_blank(text) == (not tok.encode(text))

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -192,12 +193,13 @@ def test_report_counts_unknowns_duplicates_and_skips(tmp_path):
     src.write_text("你好\n在吗\n\n你好\n在吗\n\n你好😀\n\x01\x02\n\n\x03\n\n好嘞嘞", encoding="utf-8")
     store = run(tmp_path, src, vocab_path=str(vocab), max_len=5)
     r = json.loads((store.path / "report.json").read_text())
-    assert r["counts"]["dialogues"] == 4  # the control-character-only dialogue is skipped
+    assert r["counts"]["dialogues"] == 4  # the control-character-only line is no dialogue
     assert r["duplicates"]["count"] == 1 and r["duplicates"]["examples"] == ["train.txt:4"]
     assert r["unk"]["top"][0] == ["嘞", 2] and ["😀", 1] in r["unk"]["top"]
     assert r["unk"]["count"] == 3
-    assert r["skipped"]["utterances_without_tokens"] == 2
-    assert r["skipped"]["dialogues_without_tokens"] == 1
+    # Lines of control characters only are blank lines: separators, not empty utterances.
+    assert r["skipped"]["invisible_lines"] == 2
+    assert r["skipped"]["utterances_without_tokens"] == 0
     assert r["dialogue_tokens"]["max"] == 7 and r["dialogue_tokens"]["share_over_max_len"] > 0
     assert texts(store)[2] == ["你好"]  # the empty utterance was dropped, no stray [SEP]
 
@@ -308,3 +310,134 @@ def test_a_missing_validation_split_is_a_warning_only_when_one_was_asked_for(tmp
     text = log_file.read_text(encoding="utf-8")
     assert ("warning: no validation dialogues" in text) == warned
     assert ("no validation dialogues (as asked" in text) == (not warned)
+
+
+BODY = "你好\n在吗\n\n再见\n拜拜\n"
+
+
+def small_vocab(path: Path) -> Path:
+    ChatTokenizer([*SPECIAL_TOKENS, *"你好在吗再见拜"]).save_vocab(path)
+    return path
+
+
+@pytest.mark.parametrize("which", ["train", "vocab", "link_to_train", "inside_store"])
+def test_the_log_may_not_be_an_input_nor_inside_the_store(tmp_path, which):
+    src = tmp_path / "train.txt"
+    src.write_text(BODY, encoding="utf-8")
+    vocab = small_vocab(tmp_path / "vocab.txt")
+    vocab_bytes = vocab.read_bytes()
+    (tmp_path / "link.txt").symlink_to(src)
+    log = {"train": src, "vocab": vocab, "link_to_train": tmp_path / "link.txt",
+           "inside_store": tmp_path / "store" / "pre.log"}[which]
+    with pytest.raises(ChitchatError, match="--log_path"):
+        run(tmp_path, src, vocab_path=str(vocab), log_path=str(log))
+    assert src.read_text(encoding="utf-8") == BODY and vocab.read_bytes() == vocab_bytes
+    assert not (tmp_path / "store").exists()
+
+
+@pytest.mark.parametrize("damage", ["short_tokens", "long_tokens", "meta_not_json",
+                                    "meta_a_list", "split_garbage", "offsets_cut"])
+def test_a_damaged_store_says_to_rebuild_it(tmp_path, damage):
+    src = tmp_path / "train.txt"
+    src.write_text(BODY, encoding="utf-8")
+    store = run(tmp_path, src).path
+    tokens = store / "tokens.bin"
+    if damage == "short_tokens":
+        os.truncate(tokens, tokens.stat().st_size - 2)
+    elif damage == "long_tokens":
+        tokens.write_bytes(tokens.read_bytes() + b"\0\0")
+    elif damage == "meta_not_json":
+        (store / "meta.json").write_text('{"format_version": 1,', encoding="utf-8")
+    elif damage == "meta_a_list":
+        (store / "meta.json").write_text("[1]", encoding="utf-8")
+    elif damage == "split_garbage":
+        (store / "split.npy").write_bytes(b"not an array")
+    else:
+        np.save(store / "dialogue_offsets.npy", np.zeros(0, dtype=np.int64))
+    with pytest.raises(ChitchatError, match=r"damaged.*--save_path .*store --force"):
+        TokenStore(store)
+
+
+def test_an_output_under_a_file_is_refused(tmp_path):
+    src = tmp_path / "train.txt"
+    src.write_text(BODY, encoding="utf-8")
+    (tmp_path / "afile").write_text("keep", encoding="utf-8")
+    with pytest.raises(ChitchatError, match="afile exists and is not a folder"):
+        preprocess(PreprocessConfig(train_path=str(src), quiet=True,
+                                    save_path=str(tmp_path / "afile" / "sub")))
+    assert (tmp_path / "afile").read_text(encoding="utf-8") == "keep"
+
+
+def test_skips_before_the_first_dialogue_are_counted_once(tmp_path):
+    src = tmp_path / "train.jsonl"
+    src.write_text('[]\n["", "你好", "在吗"]\n["再见", "拜拜"]\n', encoding="utf-8")
+    r = json.loads((run(tmp_path, src).path / "report.json").read_text())
+    assert (r["skipped"]["empty_dialogues"], r["skipped"]["empty_utterances"]) == (1, 1)
+    assert r["skipped"]["examples"] == ["train.jsonl:1: dialogue with no utterance",
+                                        "train.jsonl:2: empty utterance"]
+
+
+def test_a_json_document_is_refused_with_the_supported_formats(tmp_path):
+    src = tmp_path / "toy_data.json"
+    src.write_text(json.dumps({"train": [["你好", "在吗"]]}, ensure_ascii=False, indent=4),
+                   encoding="utf-8")
+    with pytest.raises(ChitchatError, match=r"\.json file.*train\.txt.*\.jsonl"):
+        run(tmp_path, src)
+    assert not (tmp_path / "store").exists()
+
+
+def test_a_corpus_that_is_not_a_regular_file_is_refused(tmp_path):
+    # Like a pipe or <(...), a device reads differently each time (here: nothing).
+    with pytest.raises(ChitchatError, match="not a regular file"):
+        run(tmp_path, os.devnull)
+
+
+@pytest.mark.parametrize("line", ["\x00", "\u200b", "\ufeff", " \x00\u200b\t"])
+def test_a_line_of_invisible_characters_separates_dialogues(tmp_path, line):
+    src = tmp_path / "train.txt"
+    src.write_text(f"你好\n\u200b在吗\n{line}\n再见\n拜拜\n", encoding="utf-8")
+    store = run(tmp_path, src)
+    assert texts(store) == [["你好", "在吗"], ["再见", "拜拜"]]  # "\u200b在吗" is kept
+    r = json.loads((store.path / "report.json").read_text())
+    assert r["skipped"]["invisible_lines"] == 1
+    assert r["skipped"]["examples"][0].startswith("train.txt:3: ")
+
+
+def test_a_utf16_corpus_is_named_and_reads_with_its_encoding(tmp_path):
+    src = tmp_path / "train.txt"
+    src.write_text(BODY, encoding="utf-16")  # with its byte-order mark
+    with pytest.raises(ChitchatError, match="UTF-16 byte-order mark: pass --encoding utf-16"):
+        run(tmp_path, src)
+    assert texts(run(tmp_path, src, encoding="utf-16")) == [["你好", "在吗"], ["再见", "拜拜"]]
+
+
+def test_a_vocab_round_trips_through_the_store_line_for_line(tmp_path):
+    src = tmp_path / "train.txt"
+    src.write_text(BODY, encoding="utf-8")
+    vocab = small_vocab(tmp_path / "vocab.txt")
+    vocab.write_text(vocab.read_text(encoding="utf-8") + "\n\n", encoding="utf-8")
+    n_lines = vocab.read_text(encoding="utf-8").count("\n")
+    store = run(tmp_path, src, vocab_path=str(vocab))
+    assert store.vocab_path.read_bytes() == vocab.read_bytes()
+    assert store.tokenizer().vocab_size == store.meta["vocab_size"] == n_lines
+
+
+def test_a_vocab_with_a_bom_reads_as_without(tmp_path):
+    plain = small_vocab(tmp_path / "plain.txt")
+    bom = tmp_path / "bom.txt"
+    bom.write_bytes(b"\xef\xbb\xbf" + plain.read_bytes())
+    assert ChatTokenizer.from_vocab_file(bom).tokens == ChatTokenizer.from_vocab_file(plain).tokens
+
+
+def test_vocab_errors_name_the_line(tmp_path):
+    padded = tmp_path / "padded.txt"
+    padded.write_text("".join(t + " \n" for t in SPECIAL_TOKENS), encoding="utf-8")
+    with pytest.raises(ChitchatError, match=r"padded\.txt:1 '\[PAD\] '.*remove that whitespace"):
+        ChatTokenizer.from_vocab_file(padded)
+    # The bad byte lies past the decoder's first chunk, where offsets used to restart.
+    head = "".join(t + "\n" for t in [*SPECIAL_TOKENS, *(f"w{i}" for i in range(3000))])
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes(head.encode("utf-8") + b"caf\xe9\n")
+    with pytest.raises(ChitchatError, match=rf"latin1\.txt:3006: byte offset {len(head) + 3}: "
+                                            "the vocab file is not UTF-8"):
+        ChatTokenizer.from_vocab_file(latin1)
