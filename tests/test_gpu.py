@@ -167,13 +167,13 @@ def test_train_leaves_the_group_without_a_barrier_after_an_error(monkeypatch):
     monkeypatch.setattr(training, "join_group", lambda info, device: None)
     monkeypatch.setattr(training, "leave_group", lambda info, clean=True: left.append(clean))
 
-    def fails(cfg, info, device):
+    def fails(cfg, info, device, given):
         raise ChitchatError("boom")
 
     monkeypatch.setattr(training, "_train", fails)
     with pytest.raises(ChitchatError, match="boom"):
         training.train(TrainConfig())
-    monkeypatch.setattr(training, "_train", lambda cfg, info, device: "run")
+    monkeypatch.setattr(training, "_train", lambda cfg, info, device, given: "run")
     assert training.train(TrainConfig()) == "run"
     assert left == [False, True]
 
