@@ -135,10 +135,6 @@ def newest_intact(cks: list[Path], log, set_aside: bool) -> Path | None:
     return None
 
 
-def step_of(ckpt: Path) -> int:
-    return int(ckpt.name.split("-")[-1])
-
-
 def set_aside(path: Path, prefix: str) -> Path:
     """Rename `path` to ``<prefix>-<name>`` beside it (``-2``, ``-3``... if taken): out of
     the way of the run, and kept for the user to look at or delete."""
@@ -156,14 +152,16 @@ def set_aside_newer(run_dir: Path, ckpt: Path, log) -> None:
     it. Its checkpoints and best/ are set aside: left in place, the newer checkpoints would
     outrank the resumed run's own (pruning keeps the highest steps, and --resume auto picks
     the highest), and best/ would hold a model of the abandoned steps."""
-    later = [c for c in checkpoints_of(run_dir) if step_of(c) > step_of(ckpt)]
+    # The resumed one's step from its state: a checkpoint named directly may have any name.
+    step = json.loads((ckpt / STATE_FILE).read_text(encoding="utf-8"))["step"]
+    later = [c for c in checkpoints_of(run_dir) if int(c.name.split("-")[1]) > step]
     best = run_dir / "best"
     if is_best_dir(best):
         try:
             best_step = json.loads((best / "best.json").read_text(encoding="utf-8"))["step"]
         except (ValueError, KeyError, TypeError, OSError):
             best_step = None  # unreadable: nothing says it is newer, so it stays
-        if isinstance(best_step, int) and best_step > step_of(ckpt):
+        if isinstance(best_step, int) and best_step > step:
             later.append(best)
     for path in later:
         aside = set_aside(path, "abandoned")

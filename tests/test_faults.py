@@ -306,11 +306,14 @@ def test_resuming_an_earlier_checkpoint_sets_the_later_ones_aside(sample_store, 
     _train_in_process(base_args(sample_store, tiny_config, save, "r", max_steps=6,
                                 save_interval=2, eval_interval=2))
     assert json.loads((run / "best" / "best.json").read_text())["step"] > 2
-    _train_in_process(["--resume", run / "checkpoints" / "step-00000002", "--max_steps", 3,
-                       "--keep_checkpoints", 1, "--eval_interval", 1000])
+    renamed = run / "checkpoints" / "from-here"  # a checkpoint named directly: any name
+    (run / "checkpoints" / "step-00000002").rename(renamed)
+    _train_in_process(["--resume", renamed, "--max_steps", 3, "--keep_checkpoints", 1,
+                       "--eval_interval", 1000])
     assert [c.name for c in checkpoints_of(run)] == ["step-00000003"]
     aside = sorted(p.name for p in (run / "checkpoints").iterdir())
-    assert aside == ["abandoned-step-00000004", "abandoned-step-00000006", "step-00000003"]
+    assert aside == ["abandoned-step-00000004", "abandoned-step-00000006", "from-here",
+                     "step-00000003"]
     assert json.loads((run / "abandoned-best" / "best.json").read_text())["step"] > 2
     assert json.loads((run / "best" / "best.json").read_text())["step"] == 3  # its own
     _train_in_process(["--resume", "auto", "--run_name", "r", "--save_model_path", save,
