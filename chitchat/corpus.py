@@ -146,6 +146,12 @@ def _read_txt(path: Path, encoding: str, stats: ReadStats) -> Iterator[Dialogue]
         yield Dialogue(utts, start)
 
 
+def _json_type(value) -> str:
+    """The JSON name of a parsed value's type, as the user wrote it."""
+    return {type(None): "null", bool: "a boolean", int: "a number", float: "a number",
+            str: "a string", list: "a list", dict: "an object"}.get(type(value), "a value")
+
+
 def _read_jsonl(path: Path, encoding: str, stats: ReadStats) -> Iterator[Dialogue]:
     for i, line in _lines(path, encoding):
         if not line.strip():
@@ -156,10 +162,14 @@ def _read_jsonl(path: Path, encoding: str, stats: ReadStats) -> Iterator[Dialogu
             raise ChitchatError(f"{path}:{i}: malformed JSON ({e.msg} at column {e.colno}). "
                                 'Each line must be a JSON list of utterances, e.g. '
                                 '["你好", "你好呀"]') from None
-        if not isinstance(obj, list) or not all(isinstance(u, str) for u in obj):
+        if not isinstance(obj, list):
             raise ChitchatError(f"{path}:{i}: expected a JSON list of strings, got "
-                                f"{type(obj).__name__}. Each line must look like "
+                                f"{_json_type(obj)}. Each line must look like "
                                 '["你好", "你好呀"]')
+        bad = next((k for k, u in enumerate(obj, 1) if not isinstance(u, str)), None)
+        if bad is not None:
+            raise ChitchatError(f"{path}:{i}: utterance {bad} is {_json_type(obj[bad - 1])}, "
+                                'not a string. Each line must look like ["你好", "你好呀"]')
         utts = []
         for k, u in enumerate(obj, 1):
             try:

@@ -415,7 +415,7 @@ def test_a_moved_store_and_a_moved_run_folder_resume(sample_store, tiny_config, 
 def test_bad_run_paths_are_clear_errors(sample_store, tiny_config, tmp_path):
     afile = tmp_path / "afile"
     afile.write_text("x")
-    with pytest.raises(ChitchatError, match="cannot be created: .*afile exists and is not a folder"):
+    with pytest.raises(ChitchatError, match="cannot be created: .*afile exists and is not a"):
         _train_in_process(base_args(sample_store, tiny_config, afile, "r", max_steps=1))
     with pytest.raises(ChitchatError, match="--log_path .* is a folder"):
         _train_in_process(base_args(sample_store, tiny_config, tmp_path / "m", "r",

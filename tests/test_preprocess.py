@@ -75,8 +75,9 @@ def test_jsonl_input(tmp_path):
 
 
 @pytest.mark.parametrize("line,fragment", [('["a", "b"', "malformed JSON"),
-                                           ('{"a": 1}', "JSON list of strings"),
-                                           ('["a", 3]', "JSON list of strings")])
+                                           ('{"a": 1}', "JSON list of strings, got an object"),
+                                           ('["a", 3]', "utterance 2 is a number, not a string"),
+                                           ('["a", null]', "utterance 2 is null")])
 def test_malformed_jsonl_names_the_line_and_writes_nothing(tmp_path, line, fragment):
     src = tmp_path / "train.jsonl"
     src.write_text('["你好", "嗨"]\n["在吗"]\n' + line + "\n", encoding="utf-8")
