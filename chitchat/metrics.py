@@ -12,8 +12,9 @@ from collections import Counter
 from typing import Sequence
 
 _UNIT_RE = re.compile(r"[A-Za-z0-9\u00C0-\u024F]+|\S")
-# Chen & Cherry (2014) smoothing method 1: a zero n-gram match count becomes EPSILON, so one
-# missing 4-gram does not zero a sentence's BLEU (NLTK's SmoothingFunction().method1).
+# Chen & Cherry (2014) smoothing method 1: a zero n-gram match count (n >= 2) becomes EPSILON,
+# so one missing 4-gram does not zero a sentence's BLEU (NLTK's SmoothingFunction().method1);
+# a reply with no unigram in common scores 0, as in NLTK.
 EPSILON = 0.1
 
 
@@ -35,6 +36,8 @@ def sentence_bleu(hypothesis: str, reference: str, max_n: int = 4) -> float:
         h, r = _ngrams(hyp, n), _ngrams(ref, n)
         total = sum(h.values())
         match = sum(min(c, r[g]) for g, c in h.items())
+        if n == 1 and not match:
+            return 0.0  # no unit in common: NLTK returns 0 before any smoothing
         log_p += math.log((match if match else EPSILON) / max(1, total)) / max_n
     bp = 1.0 if len(hyp) > len(ref) else math.exp(1 - len(ref) / len(hyp))
     return bp * math.exp(log_p)

@@ -346,14 +346,9 @@ def interact(cfg: InteractConfig) -> int:
         if mmi.mmi_model_path:
             settings.update(num_candidates=mmi.num_candidates, mmi_weight=mmi.mmi_weight)
         transcript = Transcript(cfg.save_samples_path, settings)
-    try:
+    try:  # a reader that went away (BrokenPipeError) ends the session in utils.run_cli
         with terminal_foreground(sys.stdin):
             return Repl(bot, stream=cfg.stream, transcript=transcript, debug=cfg.debug).run()
-    except BrokenPipeError:
-        # The reader went away (`... | head -1`): stop quietly, as Unix tools do. stdout is
-        # pointed at /dev/null so that the interpreter's final flush does not fail again.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 0
     finally:
         if transcript:
             transcript.close()

@@ -65,6 +65,11 @@ def run_cli(main, argv=None) -> int:
     """Run an entry point: ChitchatError becomes a one-line message and exit status 2."""
     try:
         rc = main(argv)
+    except BrokenPipeError:
+        # The reader went away (`... | head -1`): stop quietly, as Unix tools do. stdout is
+        # pointed at /dev/null so that the interpreter's final flush does not fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except ChitchatError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -465,6 +465,24 @@ def test_os_errors_are_one_line_naming_the_path(capsys):
         run_cli(bug)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("script", ["interact.py", "evaluate.py"])
+def test_a_reader_that_goes_away_ends_a_tool_quietly(script, tiny_model_dir, tmp_path):
+    """`... | head -1`: the tool stops with status 0 and no traceback (it printed one)."""
+    args = {"interact.py": ["--model_path", tiny_model_dir, "--save_samples_path", "",
+                            "--max_len", "20"],
+            "evaluate.py": ["--model_path", tiny_model_dir, "--data_path", SAMPLE,
+                            "--max_dialogues", "3", "--max_len", "64", "--quiet",
+                            "--output_json", tmp_path / "metrics.json"]}[script]
+    read, write = os.pipe()
+    os.close(read)  # the reader is gone before the tool writes
+    p = subprocess.Popen([*PY, str(ROOT / script), *map(str, args)], cwd=ROOT, env=ENV,
+                         stdin=subprocess.PIPE, stdout=write, stderr=subprocess.PIPE)
+    os.close(write)
+    _, err = p.communicate(("你好\n" * 50).encode(), timeout=300)
+    assert p.returncode == 0 and b"Traceback" not in err, err.decode()[-2000:]
+
+
 # ---- config validation ---------------------------------------------------------------------
 @pytest.mark.parametrize("config,fragment", [
     ([1, 2], "JSON object"),

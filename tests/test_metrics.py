@@ -22,6 +22,11 @@ def test_bleu_by_hand():
         bp * (1 * 2 / 3 * 1 / 2 * 0.1) ** 0.25)
     assert sentence_bleu("你好", "你好", 4) == pytest.approx((1 * 1 * 0.1 * 0.1) ** 0.25)
     assert sentence_bleu("", "你好") == 0.0
+    # no unit in common: 0 at every order (smoothing would have given 0.1 to a one-unit reply,
+    # more than the partly right 好 vs 你好吗 gets)
+    for n in (1, 2, 4):
+        assert sentence_bleu("哈", "嘿", n) == sentence_bleu("我很好", "你呢", n) == 0.0
+    assert sentence_bleu("好", "你好吗", 4) > 0
     # clipping: 的的的 vs 的 -> p1 = 1/3, no brevity penalty (hyp longer)
     assert sentence_bleu("的的的", "的", 1) == pytest.approx(1 / 3)
     assert bleu(["我喜欢猫", "的的的"], ["我也喜欢猫", "的"], 1) == pytest.approx(
