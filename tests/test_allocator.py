@@ -78,6 +78,7 @@ print(json.dumps({"faults": resource.getrusage(resource.RUSAGE_SELF).ru_minflt -
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="page faults of Linux")
+@pytest.mark.slow  # two Python processes
 def test_auto_keeps_freed_memory_in_a_real_process():
     """Allocating and freeing the same 160 MB again: the system allocator gives the memory
     back and faults it in again; auto keeps it (counted in page faults)."""

@@ -6,7 +6,11 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 from conftest import ROOT
+
+pytestmark = pytest.mark.slow  # the bench as a process
 
 
 def test_bench_head_times_both_forms_per_round_and_prints_the_median():

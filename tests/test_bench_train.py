@@ -130,6 +130,7 @@ def test_trainer_rows_are_skipped_without_accelerate(bench, monkeypatch):
     assert "accelerate is not installed" in bench.trainer_missing()
 
 
+@pytest.mark.slow  # runs train.py or the bench as a process
 def test_time_to_loss_gives_every_path_the_asked_lr(bench, sample_store, tmp_path, monkeypatch,
                                                    capsys):
     """--mode time_to_loss end to end on a tiny model with a 2-second budget: the classic
@@ -162,6 +163,7 @@ def test_time_to_loss_gives_every_path_the_asked_lr(bench, sample_store, tmp_pat
     assert json.loads(states[-1].read_text())["scheduler"]["base_lr"] == 0.0007
 
 
+@pytest.mark.slow  # runs train.py or the bench as a process
 def test_trainer_peer_runs_in_a_child_with_the_given_environment(bench, sample_store, tmp_path):
     """The speed mode's Trainer row with train.py's allocator settings: a child process
     (the settings are read at a process's start) that reports one row per dtype."""
@@ -186,6 +188,7 @@ def test_trainer_peer_runs_in_a_child_with_the_given_environment(bench, sample_s
     assert all(r["env"] == env for r in rows)  # the child ran with the settings
 
 
+@pytest.mark.slow  # runs train.py or the bench as a process
 def test_speed_mode_prints_every_row(bench, sample_store, tmp_path, monkeypatch, capsys):
     """The speed mode end to end on a tiny model, one step per window: every row the docs
     quote is printed (the classic loop, the fast path, train.py and its variants, Trainer
@@ -214,6 +217,7 @@ def test_speed_mode_prints_every_row(bench, sample_store, tmp_path, monkeypatch,
         assert "trainer  fp32 with train.py's allocator settings" in out
 
 
+@pytest.mark.slow  # runs train.py or the bench as a process
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc settings")
 def test_profile_runs_with_train_pys_allocator_settings(bench, sample_store, tmp_path):
     """The profile mode restarts itself with what --allocator auto gives train.py, once (a
@@ -246,6 +250,7 @@ def test_profile_runs_with_train_pys_allocator_settings(bench, sample_store, tmp
     assert mm and all(re.search(r"\[\d+, \d+\]", l) for l in mm), mm
 
 
+@pytest.mark.slow  # runs train.py or the bench as a process
 def test_attention_mode_times_whole_rows_against_blocks(bench, sample_store, tmp_path):
     """--mode attention: a line per variant with its time and its ratio to whole rows, the
     share of the scores each block size computes, and which one train.py takes."""
@@ -291,6 +296,7 @@ def test_row_batches_run_epoch_after_epoch_in_new_orders(bench, sample_store):
     assert first[:20] != second[:20]
 
 
+@pytest.mark.slow  # runs train.py or the bench as a process
 def test_memory_mode_prints_a_line_per_window_and_the_last_step(bench, sample_store, tmp_path):
     """The memory mode prints a line every --every steps plus one for the last, each with
     the resident anonymous memory, under train.py's malloc settings."""
