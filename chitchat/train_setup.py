@@ -320,8 +320,9 @@ def _log_start(run: Run, st: TrainState, n_train: int, n_valid: int) -> None:
              f"{int(run.train_table.lengths.sum()):,} tokens per epoch; "
              f"{cfg.batching} rows of {run.row_len or 'longest'} tokens; "
              f"{len(run.first_plan)} steps per epoch; "
-             + (f"up to {run.total_steps} steps in --max_time {cfg.max_time} (warmup and "
-                "decay fitted to the measured speed)" if budget else
+             + (f"--max_time {cfg.max_time}: as many steps as fit, at most "
+                f"{run.total_steps} (--max_steps or --epochs; warmup and decay fitted to the "
+                "measured speed)" if budget else
                 f"{run.total_steps} steps; warmup {run.warmup}")
              + ("; REVERSED utterance order (MMI reverse model)" if cfg.reverse else ""))
     if not budget and run.warmup >= run.total_steps:
