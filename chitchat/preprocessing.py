@@ -24,7 +24,8 @@ from .corpus import Dialogue, ReadStats, read_dialogues
 from .dialogue import encode_dialogues
 from .store import FORMAT_VERSION, StoreWriter, TokenStore, is_token_store, validation_size
 from .tokenization import ChatTokenizer, check_same_vocab
-from .utils import ChitchatError, atomic_dir, get_logger, sha256_file, write_json
+from .utils import (ChitchatError, atomic_dir, check_replaceable, get_logger, sha256_file,
+                    write_json)
 
 
 def default_save_path(train_path: str) -> Path:
@@ -122,11 +123,15 @@ def _settings(cfg: PreprocessConfig, source_hash: str, vocab_hash: str | None) -
             "max_len": cfg.max_len}
 
 
+STORE_KIND = "a token store (preprocess.py's output)"
+
+
 def preprocess(cfg: PreprocessConfig) -> Path:
     """Build the token store for `cfg.train_path`; returns its directory."""
     save = Path(cfg.save_path) if cfg.save_path else default_save_path(cfg.train_path)
     src = Path(cfg.train_path)
     check_output_path(src, save)
+    check_replaceable(save, is_token_store, STORE_KIND)  # now, not after minutes of work
     if cfg.log_path:
         check_log_path(Path(cfg.log_path), _input_files(cfg), save)
     # Its own logger, so a caller (evaluate.py) keeps its log settings.
@@ -159,7 +164,7 @@ def preprocess(cfg: PreprocessConfig) -> Path:
         tok = ChatTokenizer.train(utts, cfg.vocab_size, cfg.min_frequency)
         log.info(f"vocab: built from {src} ({tok.vocab_size} tokens)")
 
-    with atomic_dir(save, is_token_store, "a token store (preprocess.py's output)") as tmp:
+    with atomic_dir(save, is_token_store, STORE_KIND) as tmp:
         with StoreWriter(tmp, tok.vocab_size, tok.sep_id) as writer:
             report = _encode_corpus(cfg, src, tok, writer, stats, show)
         n = writer.n_dialogues

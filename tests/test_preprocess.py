@@ -359,6 +359,22 @@ def test_a_damaged_store_says_to_rebuild_it(tmp_path, damage):
         TokenStore(store)
 
 
+def test_an_unrelated_output_folder_is_refused_before_any_work(tmp_path, monkeypatch):
+    src = tmp_path / "train.txt"
+    src.write_text(BODY, encoding="utf-8")
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep", encoding="utf-8")
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("the vocab was built before the output was checked")
+
+    monkeypatch.setattr(ChatTokenizer, "train", no_work)
+    with pytest.raises(ChitchatError, match="not a token store"):
+        preprocess(PreprocessConfig(train_path=str(src), save_path=str(tmp_path / "mine"),
+                                    quiet=True))
+    assert (tmp_path / "mine" / "notes.txt").read_text(encoding="utf-8") == "keep"
+
+
 def test_an_output_under_a_file_is_refused(tmp_path):
     src = tmp_path / "train.txt"
     src.write_text(BODY, encoding="utf-8")
