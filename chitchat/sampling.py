@@ -45,10 +45,10 @@ def apply_temperature(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     scaled = logits / temperature
     if temperature > 1.0:  # dividing by more than 1 cannot overflow
         return scaled
-    # amax propagates NaN, so a non-finite max flags +inf, NaN and all -inf alike. The
-    # check is one reduction (the rest runs only for a broken row): this is every token.
+    # amax propagates NaN, so a non-finite max flags +inf, NaN and all -inf alike. This runs
+    # for every token: where a read is cheap the greedy limit is built only for a broken row.
     broken = ~torch.isfinite(scaled.amax(dim=-1, keepdim=True))
-    if not bool(broken.any()):
+    if host_reads_are_cheap(logits.device) and not bool(broken.any()):
         return scaled
     top = (logits == logits.amax(dim=-1, keepdim=True)) & torch.isfinite(logits)
     return torch.where(broken, torch.where(top, 0.0, NEG_INF).to(logits.dtype), scaled)

@@ -136,11 +136,15 @@ def test_a_vanishing_temperature_decodes_greedily_among_allowed_tokens(t, k, p):
         assert not {0, 1, 2, 4} & set(picked.tolist())
 
 
-def test_a_small_temperature_that_stays_finite_is_left_alone():
-    logits = torch.tensor([[5.0, 4.9, -1e38, float("-inf")]])
+@pytest.mark.parametrize("cheap_reads", [True, False])  # False: a GPU's sync-free form
+def test_a_small_temperature_that_stays_finite_is_left_alone(monkeypatch, cheap_reads):
+    monkeypatch.setattr("chitchat.sampling.host_reads_are_cheap", lambda device: cheap_reads)
+    logits = torch.tensor([[5.0, 4.9, -1e38, float("-inf")], [1.0, 0.0, 0.0, 0.0]])
     out = apply_temperature(logits, 0.1)
     torch.testing.assert_close(out, logits / 0.1)
-    assert kept(out) == [{0, 1}]  # -1e38 / 0.1 is -inf: zero probability, as it should be
+    assert kept(out)[0] == {0, 1}  # -1e38 / 0.1 is -inf: zero probability, as it should be
+    broken = apply_temperature(logits, 1e-40)  # overflows: greedy, on either path
+    assert kept(broken) == [{0}, {0}]
 
 
 def test_an_infinite_temperature_is_uniform_over_allowed_tokens_and_rejected_as_an_option():

@@ -441,14 +441,17 @@ class ReadCounter:
 
 
 @pytest.mark.parametrize("backend", ["fast", "hf"])
-@pytest.mark.parametrize("scores", [False, True])
-def test_decoding_reads_back_once_per_token(monkeypatch, tiny_model_dir, backend, scores):
+@pytest.mark.parametrize("scores,temperature", [(False, 1.0), (True, 1.0), (False, 0.7)])
+def test_decoding_reads_back_once_per_token(monkeypatch, tiny_model_dir, backend, scores,
+                                            temperature):
     """As on a GPU (no cheap reads): one read per decoded token (the chosen tokens), plus
-    at most one when the batch starts (FastGPT2 checks it for padding)."""
+    at most one when the batch starts (FastGPT2 checks it for padding). A temperature below
+    1 (its overflow guard) adds none."""
     model, tok = load_model(tiny_model_dir)
     be = make_backend(model, backend, tok.pad_id)
     cons = Constraints.build(tok.vocab_size, tok.sep_id, tok.banned_ids)
-    opts = DecodingOptions(max_new_tokens=6, min_len=6, topk=8, topp=0.9)
+    opts = DecodingOptions(max_new_tokens=6, min_len=6, topk=8, topp=0.9,
+                           temperature=temperature)
     monkeypatch.setattr(sampling, "host_reads_are_cheap", lambda device: False,
                         raising=False)
     contexts = [[tok.cls_id, 10, 11, 12, tok.sep_id], [tok.cls_id, 13, tok.sep_id]]
