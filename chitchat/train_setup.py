@@ -196,6 +196,11 @@ def setup(cfg: TrainConfig, info: DistInfo, device: torch.device,
         raise ChitchatError(f"{store.path}: no training window has a target token "
                             f"({len(train_idx)} training dialogues, --loss_on {cfg.loss_on})."
                             " With --loss_on response every dialogue needs two utterances.")
+    if info.main:  # the options and the data are checked: the run will go on from here
+        if ckpt is not None:
+            set_aside_newer(run_dir, ckpt, log)
+        else:
+            set_aside_unfinished(run_dir, log)
     run = _build(cfg, info, device, run_dir, log, store, data_print, tables, ckpt, saved)
     st = TrainState(bad_loss=torch.zeros((), device=device),
                     last_norm=torch.zeros((), device=device))
@@ -221,17 +226,13 @@ def setup(cfg: TrainConfig, info: DistInfo, device: torch.device,
 def choose_run(cfg: TrainConfig, info: DistInfo, device: torch.device,
                given: frozenset[str] | None = None):
     """(options, checkpoint or None, its trainer state, run folder): a new run, or the one
-    --resume names. Rank 0 decides (and sets aside what the run will not continue); the
-    others follow."""
+    --resume names. Rank 0 decides; the others follow."""
     ckpt = None
-    early_log = get_logger("chitchat.train", quiet=cfg.quiet)
     if cfg.resume:
         ckpt_text = ""
         if info.main:
             found = find_resume_checkpoint(cfg.resume, cfg.save_model_path, cfg.run_name,
-                                           early_log)
-            if found is not None:
-                set_aside_newer(found.parent.parent, found, early_log)
+                                           get_logger("chitchat.train", quiet=cfg.quiet))
             ckpt_text = str(found) if found else ""
         ckpt_text = broadcast_text(ckpt_text, info, device)
         ckpt = Path(ckpt_text) if ckpt_text else None
@@ -251,7 +252,6 @@ def choose_run(cfg: TrainConfig, info: DistInfo, device: torch.device,
                                 "--run_name.")
         if info.main:
             check_run_dir(run_dir)
-            set_aside_unfinished(run_dir, early_log)
     if info.main:
         run_dir.mkdir(parents=True, exist_ok=True)
         if ckpt is not None:

@@ -308,6 +308,9 @@ def test_resuming_an_earlier_checkpoint_sets_the_later_ones_aside(sample_store, 
     assert json.loads((run / "best" / "best.json").read_text())["step"] > 2
     renamed = run / "checkpoints" / "from-here"  # a checkpoint named directly: any name
     (run / "checkpoints" / "step-00000002").rename(renamed)
+    with pytest.raises(ChitchatError, match="--max_len 32 differs"):  # a resume that fails
+        _train_in_process(["--resume", renamed, "--max_len", 32])
+    assert [c.name for c in checkpoints_of(run)] == ["step-00000004", "step-00000006"]
     _train_in_process(["--resume", renamed, "--max_steps", 3, "--keep_checkpoints", 1,
                        "--eval_interval", 1000])
     assert [c.name for c in checkpoints_of(run)] == ["step-00000003"]
