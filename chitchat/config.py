@@ -375,7 +375,8 @@ class EvaluateConfig:
     seed: int = opt(42, "random seed: batch k of replies is sampled with seed + k")
     batch_size: int = opt(16, "perplexity rows, or contexts decoded together, per batch")
     output_json: str | None = opt(None, "metrics file (default: beside --generate as "
-                                  "<name>.metrics.json, else <model_path>/eval-<data>.json)")
+                                  "<name>.metrics.json, else <model_path>/eval-<data>.json, "
+                                  "eval-<data>-<split>.json with --split valid or train)")
     quiet: bool = opt(False, "no progress bar")
 
     def __post_init__(self):

@@ -207,7 +207,9 @@ def default_output(cfg: EvaluateConfig) -> Path:
     if cfg.generate:
         g = Path(cfg.generate)
         return g.with_name(g.stem + ".metrics.json")
-    return Path(cfg.model.model_path) / f"eval-{Path(cfg.data_path).stem}.json"
+    # One name per split, so evaluating a store's valid then its train dialogues keeps both.
+    split = "" if cfg.split == "all" else f"-{cfg.split}"
+    return Path(cfg.model.model_path) / f"eval-{Path(cfg.data_path).stem}{split}.json"
 
 
 # Files of a model folder that an evaluation output must never replace, even before they exist

@@ -5,6 +5,7 @@ import json
 import math
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -67,6 +68,19 @@ def test_config_rejects_bad_combinations():
         EvaluateConfig(model=m, data_path="d", mmi=MMIOptions(mmi_model_path="r"))
     with pytest.raises(ChitchatError, match="nothing to do"):
         EvaluateConfig(model=m, data_path="d", no_perplexity=True)
+
+
+def test_each_split_has_its_own_default_output():
+    """Evaluating a store's valid dialogues, then its train ones, keeps both results."""
+    from chitchat.config import ModelOptions
+    from chitchat.evaluation import default_output
+
+    cfg = lambda **kw: EvaluateConfig(model=ModelOptions(model_path="m"), data_path="d/store",
+                                      **kw)
+    names = {split: default_output(cfg(split=split)) for split in ("all", "valid", "train")}
+    assert names["all"] == Path("m/eval-store.json")
+    assert len(set(names.values())) == 3 and names["valid"].parent == Path("m")
+    assert default_output(cfg(split="valid", output_json="x.json")) == Path("x.json")
 
 
 def run(args):
