@@ -348,3 +348,21 @@ def test_memory_mode_same_batch_repeats_one_micro_batch(bench, sample_store, tmp
     assert len(seen) == 4
     assert (len(set(seen)) == 1) == same
     assert ("the same micro-batch every step" in capsys.readouterr().out) == same
+
+
+@pytest.mark.slow  # runs a second Python
+def test_the_avx2_imitation_makes_train_py_choose_fp32_on_blas():
+    """bench/imitate_avx2 on PYTHONPATH: whatever this CPU has, train.py's choices are an
+    AVX2-only CPU's (fp32, BLAS products), in the process and in its children."""
+    import os
+    import subprocess
+
+    code = ("import torch; from chitchat.precision import *; "
+            "print(resolve_dtype('auto', torch.device('cpu')), pick_fp32_matmul("
+            "'auto', 'cpu', 'fp32', False, 'AuthenticAMD', probe_onednn_fp32))")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "bench" / "imitate_avx2"),
+                                                        str(ROOT)])}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                         text=True, timeout=120, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["fp32", "blas"]
