@@ -22,17 +22,11 @@ from tqdm import tqdm
 from .config import PreprocessConfig
 from .corpus import Dialogue, ReadStats, read_dialogues
 from .dialogue import encode_dialogues
-from .store import FORMAT_VERSION, StoreWriter, TokenStore, is_token_store, validation_size
+from .store import (FORMAT_VERSION, StoreWriter, TokenStore, default_save_path, is_token_store,
+                    validation_size)
 from .tokenization import ChatTokenizer, check_same_vocab
 from .utils import (ChitchatError, atomic_dir, check_replaceable, get_logger, sha256_file,
                     write_json)
-
-
-def default_save_path(train_path: str) -> Path:
-    """data/train.txt -> data/train: the store sits beside its corpus."""
-    src = Path(train_path)
-    out = src.with_suffix("")
-    return out if out != src else src.with_name(src.name + "_store")
 
 
 def check_output_path(src: Path, save: Path) -> None:

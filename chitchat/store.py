@@ -82,6 +82,13 @@ def is_token_store(path: Path) -> bool:
         "format_version", "token_dtype", "vocab_sha256", "counts"} <= meta.keys())
 
 
+def default_save_path(train_path: str) -> Path:
+    """data/train.txt -> data/train: the store sits beside its corpus."""
+    src = Path(train_path)
+    out = src.with_suffix("")
+    return out if out != src else src.with_name(src.name + "_store")
+
+
 class TokenStore:
     """Read-only view of a token store. Arrays are memory-mapped, not read into RAM."""
 
@@ -122,9 +129,11 @@ class TokenStore:
     def _read_meta(self) -> dict:
         meta_path = self.path / "meta.json"
         if not meta_path.is_file():
-            if self.path.is_file():
-                raise ChitchatError(f"{self.path} is a file, not a token store directory. "
-                                    f"{self._hint()}")
+            if self.path.is_file():  # most often the corpus itself
+                raise ChitchatError(
+                    f"{self.path} is a file, not a token store directory. If it is a corpus, "
+                    f"tokenize it first: python preprocess.py --train_path {self.path} "
+                    f"(writes {default_save_path(str(self.path))}), then give that folder")
             raise ChitchatError(f"no token store at {self.path}. {self._hint()}")
         try:
             meta = json.loads(meta_path.read_text(encoding="utf-8"))

@@ -359,6 +359,19 @@ def test_a_damaged_store_says_to_rebuild_it(tmp_path, damage):
         TokenStore(store)
 
 
+def test_a_corpus_given_as_a_store_is_told_to_preprocess_itself(tmp_path):
+    """train.py --train_path data/train.txt: the hint preprocesses that corpus into the
+    folder preprocess.py would write, and never names the corpus as an output."""
+    src = tmp_path / "train.txt"
+    src.write_text(BODY, encoding="utf-8")
+    with pytest.raises(ChitchatError) as e:
+        TokenStore(src)
+    msg = str(e.value)
+    assert f"--train_path {src} (writes {tmp_path / 'train'})" in msg
+    assert "--save_path" not in msg
+    assert preprocess(PreprocessConfig(train_path=str(src), quiet=True)) == tmp_path / "train"
+
+
 def test_an_unrelated_output_folder_is_refused_before_any_work(tmp_path, monkeypatch):
     src = tmp_path / "train.txt"
     src.write_text(BODY, encoding="utf-8")
