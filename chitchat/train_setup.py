@@ -175,11 +175,33 @@ def setup(cfg: TrainConfig, info: DistInfo, device: torch.device,
     if cfg.log_path and Path(cfg.log_path).is_dir():
         raise ChitchatError(f"--log_path {cfg.log_path} is a folder; name a file, e.g. "
                             f"{Path(cfg.log_path) / 'train.log'}")
-    cfg, ckpt, saved, run_dir = choose_run(cfg, info, device, given)
+    cfg, ckpt, saved, run_dir, created = choose_run(cfg, info, device, given)
     log = get_logger("chitchat.train", (cfg.log_path or run_dir / "train.log")
                      if info.main else None, quiet=not info.main)
     if not info.main:  # only rank 0 logs (the tqdm redirect ignores handler levels)
         log.setLevel("WARNING")
+    try:
+        return _prepare(cfg, info, device, ckpt, saved, run_dir, log)
+    except BaseException:
+        if created:
+            discard_unstarted(run_dir, log)
+        raise
+
+
+def discard_unstarted(run_dir: Path, log) -> None:
+    """A new run that failed before its first step (a missing store, a bad option, Ctrl-C)
+    leaves no folder behind: this call made it, and it holds only its train.log."""
+    for h in list(log.handlers):
+        if Path(getattr(h, "baseFilename", "/")).parent == run_dir.resolve():
+            log.removeHandler(h)
+            h.close()
+    if run_dir.is_dir() and {p.name for p in run_dir.iterdir()} <= {"train.log"}:
+        (run_dir / "train.log").unlink(missing_ok=True)
+        run_dir.rmdir()
+
+
+def _prepare(cfg, info, device, ckpt, saved, run_dir, log) -> tuple[Run, TrainState]:
+    """setup's work once the run folder and its log are chosen."""
     if ckpt is None and cfg.resume == "auto" and info.main:
         log.info("--resume auto: no checkpoint found, starting a new run")
 
@@ -225,8 +247,8 @@ def setup(cfg: TrainConfig, info: DistInfo, device: torch.device,
 
 def choose_run(cfg: TrainConfig, info: DistInfo, device: torch.device,
                given: frozenset[str] | None = None):
-    """(options, checkpoint or None, its trainer state, run folder): a new run, or the one
-    --resume names. Rank 0 decides; the others follow."""
+    """(options, checkpoint or None, its trainer state, run folder, whether this call made
+    the folder): a new run, or the one --resume names. Rank 0 decides; the others follow."""
     ckpt = None
     if cfg.resume:
         ckpt_text = ""
@@ -252,11 +274,13 @@ def choose_run(cfg: TrainConfig, info: DistInfo, device: torch.device,
                                 "--run_name.")
         if info.main:
             check_run_dir(run_dir)
+    created = False
     if info.main:
+        created = not run_dir.exists()
         run_dir.mkdir(parents=True, exist_ok=True)
         if ckpt is not None:
             trim_metrics(run_dir / "metrics.jsonl", saved["step"])
-    return cfg, ckpt, saved, run_dir
+    return cfg, ckpt, saved, run_dir, created
 
 
 def _build(cfg, info, device, run_dir, log, store, data_print, tables, ckpt, saved) -> Run:

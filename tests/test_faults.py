@@ -327,6 +327,22 @@ def test_resuming_an_earlier_checkpoint_sets_the_later_ones_aside(sample_store, 
     assert steps == [1, 2, 3, 4]  # the abandoned steps' records are gone from the curve
 
 
+def test_a_new_run_that_fails_before_its_first_step_leaves_no_folder(sample_store, tiny_config,
+                                                                     tmp_path):
+    """A missing store or a bad option: the run folder this call made goes again (with
+    its train.log); a folder that was there before stays."""
+    save = tmp_path / "m"
+    with pytest.raises(ChitchatError, match="no token store"):
+        _train_in_process(base_args(tmp_path / "missing", tiny_config, save, "r"))
+    with pytest.raises(ChitchatError, match="exceeds the model's n_positions"):
+        _train_in_process(base_args(sample_store, tiny_config, save, "r", max_len=100000))
+    assert not (save / "r").exists()
+    (save / "mine").mkdir()
+    with pytest.raises(ChitchatError, match="no token store"):
+        _train_in_process(base_args(tmp_path / "missing", tiny_config, save, "mine"))
+    assert (save / "mine").is_dir()
+
+
 @pytest.mark.slow
 def test_a_new_run_does_not_inherit_a_killed_runs_curve_or_best(sample_store, tiny_config,
                                                                 tmp_path):
