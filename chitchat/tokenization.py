@@ -307,8 +307,10 @@ class ChatTokenizer:
         # No token_type_ids: BERT's all-zero types would add the [PAD] embedding to every
         # position of a GPT-2 (it embeds token types with wte) in generate() and pipelines.
         # bos/eos name [CLS]/[SEP] for engines that read the stop token from the tokenizer.
+        # A vocab without [MASK] (CDial-GPT's) must not get one added past the embeddings.
         hf = BertTokenizerFast(vocab=dict(self.vocab), do_lower_case=True,
                                tokenize_chinese_chars=True, bos_token=CLS, eos_token=SEP,
+                               mask_token=MASK if self.mask_id is not None else None,
                                model_input_names=["input_ids", "attention_mask"])
         hf.backend_tokenizer.decoder = self._hf_decoder()
         hf.chat_template = CHAT_TEMPLATE

@@ -92,6 +92,23 @@ def test_template_ids_equal_the_context_builder_on_real_vocabs(tmp_path):
             assert template_ids(hf_tok, messages(history)) == ids, (name, history)
 
 
+@pytest.mark.parametrize("with_mask", [True, False])
+def test_the_folders_tokenizer_has_exactly_the_vocabs_tokens(tmp_path, with_mask):
+    """A vocab without [MASK] (CDial-GPT's): the saved tokenizer adds no [MASK] id past the
+    model's embeddings (transformers' default mask token would be id len(vocab))."""
+    from transformers import AutoTokenizer
+
+    tokens = ["[PAD]", "[UNK]", "[CLS]", "[SEP]"] + (["[MASK]"] if with_mask else []) + \
+        ["你", "好", "我", "说", "a", "##b"]
+    ChatTokenizer(tokens).save_pretrained(tmp_path)
+    hf_tok = AutoTokenizer.from_pretrained(tmp_path)
+    assert len(hf_tok) == len(tokens)
+    assert hf_tok.mask_token == ("[MASK]" if with_mask else None)
+    ids = hf_tok("我说[MASK]你好")["input_ids"]
+    assert max(ids) < len(tokens)
+    assert ("[MASK]" in hf_tok.convert_ids_to_tokens(ids)) == with_mask
+
+
 @pytest.mark.slow
 def test_template_follows_serve_py_message_rules(run, hf):
     """system ignored, one role twice in a row is one utterance, empty messages dropped,
