@@ -130,7 +130,8 @@ def load_model(path: str | os.PathLike, vocab_path: str | os.PathLike | None = N
         state = {k: v for k, v in state.items()
                  if not k.endswith((".attn.bias", ".attn.masked_bias"))}
         missing, unexpected = model.load_state_dict(state, strict=False)
-        missing = [k for k in missing if k != "lm_head.weight"]  # tied to wte
+        tied = model.config.tie_word_embeddings  # then lm_head is wte, saved or not
+        missing = [k for k in missing if not (tied and k == "lm_head.weight")]
         if missing or unexpected:
             raise ChitchatError(f"{path}/pytorch_model.bin does not match its config.json: "
                                 f"missing {missing[:5]}, unexpected {unexpected[:5]}")

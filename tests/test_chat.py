@@ -236,6 +236,26 @@ def test_loads_an_hf_folder_with_pytorch_model_bin(tiny_model_dir, tmp_path):
     assert a.token_ids == b.token_ids
 
 
+@pytest.mark.parametrize("tied", [True, False])
+def test_a_pytorch_model_bin_without_lm_head_needs_tied_embeddings(tiny_model_dir, tmp_path,
+                                                                   tied):
+    """Without lm_head.weight the head is the embeddings only when the config ties them;
+    an untied config would leave a random head, so it is refused."""
+    model, _ = load_model(tiny_model_dir)
+    d = tmp_path / "no_head"
+    model.config.tie_word_embeddings = tied
+    model.config.save_pretrained(d)
+    state = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    torch.save(state, d / "pytorch_model.bin")
+    shutil.copy(tiny_model_dir / "vocab.txt", d / "vocab.txt")
+    if tied:
+        loaded, _ = load_model(d)
+        assert torch.equal(loaded.lm_head.weight, model.transformer.wte.weight)
+    else:
+        with pytest.raises(ChitchatError, match=r"missing \['lm_head.weight'\]"):
+            load_model(d)
+
+
 def test_loads_a_gpt2_chitchat_folder_with_vocab_path(tmp_path):
     vocab = shared_path("vocab", "gpt2-chitchat-vocab.txt")
     d = gpt2_chitchat_folder(tmp_path / "old", 13317)
