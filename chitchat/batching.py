@@ -90,6 +90,11 @@ class WindowTable:
     def n_targets(self) -> np.ndarray:
         return self.lengths - 1 - (self.target - self.start)
 
+    @property
+    def cut_tokens(self) -> np.ndarray:
+        """Tokens each window loses because a single utterance exceeds max_len - 1."""
+        return np.maximum(0, 1 + self.end - self.start - self.max_len)
+
 
 def build_windows(store: TokenStore, indices, max_len: int,
                   loss_on: str = "all") -> WindowTable:

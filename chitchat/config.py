@@ -69,7 +69,8 @@ class TrainConfig:
     log_path: str | None = opt(None, "log file (unset: <run>/train.log)")
     # ---- data ---------------------------------------------------------------------------
     max_len: int = opt(150, "longest training window in tokens; longer dialogues are split "
-                       "into windows of whole utterances (nothing is dropped)")
+                       "into windows of whole utterances (nothing is dropped; a single "
+                       "utterance longer than this is cut, with a warning)")
     pack_len: int | None = opt(None, "tokens per packed row (unset: --max_len); larger "
                                "rows mean larger matrix products, up to n_positions")
     batching: str = opt("pack", "pack: whole windows packed into rows of --pack_len with "

@@ -141,7 +141,7 @@ def perplexity(model, store, indices, max_len: int, loss_on: str, batch_size: in
     loss = loss_sum / targets
     return {"loss": loss, "ppl": math.exp(min(loss, 700.0)), "targets": targets,
             "windows": len(table), "dialogues": int(len(indices)), "max_len": max_len,
-            "loss_on": loss_on}
+            "loss_on": loss_on, "cut_tokens": int(table.cut_tokens.sum())}
 
 
 # ---- replies ----------------------------------------------------------------------------------
@@ -329,6 +329,10 @@ def evaluate(cfg: EvaluateConfig) -> dict:
                                                   cfg.loss_on, cfg.batch_size, device,
                                                   tok.pad_id, progress)
             result["perplexity"]["reverse_model"] = is_reverse(model.config)
+            if result["perplexity"]["cut_tokens"]:  # as train.py says of the same windows
+                log.warning(f"warning: {result['perplexity']['cut_tokens']:,} tokens of "
+                            f"utterances longer than --max_len {cfg.max_len} are cut and not "
+                            "in the perplexity; a larger --max_len keeps them")
             result["perplexity_seconds"] = round(time.perf_counter() - t0, 2)
         dialogues = dialogue_texts(data_path, store, indices, tok, cfg.max_dialogues) \
             if cfg.generate else []

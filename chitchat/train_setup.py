@@ -349,6 +349,12 @@ def _log_start(run: Run, st: TrainState, n_train: int, n_valid: int) -> None:
                 "measured speed)" if budget else
                 f"{run.total_steps} steps; warmup {run.warmup}")
              + ("; REVERSED utterance order (MMI reverse model)" if cfg.reverse else ""))
+    cut = run.train_table.cut_tokens
+    if cut.any():
+        log.warning(f"warning: {int((cut > 0).sum()):,} utterances do not fit a window of "
+                    f"--max_len {cfg.max_len} on their own and are cut to it "
+                    f"({int(cut.sum()):,} tokens never trained on); a larger --max_len (up "
+                    "to the model's n_positions) keeps them.")
     if not budget and run.warmup >= run.total_steps:
         # e.g. GPT2-chitchat's --warmup_steps 4000 carried over to a short run
         log.warning(f"warning: --warmup_steps {run.warmup} is not below the run's "

@@ -49,6 +49,8 @@ def test_perplexity_matches_a_direct_computation(sample_store, tiny_model_dir, l
                      pad_id=tok.pad_id)
     assert got["targets"] == n
     assert got["ppl"] == pytest.approx(ref, rel=1e-4)
+    assert got["cut_tokens"] == sum(max(0, 1 + b - a - max_len) for d in idx
+                                    for a, b in store.utterance_spans(d))
     # the reverse order (a reverse model's perplexity) goes through the same code
     rev = ReversedStore(store)
     ref_r, _ = direct_ppl(model, rev, idx, max_len, loss_on)

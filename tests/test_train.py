@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 
 import numpy as np
@@ -93,6 +94,15 @@ def test_store_windows_cover_every_target_once(store, loss_on):
         start = 1 if loss_on == "all" else spans[0][1]
         assert got.get(int(d), []) == dia[start:].tolist(), d
     assert spans_long < len(store) // 4
+    if loss_on == "all":  # what the windows leave out is exactly what cut_tokens counts
+        left_out = sum(len(store.dialogue(d)) - 1 for d in idx) - sum(map(len, got.values()))
+        assert left_out == int(table.cut_tokens.sum()) > 0
+        assert int((table.cut_tokens > 0).sum()) == spans_long_utterances(store, idx, 16)
+
+
+def spans_long_utterances(store, idx, max_len) -> int:
+    """Utterances (with their [SEP]) that do not fit a window after [CLS]."""
+    return sum(b - a > max_len - 1 for d in idx for a, b in store.utterance_spans(d))
 
 
 def test_speaker_token_types():
@@ -285,6 +295,21 @@ def test_schedule_values():
 
 
 # ---- config and input errors ------------------------------------------------------------
+def test_utterances_cut_to_max_len_are_pointed_out(sample_store, tiny_config_path, tmp_path,
+                                                   store):
+    """A single utterance longer than a window is the one thing training cuts: train.py
+    says how many and how many tokens, and says nothing when none is cut."""
+    idx = np.arange(len(store))
+    assert spans_long_utterances(store, idx, 16) > 0 == spans_long_utterances(store, idx, 64)
+    for name, max_len in (("short", 16), ("fits", 64)):
+        train(cfg_for(sample_store, tiny_config_path, tmp_path, run_name=name, max_steps=1,
+                      max_len=max_len, val_num=0))
+    said = (tmp_path / "runs" / "short" / "train.log").read_text()
+    assert re.search(r"[1-9][\d,]* utterances do not fit a window of --max_len 16 on their "
+                     r"own and are cut to it \([1-9][\d,]* tokens never trained on\)", said)
+    assert "are cut" not in (tmp_path / "runs" / "fits" / "train.log").read_text()
+
+
 def test_warmup_longer_than_the_run_is_pointed_out(sample_store, tiny_config_path, tmp_path):
     for name, warmup in (("long", 10), ("fits", 1)):
         train(cfg_for(sample_store, tiny_config_path, tmp_path, run_name=name, max_steps=3,
