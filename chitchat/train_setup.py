@@ -192,7 +192,7 @@ def discard_unstarted(run_dir: Path, log) -> None:
     """A new run that failed before its first step (a missing store, a bad option, Ctrl-C)
     leaves no folder behind: this call made it, and it holds only its train.log."""
     for h in list(log.handlers):
-        if Path(getattr(h, "baseFilename", "/")).parent == run_dir.resolve():
+        if Path(getattr(h, "baseFilename", "/")).resolve().parent == run_dir.resolve():
             log.removeHandler(h)
             h.close()
     if run_dir.is_dir() and {p.name for p in run_dir.iterdir()} <= {"train.log"}:
