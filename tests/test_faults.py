@@ -337,6 +337,15 @@ def test_a_new_run_that_fails_before_its_first_step_leaves_no_folder(sample_stor
     with pytest.raises(ChitchatError, match="exceeds the model's n_positions"):
         _train_in_process(base_args(sample_store, tiny_config, save, "r", max_len=100000))
     assert not (save / "r").exists()
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt  # Ctrl-C while the data loads
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("chitchat.train_setup.TokenStore", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            _train_in_process(base_args(sample_store, tiny_config, save, "r"))
+    assert not (save / "r").exists()
     (save / "mine").mkdir(parents=True, exist_ok=True)
     with pytest.raises(ChitchatError, match="no token store"):
         _train_in_process(base_args(tmp_path / "missing", tiny_config, save, "mine"))
