@@ -353,8 +353,9 @@ class EvaluateConfig:
     data_path: str | None = opt(None, "held-out dialogues: a train.txt / .jsonl corpus (encoded "
                                 "with the model's vocab into a temporary token store) or a token "
                                 "store directory from preprocess.py")
-    split: str = opt("all", "dialogues of a token store to use (a text corpus is used whole)",
-                     choices=["all", "valid", "train"])
+    split: str = opt("all", "dialogues of a token store to use (a text corpus is used whole); "
+                     "valid and train follow the model's run where it re-split the store "
+                     "(train.py --val_num / --val_fraction)", choices=["all", "valid", "train"])
     max_dialogues: int | None = opt(None, "use only the first N dialogues (bounds the runtime)")
     # ---- perplexity (the same windows and loss mask as train.py) -------------------------
     max_len: int = opt(150, "perplexity windows in tokens, as train.py --max_len")

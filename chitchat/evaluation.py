@@ -69,12 +69,52 @@ def open_store(data_path: str | os.PathLike, tokenizer, vocab_file: Path, log):
         yield TokenStore(out)
 
 
-def select_dialogues(store, split: str, limit: int | None) -> np.ndarray:
-    idx = {"all": np.arange(len(store)), "valid": store.valid_indices(),
-           "train": store.train_indices()}[split]
+def run_state(model_path) -> dict | None:
+    """The trainer state of the train.py run a model folder comes from (the run folder, its
+    best/, or one of its checkpoints), or None for any other folder."""
+    from .checkpoint import STATE_FILE, checkpoints_of
+
+    p = Path(model_path)
+    found = [p] if (p / STATE_FILE).is_file() else \
+        checkpoints_of(p.parent if p.name == "best" else p)
+    if not found:
+        return None
+    try:
+        return json.loads((found[-1] / STATE_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def split_of(store, state: dict | None) -> tuple[np.ndarray, np.ndarray, str]:
+    """(train, valid, where from): the split of the run that trained the model when it
+    re-split this very store (train.py --val_num / --val_fraction), else the store's own,
+    so that --split valid never holds dialogues the model was trained on."""
+    from .store import resplit
+
+    opts = (state or {}).get("options", {})
+    resplit_run = opts.get("val_num") is not None or opts.get("val_fraction") is not None
+    if resplit_run and (state.get("data") or {}).get("tokens_sha256") == \
+            store.fingerprint()["tokens_sha256"]:
+        train, valid = resplit(store, opts.get("val_num"), opts.get("val_fraction"),
+                               opts["seed"])
+        return train, valid, (f"the run's split (train.py --val_num {opts.get('val_num')} "
+                              f"--val_fraction {opts.get('val_fraction')} --seed "
+                              f"{opts['seed']})")
+    return store.train_indices(), store.valid_indices(), "the store's split"
+
+
+def select_dialogues(store, split: str, limit: int | None,
+                     state: dict | None = None) -> tuple[np.ndarray, str]:
+    """(dialogue indices of --split, which split they follow); `state`: the model's run
+    (`run_state`), whose split `valid` and `train` follow."""
+    if split == "all":
+        idx, source = np.arange(len(store)), "every dialogue"
+    else:
+        train, valid, source = split_of(store, state)
+        idx = valid if split == "valid" else train
     if len(idx) == 0:
         raise ChitchatError(f"{store.path} has no {split} dialogues; use --split all")
-    return idx[:limit] if limit else idx
+    return (idx[:limit] if limit else idx), source
 
 
 def dialogue_texts(data_path: Path, store, indices, tokenizer, limit: int | None
@@ -318,7 +358,10 @@ def evaluate(cfg: EvaluateConfig) -> dict:
                     "device": str(device)}
     t0 = time.perf_counter()
     with open_store(data_path, tok, vocab_file, log) as store:
-        indices = select_dialogues(store, cfg.split, cfg.max_dialogues)
+        state = run_state(m.model_path) if cfg.split != "all" else None
+        indices, source = select_dialogues(store, cfg.split, cfg.max_dialogues, state)
+        if cfg.split != "all":
+            log.info(f"--split {cfg.split}: {len(indices)} dialogues of {source}")
         if not cfg.no_perplexity:
             ppl_store = ReversedStore(store) if is_reverse(model.config) else store
             with out_of_memory_advice(

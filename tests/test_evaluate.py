@@ -85,6 +85,34 @@ def test_each_split_has_its_own_default_output():
     assert default_output(cfg(split="valid", output_json="x.json")) == Path("x.json")
 
 
+def test_split_valid_follows_the_runs_own_resplit(sample_store, tiny_config_path, tmp_path):
+    """A run trained with --val_num validated on its own draw: evaluate.py --split valid on
+    that store takes the same dialogues, never ones the run trained on."""
+    from chitchat.checkpoint import checkpoints_of
+    from chitchat.config import ModelOptions, TrainConfig
+    from chitchat.evaluation import evaluate, run_state, select_dialogues
+    from chitchat.store import resplit
+    from chitchat.training import train
+
+    store = TokenStore(sample_store)
+    n_valid = len(store.valid_indices()) // 2  # fewer than the store holds out
+    run = train(TrainConfig(train_path=str(sample_store), model_config=str(tiny_config_path),
+                            save_model_path=str(tmp_path), run_name="r", max_len=64,
+                            batch_size=2, dtype="fp32", device="cpu", max_steps=1,
+                            val_num=n_valid, eval_interval=0, quiet=True))
+    train_idx, valid = resplit(store, n_valid, None, 42)
+    assert set(store.valid_indices()) & set(train_idx)  # the store's valid set was trained on
+    for folder in (run, checkpoints_of(run)[-1]):
+        idx, source = select_dialogues(store, "valid", None, run_state(folder))
+        assert idx.tolist() == valid.tolist() and "the run's split" in source
+    idx, source = select_dialogues(store, "valid", None, run_state(tmp_path / "elsewhere"))
+    assert idx.tolist() == store.valid_indices().tolist() and source == "the store's split"
+    got = evaluate(EvaluateConfig(model=ModelOptions(model_path=str(run)),
+                                  data_path=str(sample_store), split="valid", max_len=64,
+                                  quiet=True, output_json=str(tmp_path / "m.json")))
+    assert got["perplexity"]["dialogues"] == n_valid
+
+
 def run(args):
     env = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
            "PATH": "/usr/bin:/bin"}
