@@ -79,10 +79,13 @@ def run_state(model_path) -> dict | None:
         checkpoints_of(p.parent if p.name == "best" else p)
     if not found:
         return None
+    path = found[-1] / STATE_FILE
     try:
-        return json.loads((found[-1] / STATE_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
+        return json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as e:  # which dialogues are held out depends on it: say so, go no further
+        raise ChitchatError(f"{path} cannot be read ({e}), so the run's validation split is "
+                            "unknown; evaluate with --split all, or move the damaged "
+                            "checkpoint aside") from None
 
 
 def split_of(store, state: dict | None) -> tuple[np.ndarray, np.ndarray, str]:
@@ -97,9 +100,9 @@ def split_of(store, state: dict | None) -> tuple[np.ndarray, np.ndarray, str]:
             store.fingerprint()["tokens_sha256"]:
         train, valid = resplit(store, opts.get("val_num"), opts.get("val_fraction"),
                                opts["seed"])
-        return train, valid, (f"the run's split (train.py --val_num {opts.get('val_num')} "
-                              f"--val_fraction {opts.get('val_fraction')} --seed "
-                              f"{opts['seed']})")
+        flags = [f"--{k} {opts[k]}" for k in ("val_num", "val_fraction", "seed")
+                 if opts.get(k) is not None]
+        return train, valid, f"the run's split (train.py {' '.join(flags)})"
     return store.train_indices(), store.valid_indices(), "the store's split"
 
 

@@ -93,6 +93,7 @@ def test_split_valid_follows_the_runs_own_resplit(sample_store, tiny_config_path
     from chitchat.evaluation import evaluate, run_state, select_dialogues
     from chitchat.store import resplit
     from chitchat.training import train
+    from chitchat.utils import ChitchatError
 
     store = TokenStore(sample_store)
     n_valid = len(store.valid_indices()) // 2  # fewer than the store holds out
@@ -111,6 +112,9 @@ def test_split_valid_follows_the_runs_own_resplit(sample_store, tiny_config_path
                                   data_path=str(sample_store), split="valid", max_len=64,
                                   quiet=True, output_json=str(tmp_path / "m.json")))
     assert got["perplexity"]["dialogues"] == n_valid
+    (checkpoints_of(run)[-1] / "trainer_state.json").write_text("{", encoding="utf-8")
+    with pytest.raises(ChitchatError, match="validation split is unknown.*--split all"):
+        run_state(run)
 
 
 def run(args):
