@@ -72,11 +72,11 @@ def open_store(data_path: str | os.PathLike, tokenizer, vocab_file: Path, log):
 def run_state(model_path) -> dict | None:
     """The trainer state of the train.py run a model folder comes from (the run folder, its
     best/, or one of its checkpoints), or None for any other folder."""
-    from .checkpoint import STATE_FILE, checkpoints_of
+    from .checkpoint import STATE_FILE, checkpoints_of, is_best_dir
 
     p = Path(model_path)
     found = [p] if (p / STATE_FILE).is_file() else \
-        checkpoints_of(p.parent if p.name == "best" else p)
+        checkpoints_of(p.parent if is_best_dir(p) else p)
     if not found:
         return None
     path = found[-1] / STATE_FILE

@@ -98,12 +98,13 @@ def test_split_valid_follows_the_runs_own_resplit(sample_store, tiny_config_path
     store = TokenStore(sample_store)
     n_valid = len(store.valid_indices()) // 2  # fewer than the store holds out
     run = train(TrainConfig(train_path=str(sample_store), model_config=str(tiny_config_path),
-                            save_model_path=str(tmp_path), run_name="r", max_len=64,
+                            save_model_path=str(tmp_path), run_name="best", max_len=64,
                             batch_size=2, dtype="fp32", device="cpu", max_steps=1,
                             val_num=n_valid, eval_interval=0, quiet=True))
     train_idx, valid = resplit(store, n_valid, None, 42)
     assert set(store.valid_indices()) & set(train_idx)  # the store's valid set was trained on
-    for folder in (run, checkpoints_of(run)[-1]):
+    assert (run / "best" / "best.json").is_file()  # a run folder named best, and its best/
+    for folder in (run, run / "best", checkpoints_of(run)[-1]):
         idx, source = select_dialogues(store, "valid", None, run_state(folder))
         assert idx.tolist() == valid.tolist() and "the run's split" in source
     idx, source = select_dialogues(store, "valid", None, run_state(tmp_path / "elsewhere"))
